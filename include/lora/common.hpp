@@ -1,0 +1,75 @@
+// lora.hpp: basic types, the error helper and LORA_ASSERT.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cassert>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+// Internal invariants. Define LORA_ASSERT before including any lora header to override it
+// (for example to throw in a test harness). User mistakes never reach LORA_ASSERT: they throw.
+#ifndef LORA_ASSERT
+#define LORA_ASSERT(x) assert(x)
+#endif
+
+namespace lora {
+
+// Row-major dynamic matrix: one sample a row, weights [out x in] as in PyTorch / PEFT.
+template <class Scalar>
+using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Column vector (biases, per-feature statistics).
+template <class Scalar>
+using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+using Index = Eigen::Index;
+
+template <class Scalar>
+inline constexpr bool is_supported_scalar_v = std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>;
+
+namespace detail {
+
+template <class... Parts>
+std::string concat(Parts&&... parts) {
+  std::ostringstream out;
+  (out << ... << std::forward<Parts>(parts));
+  return out.str();
+}
+
+// Throws std::invalid_argument("<where>: <message parts>").
+template <class... Parts>
+[[noreturn]] void fail(const char* where, Parts&&... parts) {
+  throw std::invalid_argument(concat(where, ": ", std::forward<Parts>(parts)...));
+}
+
+template <class Derived>
+std::string shape_of(const Eigen::EigenBase<Derived>& m) {
+  return concat(m.rows(), " x ", m.cols());
+}
+
+// Checks a matrix argument's shape; `what` names it in the message ("input", "grad_output", ...).
+template <class Derived>
+void require_shape(const char* where, const char* what, const Eigen::EigenBase<Derived>& m, Index rows,
+                   Index cols) {
+  if (m.rows() != rows || m.cols() != cols)
+    fail(where, what, " has shape ", shape_of(m), ", expected ", rows, " x ", cols);
+}
+
+template <class Derived>
+void require_cols(const char* where, const char* what, const Eigen::EigenBase<Derived>& m, Index cols,
+                  const char* cols_name) {
+  if (m.cols() != cols)
+    fail(where, what, " has ", m.cols(), " columns, expected ", cols_name, " = ", cols);
+}
+
+template <class Derived>
+void require_finite(const char* where, const char* what, const Eigen::DenseBase<Derived>& m) {
+  if (!m.allFinite()) fail(where, what, " contains NaN or Inf");
+}
+
+}  // namespace detail
+}  // namespace lora
