@@ -306,3 +306,26 @@ TEST_CASE("bad input throws invalid_argument naming the function and the values"
   m = message_of([&] { layer.bias_mut(); });
   CHECK(contains(m, "the bias is frozen"));
 }
+
+TEST_CASE("collect_parameters lists views of the trainable tensors", "[linear]") {
+  LoraConfig config;
+  config.rank = 2;
+  config.bias = lora::BiasMode::all;
+  LoraLinear<double> layer(Matrix<double>::Random(5, 4), Vector<double>::Zero(5), config);
+  layer.add_adapter("idle", config);
+  lora::ParameterList<double> params;
+  layer.collect_parameters(params, "layers.1.");
+  REQUIRE(params.size() == 3);
+  CHECK(params[0].name == "layers.1.lora_A.default.weight");
+  CHECK(params[0].role == lora::ParameterRole::lora_A);
+  CHECK(params[1].name == "layers.1.lora_B.default.weight");
+  CHECK(params[2].name == "layers.1.bias");
+  CHECK(params[2].value.rows() == 5);
+  CHECK(params[2].value.cols() == 1);
+  params[0].value(1, 2) = 42;  // writes through to the layer
+  CHECK(layer.A()(1, 2) == 42);
+  layer.forward(Matrix<double>::Ones(3, 4));
+  layer.backward(Matrix<double>::Ones(3, 5));
+  CHECK(params[2].grad(0, 0) == 3);  // dbias = column sums of dY
+  CHECK(params[0].grad == layer.grad_A());
+}

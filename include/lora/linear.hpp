@@ -12,6 +12,7 @@
 #include <lora/config.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/init.hpp>
+#include <lora/parameter.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -149,6 +150,11 @@ class LoraLinear {
     return out_features_ * in_features_ + (has_bias_ && !bias_trainable_ ? out_features_ : 0);
   }
 
+  // Appends the trainable parameters, named PEFT style after `prefix` (e.g. "layers.2."):
+  // "<prefix>lora_A.<adapter>.weight" and "<prefix>lora_B.<adapter>.weight" for each active adapter,
+  // and "<prefix>bias" when the bias trains. Views: see Parameter.
+  void collect_parameters(ParameterList<Scalar>& out, const std::string& prefix = "");
+
   // Resets the dropout random streams of every adapter: the next masks are those drawn after
   // construction with the same seeds. Used to replay a forward with identical masks.
   void reset_dropout_rng();
@@ -221,9 +227,9 @@ typename LoraLinear<Scalar>::VectorType LoraLinear<Scalar>::check_bias(const Eig
   if (bias.rows() != 1 && bias.cols() != 1)
     detail::fail(where, "bias must be a vector, got shape ", detail::shape_of(bias));
   if (bias.size() != out) detail::fail(where, "bias has ", bias.size(), " entries, expected out_features = ", out);
-  detail::require_finite(where, "bias", bias);
   VectorType b(bias.size());
   for (Index i = 0; i < bias.size(); ++i) b(i) = static_cast<Scalar>(bias.derived().reshaped()(i));
+  detail::require_finite(where, "bias", b);  // checked after evaluation: the argument may be an expression
   return b;
 }
 
@@ -238,11 +244,10 @@ LoraLinear<Scalar>::LoraLinear(const Eigen::MatrixBase<DerivedW>& W0, VectorType
       keep_original_(config.keep_original_weight) {
   constexpr const char* where = "LoraLinear::LoraLinear";
   if (W0.rows() == 0 || W0.cols() == 0) detail::fail(where, "W0 is empty (", detail::shape_of(W0), ")");
-  detail::require_finite(where, "W0", W0);
+  weight_ = W0.template cast<Scalar>();
+  detail::require_finite(where, "W0", weight_);  // checked after evaluation: W0 may be an expression
   bias_trainable_ = has_bias_ && config.bias != BiasMode::none;
   if (bias_trainable_) grad_bias_ = VectorType::Zero(out_features_);
-  weight_.resize(out_features_, in_features_);
-  weight_ = W0.template cast<Scalar>();
   base_max_abs_ = weight_.cwiseAbs().maxCoeff();
   add_adapter_checked(where, default_adapter, config);
   adapters_.front().active = true;
@@ -375,6 +380,21 @@ Index LoraLinear<Scalar>::num_trainable_parameters() const {
   for (const Adapter& a : adapters_)
     if (a.active) n += a.config.rank * (in_features_ + out_features_);
   return n;
+}
+
+template <class Scalar>
+void LoraLinear<Scalar>::collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) {
+  for (Adapter& a : adapters_) {
+    if (!a.active) continue;
+    out.push_back({prefix + "lora_A." + a.name + ".weight", ParameterRole::lora_A,
+                   detail::parameter_view(weight_.middleRows(a.offset, a.config.rank)),
+                   detail::parameter_view(std::as_const(a.grad_A))});
+    out.push_back({prefix + "lora_B." + a.name + ".weight", ParameterRole::lora_B, detail::parameter_view(a.B),
+                   detail::parameter_view(std::as_const(a.grad_B))});
+  }
+  if (bias_trainable_)
+    out.push_back({prefix + "bias", ParameterRole::bias, detail::parameter_view(bias_),
+                   detail::parameter_view(std::as_const(grad_bias_))});
 }
 
 template <class Scalar>

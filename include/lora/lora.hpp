@@ -5,3 +5,4 @@
 #include <lora/config.hpp>
 #include <lora/init.hpp>
 #include <lora/linear.hpp>
+#include <lora/parameter.hpp>
