@@ -388,13 +388,13 @@ void LoraLinear<Scalar>::collect_parameters(ParameterList<Scalar>& out, const st
     if (!a.active) continue;
     out.push_back({prefix + "lora_A." + a.name + ".weight", ParameterRole::lora_A,
                    detail::parameter_view(weight_.middleRows(a.offset, a.config.rank)),
-                   detail::parameter_view(std::as_const(a.grad_A))});
+                   detail::parameter_view(a.grad_A)});
     out.push_back({prefix + "lora_B." + a.name + ".weight", ParameterRole::lora_B, detail::parameter_view(a.B),
-                   detail::parameter_view(std::as_const(a.grad_B))});
+                   detail::parameter_view(a.grad_B)});
   }
   if (bias_trainable_)
     out.push_back({prefix + "bias", ParameterRole::bias, detail::parameter_view(bias_),
-                   detail::parameter_view(std::as_const(grad_bias_))});
+                   detail::parameter_view(grad_bias_)});
 }
 
 template <class Scalar>

@@ -28,12 +28,11 @@ inline const char* to_string(ParameterRole r) {
 template <class Scalar>
 struct Parameter {
   using View = Eigen::Map<Matrix<Scalar>, 0, Eigen::OuterStride<>>;
-  using ConstView = Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>>;
 
   std::string name;  // dotted path, PEFT style: "layers.2.lora_A.default.weight"
   ParameterRole role;
   View value;
-  ConstView grad;
+  View grad;  // writable, so that gradient clipping can rescale it in place
 };
 
 template <class Scalar>
@@ -46,12 +45,6 @@ template <class Derived>
 auto parameter_view(Eigen::PlainObjectBase<Derived>& m) {
   using Scalar = typename Derived::Scalar;
   return typename Parameter<Scalar>::View(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols()));
-}
-
-template <class Derived>
-auto parameter_view(const Eigen::PlainObjectBase<Derived>& m) {
-  using Scalar = typename Derived::Scalar;
-  return typename Parameter<Scalar>::ConstView(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols()));
 }
 
 template <class XprType>
