@@ -2,8 +2,6 @@
 // and no allocation in steady state. PyTorch reference values are in test_optim_reference.cpp.
 #include <lora/lora.hpp>
 
-#include "gradient_check.hpp"
-
 #include <catch2/catch.hpp>
 
 #include <atomic>
