@@ -5,4 +5,5 @@
 #include <lora/config.hpp>
 #include <lora/init.hpp>
 #include <lora/linear.hpp>
+#include <lora/optim.hpp>
 #include <lora/parameter.hpp>
