@@ -1,0 +1,164 @@
+// Synthetic data and mini-batches; end-to-end training of a small classifier, full and with LoRA.
+#include <lora/lora.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <Eigen/Eigenvalues>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+#include <string>
+#include <vector>
+
+using lora::Index;
+using lora::Matrix;
+using lora::data::ClusterTask;
+using lora::data::ClusterTaskConfig;
+using lora::data::Dataset;
+using lora::data::MiniBatches;
+using lora::data::TaskShift;
+
+namespace {
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+template <class Call>
+std::string message_of(Call&& call) {
+  try {
+    call();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
+
+}  // namespace
+
+// ---- data -------------------------------------------------------------------------------------------
+
+TEST_CASE("cluster tasks are seeded and well-formed", "[data]") {
+  ClusterTaskConfig config;
+  config.seed = 5;
+  const ClusterTask task = ClusterTask::make(config);
+  const Dataset<float> a = task.sample<float>(3000, 1), again = task.sample<float>(3000, 1);
+  const Dataset<float> other = task.sample<float>(3000, 2);
+  CHECK(a.X == again.X);
+  CHECK(a.y == again.y);
+  CHECK(a.X != other.X);
+  CHECK(a.size() == 3000);
+  CHECK(a.dim() == 32);
+  CHECK(a.num_classes == 10);
+  a.validate("test");
+  std::vector<int> per_class(10, 0);
+  for (int label : a.y) ++per_class[static_cast<std::size_t>(label)];
+  CHECK(*std::min_element(per_class.begin(), per_class.end()) > 200);  // about 300 each
+  // The centres span latent_dim = 8 dimensions of the 32: the Gram matrix of 30 centres has rank 8.
+  const Matrix<double> gram = task.centres().transpose() * task.centres();
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(gram);
+  const auto values = eig.eigenvalues();
+  CHECK(values(32 - 9) < 1e-10 * values(31));
+  CHECK(values(32 - 8) > 1e-3 * values(31));
+}
+
+TEST_CASE("task B is a rigid motion of task A with some labels changed", "[data]") {
+  const ClusterTask a = ClusterTask::make({});
+  TaskShift shift;
+  const ClusterTask b = a.shifted(shift);
+  const Matrix<double>& ca = a.centres();
+  const Matrix<double>& cb = b.centres();
+  REQUIRE(ca.rows() == 30);
+  double moved = 0, scale = 0;
+  for (Index i = 0; i < ca.rows(); ++i) {
+    moved += (ca.row(i) - cb.row(i)).norm();
+    for (Index j = 0; j < i; ++j) {
+      const double da = (ca.row(i) - ca.row(j)).norm(), db = (cb.row(i) - cb.row(j)).norm();
+      CHECK(std::abs(da - db) < 1e-12 * da);  // distances preserved: B is as separable as A
+      scale += da;
+    }
+  }
+  CHECK(moved / 30 > 0.5 * scale / (30 * 29 / 2));  // the blobs moved by a sizeable fraction of their spacing
+  // Classes 0..3 cycle; blob 0 of every class goes to another class.
+  int changed = 0;
+  for (std::size_t i = 0; i < 30; ++i) changed += a.cluster_labels()[i] != b.cluster_labels()[i] ? 1 : 0;
+  CHECK(changed == 4 * 3 + 6);
+  CHECK(b.cluster_labels()[3] == 3);   // class 1, blob 0: cycled to 2, then given to 2 + 1
+  CHECK(b.cluster_labels()[4] == 2);   // class 1, blob 1: cycled to 2
+  CHECK(b.cluster_labels()[27] == 0);  // class 9, blob 0: reassigned to (9 + 1) mod 10
+}
+
+TEST_CASE("mini-batches visit every row once per epoch, in a new order each time", "[data]") {
+  const Dataset<double> data = ClusterTask::make({}).sample<double>(103, 3);
+  MiniBatches<double> batches(data, 10, 7);
+  CHECK(batches.size() == 11);
+  std::vector<std::vector<int>> orders;
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    batches.shuffle();
+    std::multiset<std::vector<double>> rows;
+    std::vector<int> labels;
+    for (Index b = 0; b < batches.size(); ++b) {
+      const auto& batch = batches.load(b);
+      CHECK(batch.X.rows() == (b + 1 < batches.size() ? 10 : 3));
+      for (Index i = 0; i < batch.X.rows(); ++i) {
+        rows.insert(std::vector<double>(batch.X.row(i).data(), batch.X.row(i).data() + batch.X.cols()));
+        labels.push_back(batch.y[static_cast<std::size_t>(i)]);
+      }
+    }
+    std::multiset<std::vector<double>> expected;
+    for (Index i = 0; i < data.size(); ++i)
+      expected.insert(std::vector<double>(data.X.row(i).data(), data.X.row(i).data() + data.X.cols()));
+    CHECK(rows == expected);
+    orders.push_back(labels);
+  }
+  CHECK(orders[0] != orders[1]);
+  MiniBatches<double> dropped(data, 10, 7, true);
+  CHECK(dropped.size() == 10);
+  MiniBatches<double> replay(data, 10, 7);
+  replay.shuffle();
+  batches = MiniBatches<double>(data, 10, 7);
+  batches.shuffle();
+  CHECK(replay.load(4).X == batches.load(4).X);
+}
+
+TEST_CASE("bad data gives clear errors", "[data][errors]") {
+  Dataset<float> data = ClusterTask::make({}).sample<float>(20, 1);
+  std::string m = message_of([&] { MiniBatches<float>(data, 0); });
+  CHECK(contains(m, "MiniBatches::MiniBatches: batch_size must be >= 1, got 0"));
+  m = message_of([&] { MiniBatches<float>(data, 50, 0, true); });
+  CHECK(contains(m, "drop_last with batch_size 50 > dataset size 20 leaves no batch"));
+  Dataset<float> short_labels = data;
+  short_labels.y.pop_back();
+  m = message_of([&] { MiniBatches<float>(short_labels, 4); });
+  CHECK(contains(m, "the dataset has 20 rows but 19 labels"));
+  Dataset<float> bad_label = data;
+  bad_label.y[3] = 10;
+  m = message_of([&] { bad_label.validate("check"); });
+  CHECK(contains(m, "check: label 10 at row 3 is outside [0, 10)"));
+
+  lora::nn::Sequential<float> model;
+  model.add(lora::nn::Linear<float>(16, 8));
+  model.add(lora::nn::ReLU<float>());
+  model.add(lora::nn::Linear<float>(8, 10));
+  m = message_of([&] { lora::nn::evaluate_accuracy(model, data); });
+  CHECK(contains(m, "evaluate_accuracy: the dataset has 32 features per row, the model expects in_features = 16"));
+  MiniBatches<float> batches(data, 4);
+  m = message_of([&] { lora::nn::train_epoch(model, batches, [] {}); });
+  CHECK(contains(m, "train_epoch: the dataset has 32 features per row, the model expects in_features = 16"));
+  lora::nn::Sequential<float> narrow;
+  narrow.add(lora::nn::Linear<float>(32, 4));
+  m = message_of([&] { lora::nn::evaluate_accuracy(narrow, data); });
+  CHECK(contains(m, "the dataset has 10 classes, the model has out_features = 4"));
+
+  ClusterTaskConfig config;
+  config.latent_dim = 40;
+  m = message_of([&] { ClusterTask::make(config); });
+  CHECK(contains(m, "ClusterTask::make: latent_dim must be in [1, dim = 32], got 40"));
+  TaskShift shift;
+  shift.rotated_planes = 5;
+  m = message_of([&] { ClusterTask::make({}).shifted(shift); });
+  CHECK(contains(m, "rotated_planes must be in [0, latent_dim / 2 = 4], got 5"));
+  shift = TaskShift();
+  shift.reassigned_clusters = 3;
+  m = message_of([&] { ClusterTask::make({}).shifted(shift); });
+  CHECK(contains(m, "reassigned_clusters must be in [0, clusters_per_class = 3), got 3"));
+}
