@@ -377,6 +377,35 @@ TEST_CASE("inject_lora selects targets by name, suffix, regex and all-linear", "
   CHECK_THROWS_WITH(targets(c), Catch::Contains("target_regex '\\.2' matches no Linear module"));
 }
 
+TEST_CASE("rank_pattern and alpha_pattern override rank and alpha per module", "[nn][inject]") {
+  Sequential<double> model = small_mlp<double>();
+  LoraInjectConfig c;
+  c.target_modules = {"all-linear"};
+  c.rank = 4;
+  c.alpha = 8;
+  c.rank_pattern = {{"layers.2", 2}};
+  c.alpha_pattern = {{"4", 1.0}};
+  inject_lora(model, c);
+  const auto layers = model.lora_layers();
+  REQUIRE(layers.size() == 3);
+  CHECK(layers[0].second->rank() == 4);
+  CHECK(layers[0].second->scaling() == Approx(2.0));
+  CHECK(layers[1].second->rank() == 2);
+  CHECK(layers[1].second->scaling() == Approx(4.0));
+  CHECK(layers[2].second->rank() == 4);
+  CHECK(layers[2].second->scaling() == Approx(0.25));
+
+  Sequential<double> other = small_mlp<double>();
+  c.rank_pattern = {{"layers.6", 2}};
+  std::string m = message_of([&] { inject_lora(other, c); });
+  CHECK(contains(m, "rank_pattern key 'layers.6' matches no targeted module; the targets are: layers.0, layers.2, "
+                    "layers.4"));
+  c.rank_pattern = {{"layers.0", 0}};
+  m = message_of([&] { inject_lora(other, c); });
+  CHECK(contains(m, "rank_pattern['layers.0'] must name a module and be >= 1, got 0"));
+  CHECK(other.lora_layers().empty());
+}
+
 TEST_CASE("inject_lora freezes the base, keeps modules_to_save, applies the bias mode", "[nn][inject]") {
   LoraInjectConfig c;
   c.target_modules = {"layers.0", "layers.2"};

@@ -154,9 +154,9 @@ TEST_CASE("bad data gives clear errors", "[data][errors]") {
   m = message_of([&] { ClusterTask::make(config); });
   CHECK(contains(m, "ClusterTask::make: latent_dim must be in [1, dim = 32], got 40"));
   TaskShift shift;
-  shift.rotated_planes = 5;
+  shift.rotated_planes = 9;
   m = message_of([&] { ClusterTask::make({}).shifted(shift); });
-  CHECK(contains(m, "rotated_planes must be in [0, latent_dim / 2 = 4], got 5"));
+  CHECK(contains(m, "rotated_planes must be in [0, min(latent_dim, dim - latent_dim) = 8], got 9"));
   shift = TaskShift();
   shift.reassigned_clusters = 3;
   m = message_of([&] { ClusterTask::make({}).shifted(shift); });

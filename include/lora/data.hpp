@@ -6,16 +6,19 @@
 //   centres are drawn in a random p-dimensional subspace of R^d (p = latent_dim); a sample is a centre plus
 //   isotropic noise in all d dimensions. The blobs of different classes interleave, so the decision
 //   boundaries are not linear: an MLP is needed.
-//   Task B = A.shifted(...): the same blobs, moved by a rigid motion inside the subspace (rotations by
-//   `angle` in `rotated_planes` random planes, then a translation of length shift * spread * sqrt(p)),
-//   and relabelled: the first `cycled_classes` classes are permuted in a cycle (c -> c + 1), and the first
-//   `reassigned_clusters` blobs of every class move to another class.
-// Why the frozen base does poorly on B: a model trained on A labels a region of input space; after the
+//   Task B = A.shifted(...): the same blobs moved by a rigid motion and relabelled. The motion rotates
+//   `rotated_planes` planes, each spanned by a random direction inside the subspace and one outside it (by
+//   90 degrees, part of the class structure moves into input directions that carried only noise in A),
+//   then translates by shift * spread * sqrt(p) inside the subspace. The relabelling cycles the first
+//   `cycled_classes` classes (c -> c + 1) and gives the first `reassigned_clusters` blobs of every class
+//   to another class.
+// Why the frozen base does poorly on B: a model trained on A labels regions of input space; after the
 // motion, B's blobs sit where A had other classes or no data at all, and even a blob that lands where A's
 // blob was carries a new label. Why B is still easy to learn: the motion preserves distances, so B is as
-// separable as A. Why retuning the head alone is not enough: the base's hidden layers have learned to map
-// the blobs of one A class to similar features, and B splits some of those classes; the layers below the
-// head have to change, which is what LoRA (or full fine-tuning) does.
+// separable as A. Why retraining the head alone is not enough: the base's first layers were trained on
+// inputs whose class information lay in the subspace, and learned to map the directions outside it (noise
+// in A) to little of use; B puts part of its information there. Adapting those layers is a change of low
+// rank (about rotated_planes new input directions), which is what LoRA learns.
 #pragma once
 
 #include <lora/common.hpp>
@@ -66,7 +69,8 @@ struct ClusterTaskConfig {
 
 // How task B is made from task A (see the file comment).
 struct TaskShift {
-  int rotated_planes = 4;       // random planes of the subspace rotated by `angle`; <= latent_dim / 2
+  int rotated_planes = 4;       // planes (one direction in the subspace, one outside) rotated by `angle`;
+                                // <= min(latent_dim, dim - latent_dim)
   double angle = 1.5707963267948966;  // radians
   double shift = 1.0;           // translation length, in units of spread * sqrt(latent_dim)
   int cycled_classes = 4;       // classes 0..c-1 relabelled c -> c + 1 (mod c); 0 or >= 2
@@ -94,9 +98,8 @@ class ClusterTask {
 
  private:
   ClusterTaskConfig config_;
-  Matrix<double> basis_;    // [d x p], orthonormal columns
-  Matrix<double> latent_;   // [k m x p], centres in subspace coordinates
-  Matrix<double> centres_;  // [k m x d] = latent_ basis_^T
+  Matrix<double> basis_;    // [d x d] orthonormal; the first p columns span the subspace of task A
+  Matrix<double> centres_;  // [k m x d]
   std::vector<int> labels_;
 };
 
@@ -168,12 +171,12 @@ inline ClusterTask ClusterTask::make(const ClusterTaskConfig& c) {
   ClusterTask t;
   t.config_ = c;
   detail::Random rng(c.seed);
-  t.basis_ = detail_data::random_orthonormal(c.dim, c.latent_dim, rng);
+  t.basis_ = detail_data::random_orthonormal(c.dim, c.dim, rng);
   const Index clusters = static_cast<Index>(c.num_classes) * c.clusters_per_class;
-  t.latent_.resize(clusters, c.latent_dim);
+  Matrix<double> latent(clusters, c.latent_dim);
   for (Index i = 0; i < clusters; ++i)
-    for (Index j = 0; j < c.latent_dim; ++j) t.latent_(i, j) = c.spread * rng.normal();
-  t.centres_ = t.latent_ * t.basis_.transpose();
+    for (Index j = 0; j < c.latent_dim; ++j) latent(i, j) = c.spread * rng.normal();
+  t.centres_ = latent * t.basis_.leftCols(c.latent_dim).transpose();
   t.labels_.resize(static_cast<std::size_t>(clusters));
   for (Index i = 0; i < clusters; ++i) t.labels_[static_cast<std::size_t>(i)] = static_cast<int>(i / c.clusters_per_class);
   return t;
@@ -181,9 +184,11 @@ inline ClusterTask ClusterTask::make(const ClusterTaskConfig& c) {
 
 inline ClusterTask ClusterTask::shifted(const TaskShift& s) const {
   constexpr const char* where = "ClusterTask::shifted";
-  const int p = config_.latent_dim, k = config_.num_classes, m = config_.clusters_per_class;
-  if (s.rotated_planes < 0 || 2 * s.rotated_planes > p)
-    detail::fail(where, "rotated_planes must be in [0, latent_dim / 2 = ", p / 2, "], got ", s.rotated_planes);
+  const int d = config_.dim, p = config_.latent_dim, k = config_.num_classes, m = config_.clusters_per_class;
+  const int max_planes = std::min(p, d - p);
+  if (s.rotated_planes < 0 || s.rotated_planes > max_planes)
+    detail::fail(where, "rotated_planes must be in [0, min(latent_dim, dim - latent_dim) = ", max_planes, "], got ",
+                 s.rotated_planes);
   if (!std::isfinite(s.angle)) detail::fail(where, "angle must be finite, got ", s.angle);
   if (!std::isfinite(s.shift) || s.shift < 0) detail::fail(where, "shift must be finite and >= 0, got ", s.shift);
   if (s.cycled_classes == 1 || s.cycled_classes < 0 || s.cycled_classes > k)
@@ -193,26 +198,24 @@ inline ClusterTask ClusterTask::shifted(const TaskShift& s) const {
                  s.reassigned_clusters);
 
   detail::Random rng(s.seed);
-  // R = Q G Q^T: G rotates coordinate planes (0,1), (2,3), ...; Q is a random basis of the subspace.
-  const Matrix<double> Q = detail_data::random_orthonormal(p, p, rng);
-  Matrix<double> G = Matrix<double>::Identity(p, p);
+  // Plane i is spanned by u_i (random, inside the subspace) and w_i (basis column p + i, outside it); the
+  // planes are mutually orthogonal, so the rotations commute. u_i -> cos u_i + sin w_i.
+  const auto inside = basis_.leftCols(p);
+  const Matrix<double> U = inside * detail_data::random_orthonormal(p, p, rng);
+  ClusterTask b = *this;
   const double cs = std::cos(s.angle), sn = std::sin(s.angle);
   for (int plane = 0; plane < s.rotated_planes; ++plane) {
-    const int i = 2 * plane, j = 2 * plane + 1;
-    G(i, i) = cs;
-    G(i, j) = -sn;
-    G(j, i) = sn;
-    G(j, j) = cs;
+    const auto u = U.col(plane);
+    const auto w = basis_.col(p + plane);
+    for (Index i = 0; i < b.centres_.rows(); ++i) {
+      const double a = b.centres_.row(i).dot(u.transpose()), c = b.centres_.row(i).dot(w.transpose());
+      b.centres_.row(i) += ((cs - 1) * a - sn * c) * u.transpose() + (sn * a + (cs - 1) * c) * w.transpose();
+    }
   }
-  const Matrix<double> R = Q * G * Q.transpose();
-  Matrix<double> t(1, p);
-  for (int j = 0; j < p; ++j) t(0, j) = rng.normal();
+  Vector<double> t(p);
+  for (int j = 0; j < p; ++j) t(j) = rng.normal();
   t *= s.shift * config_.spread * std::sqrt(static_cast<double>(p)) / t.norm();
-
-  ClusterTask b = *this;
-  b.latent_ = latent_ * R.transpose();
-  b.latent_.rowwise() += t.row(0);
-  b.centres_ = b.latent_ * basis_.transpose();
+  b.centres_.rowwise() += (inside * t).transpose();
   for (int c = 0; c < k; ++c) {
     const int cycled = c < s.cycled_classes ? (c + 1) % s.cycled_classes : c;
     for (int j = 0; j < m; ++j)

@@ -5,7 +5,9 @@
 #include <lora/common.hpp>
 #include <lora/config.hpp>
 
+#include <cmath>
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <regex>
 #include <string>
@@ -35,17 +37,32 @@ struct LoraInjectConfig {
   std::uint64_t seed = 0;
   bool keep_original_weight = false;
 
+  // Per-module overrides of rank and alpha (PEFT's rank_pattern / alpha_pattern). A key matches a module
+  // path as a target name does (equal, or a suffix after a '.'); the first matching key in map order wins.
+  std::map<std::string, int> rank_pattern;
+  std::map<std::string, double> alpha_pattern;
+
   // Which biases train: none; all (every bias of the model); lora_only (the biases of the adapted layers).
   BiasMode bias = BiasMode::none;
 
   // Modules kept fully trainable (weight and bias), matched like target_modules: the classifier head.
   std::vector<std::string> modules_to_save;
 
-  // The LoraConfig of the index-th targeted layer.
-  LoraConfig layer_config(std::size_t index) const {
+  // The LoraConfig of the index-th targeted layer, at `path`.
+  LoraConfig layer_config(const std::string& path, std::size_t index) const {
     LoraConfig c;
     c.rank = rank;
     c.alpha = alpha;
+    for (const auto& [key, r] : rank_pattern)
+      if (path_matches(path, key)) {
+        c.rank = r;
+        break;
+      }
+    for (const auto& [key, a] : alpha_pattern)
+      if (path_matches(path, key)) {
+        c.alpha = a;
+        break;
+      }
     c.dropout = dropout;
     c.use_rslora = use_rslora;
     c.init = init;
@@ -73,7 +90,20 @@ struct LoraInjectConfig {
         detail::fail(where, "target_regex '", target_regex, "' is not a valid regular expression: ", e.what());
       }
     }
-    layer_config(0).validate(where);
+    layer_config("", 0).validate(where);
+    for (const auto& [key, r] : rank_pattern)
+      if (key.empty() || r < 1) detail::fail(where, "rank_pattern['", key, "'] must name a module and be >= 1, got ", r);
+    for (const auto& [key, a] : alpha_pattern)
+      if (key.empty() || !std::isfinite(a) || a <= 0)
+        detail::fail(where, "alpha_pattern['", key, "'] must name a module and be finite and > 0, got ", a);
+  }
+
+  // PEFT's rule for a name in target_modules, modules_to_save and the patterns: the path equals it or
+  // ends with "." + it.
+  static bool path_matches(const std::string& path, const std::string& name) {
+    if (path == name) return true;
+    return path.size() > name.size() && path.compare(path.size() - name.size(), name.size(), name) == 0 &&
+           path[path.size() - name.size() - 1] == '.';
   }
 
   // splitmix64 of seed + index: well-spread per-layer seeds from one user seed.

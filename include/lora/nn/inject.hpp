@@ -20,9 +20,7 @@ namespace lora::nn {
 
 // PEFT's rule for a name in target_modules / modules_to_save: the path equals it or ends with "." + it.
 inline bool matches_target(const std::string& path, const std::string& target) {
-  if (path == target) return true;
-  return path.size() > target.size() && path.compare(path.size() - target.size(), target.size(), target) == 0 &&
-         path[path.size() - target.size() - 1] == '.';
+  return LoraInjectConfig::path_matches(path, target);
 }
 
 // Trainable parameters r (in + out) of one adapter on an [out x in] weight: the analytic count.
@@ -102,7 +100,7 @@ std::vector<std::string> resolve_targets(const Sequential<Scalar>& model, const 
 
 // Puts LoRA into `model`, the PEFT way:
 //  - every targeted Linear (see LoraInjectConfig) becomes a LoraLayer built from its weight and bias,
-//    with its own seed (config.layer_config(k) for the k-th target);
+//    with its own seed and the rank_pattern / alpha_pattern overrides (config.layer_config(path, k));
 //  - every other parameter is frozen, except the biases that config.bias keeps trainable
 //    (all: every bias; lora_only: the adapted layers' biases) and the modules_to_save (weight and bias);
 //  - the config and the saved modules are recorded in the model (lora_config(), saved_modules()).
@@ -122,15 +120,26 @@ void inject_lora(Sequential<Scalar>& model, const LoraInjectConfig& config) {
       detail::fail(where, "modules_to_save: '", path, "' is ", m.describe(), "; only Linear modules can be saved");
   }
 
+  auto require_pattern_matches = [&](const char* what, const std::string& key) {
+    for (const std::string& path : targets)
+      if (matches_target(path, key)) return;
+    std::string known;
+    for (const std::string& path : targets) known += (known.empty() ? "" : ", ") + path;
+    detail::fail(where, what, " key '", key, "' matches no targeted module; the targets are: ", known);
+  };
+  for (const auto& entry : config.rank_pattern) require_pattern_matches("rank_pattern", entry.first);
+  for (const auto& entry : config.alpha_pattern) require_pattern_matches("alpha_pattern", entry.first);
+
   // Build every LoRA layer first, so that a bad rank or shape throws before anything changes.
   std::vector<std::unique_ptr<Module<Scalar>>> built;
   for (std::size_t k = 0; k < targets.size(); ++k) {
     const auto& base = dynamic_cast<const Linear<Scalar>&>(model.module(targets[k]));
+    const LoraConfig layer_config = config.layer_config(targets[k], k);
     try {
       if (base.has_bias())
-        built.push_back(std::make_unique<LoraLayer<Scalar>>(base.weight(), base.bias(), config.layer_config(k)));
+        built.push_back(std::make_unique<LoraLayer<Scalar>>(base.weight(), base.bias(), layer_config));
       else
-        built.push_back(std::make_unique<LoraLayer<Scalar>>(base.weight(), config.layer_config(k)));
+        built.push_back(std::make_unique<LoraLayer<Scalar>>(base.weight(), layer_config));
     } catch (const std::invalid_argument& e) {
       detail::fail(where, targets[k], ": ", e.what());
     }
