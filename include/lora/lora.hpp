@@ -5,6 +5,7 @@
 #include <lora/config.hpp>
 #include <lora/init.hpp>
 #include <lora/linear.hpp>
+#include <lora/optim.hpp>
 #include <lora/parameter.hpp>
 #include <lora/data.hpp>
 #include <lora/nn/activation.hpp>
