@@ -162,3 +162,91 @@ TEST_CASE("bad data gives clear errors", "[data][errors]") {
   m = message_of([&] { ClusterTask::make({}).shifted(shift); });
   CHECK(contains(m, "reassigned_clusters must be in [0, clusters_per_class = 3), got 3"));
 }
+
+// ---- end-to-end -------------------------------------------------------------------------------------
+
+namespace {
+
+lora::nn::Sequential<float> small_classifier() {
+  lora::nn::Sequential<float> model;
+  model.add(lora::nn::Linear<float>(32, 64, true, 1));
+  model.add(lora::nn::ReLU<float>());
+  model.add(lora::nn::Linear<float>(64, 64, true, 2));
+  model.add(lora::nn::ReLU<float>());
+  model.add(lora::nn::Linear<float>(64, 10, true, 3));
+  return model;
+}
+
+// Trains every trainable parameter for `epochs`; returns the mean loss of each epoch.
+std::vector<double> fit(lora::nn::Sequential<float>& model, const Dataset<float>& train, int epochs, double lr) {
+  lora::optim::AdamWOptions options;
+  options.lr = lr;
+  lora::optim::AdamWf optimizer(options);
+  auto params = model.parameters();
+  MiniBatches<float> batches(train, 64, 3);
+  std::vector<double> losses;
+  for (int epoch = 0; epoch < epochs; ++epoch) {
+    batches.shuffle();
+    losses.push_back(lora::nn::train_epoch(model, batches, [&] { optimizer.step(params); }).loss);
+  }
+  return losses;
+}
+
+}  // namespace
+
+TEST_CASE("a small MLP learns task A, then LoRA adapts it to task B with the base frozen", "[training]") {
+  const ClusterTask task_a = ClusterTask::make({});
+  const ClusterTask task_b = task_a.shifted({});
+  const Dataset<float> a_train = task_a.sample<float>(3000, 1), a_test = task_a.sample<float>(2000, 2);
+  const Dataset<float> b_train = task_b.sample<float>(2000, 3), b_test = task_b.sample<float>(2000, 4);
+
+  lora::nn::Sequential<float> model = small_classifier();
+  const double chance = lora::nn::evaluate_accuracy(model, a_test);
+  const std::vector<double> losses = fit(model, a_train, 8, 3e-3);
+  INFO("losses: first " << losses.front() << ", last " << losses.back());
+  CHECK(losses.back() < 0.5 * losses.front());
+  for (std::size_t i = 1; i < 4; ++i) CHECK(losses[i] < losses[i - 1]);  // falls steadily at first
+  const double accuracy_a = lora::nn::evaluate_accuracy(model, a_test);
+  INFO("accuracy on A: untrained " << chance << ", trained " << accuracy_a);
+  CHECK(accuracy_a >= 0.88);
+  const double frozen_b = lora::nn::evaluate_accuracy(model, b_test);
+  CHECK(frozen_b < 0.4);  // B's blobs moved and were relabelled: the base does poorly
+
+  lora::nn::LoraInjectConfig config;
+  config.target_modules = {"layers.0", "layers.2"};
+  config.modules_to_save = {"layers.4"};
+  config.rank = 4;
+  config.alpha = 8;
+  config.init = lora::InitMethod::kaiming_uniform;
+  lora::nn::inject_lora(model, config);
+  std::vector<Matrix<float>> base_before;
+  for (const char* name : {"layers.0.weight", "layers.2.weight", "layers.2.bias"})
+    base_before.push_back(model.base_tensor(name));
+  const std::vector<double> lora_losses = fit(model, b_train, 12, 3e-3);
+  CHECK(lora_losses.back() < 0.3 * lora_losses.front());
+  const double lora_b = lora::nn::evaluate_accuracy(model, b_test);
+  INFO("accuracy on B: frozen base " << frozen_b << ", LoRA " << lora_b);
+  CHECK(lora_b >= 0.80);
+  // Only the adapters and the head trained: the base weights are bit-identical.
+  std::size_t k = 0;
+  for (const char* name : {"layers.0.weight", "layers.2.weight", "layers.2.bias"})
+    CHECK(model.base_tensor(name) == base_before[k++]);
+
+  // Merged, the model predicts the same classes.
+  std::vector<int> unmerged, merged;
+  lora::nn::predict(model, b_test.X, unmerged);
+  model.merge();
+  lora::nn::predict(model, b_test.X, merged);
+  CHECK(unmerged == merged);
+}
+
+TEST_CASE("a non-positive learning rate is refused", "[training][errors]") {
+  lora::optim::AdamWOptions adam;
+  adam.lr = 0;
+  std::string m = message_of([&] { lora::optim::AdamWf optimizer(adam); });
+  CHECK(contains(m, "AdamW::AdamW: lr must be finite and > 0, got 0"));
+  lora::optim::SGDOptions sgd;
+  sgd.lr = -0.1;
+  m = message_of([&] { lora::optim::SGDf optimizer(sgd); });
+  CHECK(contains(m, "SGD::SGD: lr must be finite and > 0, got -0.1"));
+}

@@ -3,11 +3,9 @@
 
 #include <lora/common.hpp>
 #include <lora/config.hpp>
+#include <lora/data.hpp>
 #include <lora/init.hpp>
 #include <lora/linear.hpp>
-#include <lora/optim.hpp>
-#include <lora/parameter.hpp>
-#include <lora/data.hpp>
 #include <lora/nn/activation.hpp>
 #include <lora/nn/config.hpp>
 #include <lora/nn/inject.hpp>
@@ -17,3 +15,5 @@
 #include <lora/nn/module.hpp>
 #include <lora/nn/sequential.hpp>
 #include <lora/nn/train.hpp>
+#include <lora/optim.hpp>
+#include <lora/parameter.hpp>
