@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
@@ -121,6 +122,18 @@ inline lora::nn::LoraInjectConfig lora_config(int rank) {
   config.init = lora::InitMethod::kaiming_uniform;
   config.seed = 5;
   return config;
+}
+
+// "--threads N" sets Eigen's thread count; the default is 1. Eigen splits every product of more than
+// ~50,000 multiply-adds over its threads; on a machine shared with other jobs, each of those fork-joins can
+// wait for a descheduled thread, and LoRA's skinny products (n x r) suffer most: measured here under load,
+// 2 threads made this example 4x slower than 1.
+inline int threads_from_args(int argc, char** argv) {
+  int threads = 1;
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--threads") threads = std::max(1, std::atoi(argv[i + 1]));
+  Eigen::setNbThreads(threads);
+  return threads;
 }
 
 constexpr double kLrFull = 1e-3;   // full fine-tuning and pretraining

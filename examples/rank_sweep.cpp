@@ -1,7 +1,7 @@
 // Rank versus parameters: LoRA of rank r in {1, 2, 4, 8, 16, 32, 64} on the classifier of
 // finetune_classifier, against head-only and full fine-tuning, then the analytic parameter counts of LoRA
-// on transformer shapes. Writes the measured sweep as CSV (argument 1, default rank_sweep.csv);
-// bench/plot_rank_sweep.sh draws it.
+// on transformer shapes. Writes the measured sweep as CSV; bench/plot_rank_sweep.sh draws it.
+//   rank_sweep [--csv rank_sweep.csv] [--threads N]
 #include "classifier_common.hpp"
 
 #include <unistd.h>
@@ -53,12 +53,16 @@ void write_atomically(const std::string& path, const std::string& text) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string csv_path = argc > 1 ? argv[1] : "rank_sweep.csv";
+  std::string csv_path = "rank_sweep.csv";
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--csv") csv_path = argv[i + 1];
   const auto program_start = std::chrono::steady_clock::now();
+  const int threads = threads_from_args(argc, argv);
   const Setup setup = make_setup();
   Model base = make_base();
   const lora::Index base_params = base.num_parameters();
-  std::printf("Pretraining the base MLP (%s parameters) on task A...\n", lora::nn::with_thousands(base_params).c_str());
+  std::printf("Pretraining the base MLP (%s parameters) on task A (Eigen threads: %d)...\n",
+              lora::nn::with_thousands(base_params).c_str(), threads);
   const RunResult pre =
       train_and_evaluate("pretrain", base, base_params, setup.a_train, kPretrainEpochs, kLrFull, setup, false);
   std::printf("Base: accuracy %.3f on A, %.3f on B. Fine-tuning on B, %d epochs each:\n", pre.accuracy_a,
