@@ -1,0 +1,143 @@
+// What finetune_classifier and rank_sweep share: the task pair, the base MLP, pretraining on task A and
+// one fine-tuning run on task B.
+#pragma once
+
+#include <lora/lora.hpp>
+#include <lora/optim.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace example {
+
+using Scalar = float;
+using Model = lora::nn::Sequential<Scalar>;
+using Data = lora::data::Dataset<Scalar>;
+
+// Sizes: 32 inputs, two hidden layers of 1024, 10 classes; 8,000 samples to pretrain on A, 4,000 to
+// fine-tune on B (the usual situation: little data for the new task), 4,000 held out for each.
+constexpr int kHidden = 1024;
+constexpr int kPretrainEpochs = 4;
+constexpr int kFinetuneEpochs = 10;
+constexpr lora::Index kBatch = 128;
+
+struct Setup {
+  lora::data::ClusterTask task_a, task_b;
+  Data a_train, a_test, b_train, b_test;
+};
+
+inline Setup make_setup() {
+  lora::data::ClusterTaskConfig config;  // d = 32, 10 classes of 3 blobs in an 8-dimensional subspace
+  config.seed = 2024;
+  lora::data::TaskShift shift;  // 4 planes turned 90 degrees out of the subspace, a shift, classes 0-3
+                                // cycled, 1 blob of each class given to another
+  shift.seed = 7;
+  auto a = lora::data::ClusterTask::make(config);
+  auto b = a.shifted(shift);
+  return {a, b, a.sample<Scalar>(8000, 1), a.sample<Scalar>(4000, 2), b.sample<Scalar>(4000, 3),
+          b.sample<Scalar>(4000, 4)};
+}
+
+// 32 -> 1024 -> ReLU -> 1024 -> ReLU -> 10: paths layers.0 (hidden), layers.2 (hidden), layers.4 (head).
+inline Model make_base() {
+  Model model;
+  model.add(lora::nn::Linear<Scalar>(32, kHidden, true, 1));
+  model.add(lora::nn::ReLU<Scalar>());
+  model.add(lora::nn::Linear<Scalar>(kHidden, kHidden, true, 2));
+  model.add(lora::nn::ReLU<Scalar>());
+  model.add(lora::nn::Linear<Scalar>(kHidden, 10, true, 3));
+  return model;
+}
+
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+struct RunResult {
+  std::string method;
+  lora::Index trainable = 0;
+  double percent_of_base = 0;
+  double accuracy_b = 0, accuracy_a = 0;
+  double seconds = 0, seconds_per_epoch = 0;
+  std::size_t optimizer_bytes = 0;
+};
+
+// Trains every trainable parameter of `model` on `train` with AdamW, printing one line per epoch
+// (epoch, loss, accuracy on the batches, elapsed time), then measures the held-out accuracies.
+inline RunResult train_and_evaluate(const std::string& method, Model& model, lora::Index base_params,
+                                    const Data& train, int epochs, double lr, const Setup& setup,
+                                    bool progress = true) {
+  RunResult r;
+  r.method = method;
+  r.trainable = model.num_trainable_parameters();
+  r.percent_of_base = 100.0 * static_cast<double>(r.trainable) / static_cast<double>(base_params);
+  const auto start = std::chrono::steady_clock::now();
+  if (epochs > 0 && r.trainable > 0) {
+    lora::optim::AdamWOptions options;
+    options.lr = lr;
+    lora::optim::AdamW<Scalar> optimizer(options);
+    auto params = model.parameters();
+    lora::data::MiniBatches<Scalar> batches(train, kBatch, /*seed=*/11);
+    for (int epoch = 1; epoch <= epochs; ++epoch) {
+      batches.shuffle();
+      const auto stats = lora::nn::train_epoch(model, batches, [&] { optimizer.step(params); });
+      if (progress)
+        std::printf("  %-12s epoch %2d/%d  loss %.4f  accuracy %.3f  %6.1f s\n", method.c_str(), epoch, epochs,
+                    stats.loss, stats.accuracy, seconds_since(start));
+      std::fflush(stdout);
+    }
+    r.optimizer_bytes = optimizer.state_bytes();
+  }
+  r.seconds = seconds_since(start);
+  r.seconds_per_epoch = epochs > 0 && r.trainable > 0 ? r.seconds / epochs : 0;
+  r.accuracy_b = lora::nn::evaluate_accuracy(model, setup.b_test);
+  r.accuracy_a = lora::nn::evaluate_accuracy(model, setup.a_test);
+  return r;
+}
+
+// Freezes every layer except the one at `trainable_path` (none if empty).
+inline void freeze_all_but(Model& model, const std::string& trainable_path) {
+  for (auto& [path, module] : model.named_modules())
+    if (auto* linear = dynamic_cast<lora::nn::Linear<Scalar>*>(module)) linear->set_trainable(path == trainable_path);
+}
+
+// LoRA of rank r on the hidden Linear layers, the head fully trainable (modules_to_save), alpha = 2 r
+// (scaling 2 at every rank), A drawn as PEFT does by default (Kaiming-uniform). layers.0 has 32 inputs,
+// so its rank is capped at 32 (rank_pattern), keeping the scaling.
+inline lora::nn::LoraInjectConfig lora_config(int rank) {
+  lora::nn::LoraInjectConfig config;
+  config.target_modules = {"layers.0", "layers.2"};
+  config.modules_to_save = {"layers.4"};
+  config.rank = rank;
+  config.alpha = 2.0 * rank;
+  if (rank > 32) {
+    config.rank_pattern["layers.0"] = 32;
+    config.alpha_pattern["layers.0"] = 64;
+  }
+  config.init = lora::InitMethod::kaiming_uniform;
+  config.seed = 5;
+  return config;
+}
+
+// "--threads N" sets Eigen's thread count; the default is 1. Eigen splits every product of more than
+// ~50,000 multiply-adds over its threads; on a machine shared with other jobs, each of those fork-joins can
+// wait for a descheduled thread, and LoRA's skinny products (n x r) suffer most: measured here under load,
+// 2 threads made this example 4x slower than 1.
+inline int threads_from_args(int argc, char** argv) {
+  int threads = 1;
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--threads") threads = std::max(1, std::atoi(argv[i + 1]));
+  Eigen::setNbThreads(threads);
+  return threads;
+}
+
+constexpr double kLrFull = 1e-3;   // full fine-tuning and pretraining
+constexpr double kLrHead = 3e-3;   // head only
+constexpr double kLrLora = 3e-3;   // LoRA: adapters and head
+
+}  // namespace example

@@ -1,0 +1,216 @@
+// lora.hpp: inject_lora (PEFT's get_peft_model on a Sequential), target matching, parameter counts and
+// the one-line summary users look at first.
+#pragma once
+
+#include <lora/common.hpp>
+#include <lora/nn/config.hpp>
+#include <lora/nn/linear.hpp>
+#include <lora/nn/lora_layer.hpp>
+#include <lora/nn/sequential.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+#include <regex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lora::nn {
+
+// PEFT's rule for a name in target_modules / modules_to_save: the path equals it or ends with "." + it.
+inline bool matches_target(const std::string& path, const std::string& target) {
+  return LoraInjectConfig::path_matches(path, target);
+}
+
+// Trainable parameters r (in + out) of one adapter on an [out x in] weight: the analytic count.
+inline Index lora_parameter_count(Index in_features, Index out_features, Index rank) {
+  return rank * (in_features + out_features);
+}
+
+namespace detail_inject {
+
+template <class Scalar>
+std::string describe_modules(const Sequential<Scalar>& model) {
+  std::string known;
+  for (const auto& [path, m] : model.named_modules())
+    known += detail::concat(known.empty() ? "" : ", ", path, " (", m->type_name(), ")");
+  return known.empty() ? std::string("none") : known;
+}
+
+// The paths selected by a list of names (each must match something), in model order.
+template <class Scalar>
+std::vector<std::string> select(const char* where, const char* what, const Sequential<Scalar>& model,
+                                const std::vector<std::string>& names) {
+  const auto modules = model.named_modules();
+  std::vector<bool> chosen(modules.size(), false);
+  for (const std::string& name : names) {
+    bool found = false;
+    for (std::size_t i = 0; i < modules.size(); ++i)
+      if (matches_target(modules[i].first, name)) chosen[i] = found = true;
+    if (!found)
+      detail::fail(where, what, " '", name, "' matches no module; the model has: ", describe_modules(model));
+  }
+  std::vector<std::string> out;
+  for (std::size_t i = 0; i < modules.size(); ++i)
+    if (chosen[i]) out.push_back(modules[i].first);
+  return out;
+}
+
+}  // namespace detail_inject
+
+// The paths of the Linear modules that `config` targets, in model order. Throws, listing the model's
+// modules, when a name matches nothing, when a named module is not a Linear, or when the regex matches
+// no Linear.
+template <class Scalar>
+std::vector<std::string> resolve_targets(const Sequential<Scalar>& model, const LoraInjectConfig& config) {
+  constexpr const char* where = "inject_lora";
+  config.validate(where);
+  std::vector<std::string> targets;
+  const auto modules = model.named_modules();
+  auto is_linear = [](const Module<Scalar>* m) { return dynamic_cast<const Linear<Scalar>*>(m) != nullptr; };
+  if (!config.target_regex.empty()) {
+    const std::regex pattern(config.target_regex);
+    for (const auto& [path, m] : modules)
+      if (std::regex_match(path, pattern) && is_linear(m)) targets.push_back(path);
+    if (targets.empty())
+      detail::fail(where, "target_regex '", config.target_regex, "' matches no Linear module; the model has: ",
+                   detail_inject::describe_modules(model));
+    return targets;
+  }
+  if (config.target_modules.size() == 1 && config.target_modules.front() == "all-linear") {
+    for (const auto& [path, m] : modules)
+      if (is_linear(m)) targets.push_back(path);
+    if (targets.size() < 2)
+      detail::fail(where, "'all-linear' leaves out the output layer, and the model has ", targets.size(),
+                   " Linear module(s); name the targets instead");
+    targets.pop_back();
+    return targets;
+  }
+  targets = detail_inject::select(where, "target", model, config.target_modules);
+  for (const std::string& path : targets) {
+    const Module<Scalar>& m = model.module(path);
+    if (dynamic_cast<const LoraLayer<Scalar>*>(&m))
+      detail::fail(where, "'", path, "' already has LoRA; a model is injected once");
+    if (!is_linear(&m))
+      detail::fail(where, "target '", path, "' is ", m.describe(), "; LoRA adapts Linear modules only");
+  }
+  return targets;
+}
+
+// Puts LoRA into `model`, the PEFT way:
+//  - every targeted Linear (see LoraInjectConfig) becomes a LoraLayer built from its weight and bias,
+//    with its own seed and the rank_pattern / alpha_pattern overrides (config.layer_config(path, k));
+//  - every other parameter is frozen, except the biases that config.bias keeps trainable
+//    (all: every bias; lora_only: the adapted layers' biases) and the modules_to_save (weight and bias);
+//  - the config and the saved modules are recorded in the model (lora_config(), saved_modules()).
+// Everything is checked before the model changes: on a throw the model is as it was.
+template <class Scalar>
+void inject_lora(Sequential<Scalar>& model, const LoraInjectConfig& config) {
+  constexpr const char* where = "inject_lora";
+  if (!model.lora_layers().empty()) detail::fail(where, "the model already has LoRA layers; a model is injected once");
+  const std::vector<std::string> targets = resolve_targets(model, config);
+  const std::vector<std::string> saved =
+      detail_inject::select(where, "modules_to_save entry", model, config.modules_to_save);
+  for (const std::string& path : saved) {
+    const Module<Scalar>& m = model.module(path);
+    if (std::find(targets.begin(), targets.end(), path) != targets.end())
+      detail::fail(where, "'", path, "' is both a LoRA target and in modules_to_save; choose one");
+    if (!dynamic_cast<const Linear<Scalar>*>(&m))
+      detail::fail(where, "modules_to_save: '", path, "' is ", m.describe(), "; only Linear modules can be saved");
+  }
+
+  auto require_pattern_matches = [&](const char* what, const std::string& key) {
+    for (const std::string& path : targets)
+      if (matches_target(path, key)) return;
+    std::string known;
+    for (const std::string& path : targets) known += (known.empty() ? "" : ", ") + path;
+    detail::fail(where, what, " key '", key, "' matches no targeted module; the targets are: ", known);
+  };
+  for (const auto& entry : config.rank_pattern) require_pattern_matches("rank_pattern", entry.first);
+  for (const auto& entry : config.alpha_pattern) require_pattern_matches("alpha_pattern", entry.first);
+
+  // Build every LoRA layer first, so that a bad rank or shape throws before anything changes.
+  std::vector<std::unique_ptr<Module<Scalar>>> built;
+  for (std::size_t k = 0; k < targets.size(); ++k) {
+    const auto& base = dynamic_cast<const Linear<Scalar>&>(model.module(targets[k]));
+    const LoraConfig layer_config = config.layer_config(targets[k], k);
+    try {
+      if (base.has_bias())
+        built.push_back(std::make_unique<LoraLayer<Scalar>>(base.weight(), base.bias(), layer_config));
+      else
+        built.push_back(std::make_unique<LoraLayer<Scalar>>(base.weight(), layer_config));
+    } catch (const std::invalid_argument& e) {
+      detail::fail(where, targets[k], ": ", e.what());
+    }
+  }
+
+  for (const auto& [path, m] : model.named_modules())
+    if (auto* linear = dynamic_cast<Linear<Scalar>*>(m)) {
+      const bool save = std::find(saved.begin(), saved.end(), path) != saved.end();
+      linear->set_trainable(save, save || config.bias == BiasMode::all);
+    }
+  for (std::size_t k = 0; k < targets.size(); ++k) model.replace_module(targets[k], std::move(built[k]));
+  model.set_lora_record(config, saved);
+}
+
+// PEFT's merge_and_unload: folds every LoRA layer's active adapters into its weight and puts a plain,
+// frozen Linear in its place; the model no longer has LoRA layers. Biases and modules_to_save keep their
+// trained values.
+template <class Scalar>
+void merge_and_unload(Sequential<Scalar>& model) {
+  constexpr const char* where = "merge_and_unload";
+  auto layers = model.lora_layers();
+  if (layers.empty()) detail::fail(where, "the model has no LoRA layer");
+  if (!model.merged()) model.merge();
+  for (auto& [path, layer] : layers) {
+    std::unique_ptr<Linear<Scalar>> plain = layer->has_bias()
+                                                ? std::make_unique<Linear<Scalar>>(layer->base_weight(), layer->bias())
+                                                : std::make_unique<Linear<Scalar>>(layer->base_weight());
+    plain->set_trainable(false);
+    model.replace_module(path, std::move(plain));
+  }
+  model.set_lora_record(std::nullopt, {});
+}
+
+struct ParameterCount {
+  Index trainable = 0;  // what an optimiser updates
+  Index total = 0;      // every parameter of the model as it stands (base + adapters)
+  Index adapter = 0;    // lora_A and lora_B of the active adapters
+  Index base() const { return total - adapter; }  // the parameters the model had before LoRA
+};
+
+template <class Scalar>
+ParameterCount count_parameters(const Sequential<Scalar>& model) {
+  ParameterCount c;
+  c.trainable = model.num_trainable_parameters();
+  c.total = model.num_parameters();
+  for (const auto& [path, layer] : model.lora_layers())
+    for (const std::string& name : layer->active_adapters())
+      c.adapter += lora_parameter_count(layer->in_features(), layer->out_features(), layer->rank(name));
+  return c;
+}
+
+// 1234567 -> "1,234,567".
+inline std::string with_thousands(Index n) {
+  std::string digits = std::to_string(n < 0 ? -n : n), out;
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return n < 0 ? "-" + out : out;
+}
+
+// PEFT's print_trainable_parameters line:
+// "trainable params: 8,192 || all params: 1,056,768 || trainable%: 0.7752"
+template <class Scalar>
+std::string summary(const Sequential<Scalar>& model) {
+  const ParameterCount c = count_parameters(model);
+  char percent[32];
+  std::snprintf(percent, sizeof percent, "%.4f",
+                c.total > 0 ? 100.0 * static_cast<double>(c.trainable) / static_cast<double>(c.total) : 0.0);
+  return "trainable params: " + with_thousands(c.trainable) + " || all params: " + with_thousands(c.total) +
+         " || trainable%: " + percent;
+}
+
+}  // namespace lora::nn

@@ -1,0 +1,462 @@
+// lora.hpp: Sequential, a model as a chain of named modules, with PEFT-style dotted paths
+// ("layers.0", "layers.2.lora_A.default.weight"), and what the model offers once LoRA is injected:
+// its LoRA layers by path, its modules_to_save, merge/unmerge of the whole model, and the base weights
+// by name (to save and reload a pretrained base).
+#pragma once
+
+#include <lora/common.hpp>
+#include <lora/linear.hpp>
+#include <lora/nn/config.hpp>
+#include <lora/nn/linear.hpp>
+#include <lora/nn/lora_layer.hpp>
+#include <lora/nn/module.hpp>
+
+#include <algorithm>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace lora::nn {
+
+template <class Scalar>
+class Sequential final : public Module<Scalar> {
+ public:
+  using typename Module<Scalar>::MatrixType;
+  using typename Module<Scalar>::VectorType;
+  using typename Module<Scalar>::Input;
+  using ModulePtr = std::unique_ptr<Module<Scalar>>;
+
+  // `name` prefixes the paths when this is the top-level model: "layers" gives "layers.0", "layers.1", ...
+  // (the paths of a PyTorch model whose Sequential is the attribute `layers`); "" gives "0", "1", ...
+  // A Sequential nested in another one takes its path from its parent instead.
+  explicit Sequential(std::string name = "layers") : name_(std::move(name)) {
+    if (name_.find('.') != std::string::npos)
+      detail::fail("Sequential::Sequential", "the name '", name_, "' must not contain '.'");
+  }
+  Sequential(const Sequential& other) : Module<Scalar>(other) { copy_from(other); }
+  Sequential& operator=(const Sequential& other) {
+    if (this != &other) {
+      Module<Scalar>::operator=(other);
+      children_.clear();
+      copy_from(other);
+    }
+    return *this;
+  }
+  Sequential(Sequential&&) noexcept = default;
+  Sequential& operator=(Sequential&&) noexcept = default;
+  ~Sequential() override = default;
+
+  // ---- building ------------------------------------------------------------------------------------
+  // Appends a module named by its position ("0", "1", ...) or by `child_name` (non-empty, unique, no '.').
+  // Returns a reference to the stored module.
+  template <class M, class = std::enable_if_t<std::is_base_of_v<Module<Scalar>, M>>>
+  M& add(M module) {
+    return add(std::to_string(children_.size()), std::move(module));
+  }
+  template <class M, class = std::enable_if_t<std::is_base_of_v<Module<Scalar>, M>>>
+  M& add(const std::string& child_name, M module) {
+    auto owned = std::make_unique<M>(std::move(module));
+    M& ref = *owned;
+    add(child_name, ModulePtr(std::move(owned)));
+    return ref;
+  }
+  Module<Scalar>& add(ModulePtr module) { return add(std::to_string(children_.size()), std::move(module)); }
+  Module<Scalar>& add(const std::string& child_name, ModulePtr module);
+
+  std::size_t size() const { return children_.size(); }
+  Module<Scalar>& operator[](std::size_t i) { return *children_.at(i).module; }
+  const Module<Scalar>& operator[](std::size_t i) const { return *children_.at(i).module; }
+  const std::string& child_name(std::size_t i) const { return children_.at(i).name; }
+  const std::string& name() const { return name_; }
+
+  // ---- Module ----------------------------------------------------------------------------------------
+  // forward runs the children in order; backward runs them in reverse and returns dL/dX of the input.
+  const MatrixType& forward(const Input& X) override;
+  const MatrixType& backward(const Input& dY) override;
+  // Like backward(), but stops at the lowest module that has trainable parameters: every parameter
+  // gradient is accumulated, dL/dX of the model input is not computed. Cheaper when the bottom is frozen.
+  void backward_parameters(const Input& dY);
+  void zero_grad() override {
+    for (Child& c : children_) c.module->zero_grad();
+  }
+  void train(bool on = true) override {
+    Module<Scalar>::train(on);
+    for (Child& c : children_) c.module->train(on);
+  }
+  void collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) override {
+    for (Child& c : children_) c.module->collect_parameters(out, prefix + c.name + ".");
+  }
+  Index num_parameters() const override {
+    Index n = 0;
+    for (const Child& c : children_) n += c.module->num_parameters();
+    return n;
+  }
+  Index num_trainable_parameters() const override {
+    Index n = 0;
+    for (const Child& c : children_) n += c.module->num_trainable_parameters();
+    return n;
+  }
+  Index in_features() const override {
+    for (const Child& c : children_)
+      if (c.module->in_features() >= 0) return c.module->in_features();
+    return -1;
+  }
+  Index out_features() const override {
+    for (auto it = children_.rbegin(); it != children_.rend(); ++it)
+      if (it->module->out_features() >= 0) return it->module->out_features();
+    return -1;
+  }
+  std::string type_name() const override { return "Sequential"; }
+  // One line per module: path, description, trainable / total parameters.
+  std::string describe() const override;
+  std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<Sequential>(*this); }
+
+  // ---- names -----------------------------------------------------------------------------------------
+  // The trainable parameters under their full names ("layers.0.lora_A.default.weight", ...).
+  ParameterList<Scalar> parameters() {
+    ParameterList<Scalar> list;
+    collect_parameters(list, root_prefix());
+    return list;
+  }
+  // Every module that is not a container, depth first, with its path.
+  std::vector<std::pair<std::string, Module<Scalar>*>> named_modules();
+  std::vector<std::pair<std::string, const Module<Scalar>*>> named_modules() const;
+  std::vector<std::string> module_names() const;
+  // The module at `path`; throws listing the paths that exist.
+  Module<Scalar>& module(const std::string& path);
+  const Module<Scalar>& module(const std::string& path) const;
+
+  // ---- LoRA ------------------------------------------------------------------------------------------
+  // The LoRA layers by module path ("layers.0"), in order.
+  std::vector<std::pair<std::string, LoraLinear<Scalar>*>> lora_layers();
+  std::vector<std::pair<std::string, const LoraLinear<Scalar>*>> lora_layers() const;
+  // The modules kept fully trainable by inject_lora's modules_to_save, by path.
+  std::vector<std::pair<std::string, Linear<Scalar>*>> saved_modules();
+  std::vector<std::pair<std::string, const Linear<Scalar>*>> saved_modules() const;
+  // The config inject_lora used, or nullptr if LoRA was not injected.
+  const LoraInjectConfig* lora_config() const { return lora_config_ ? &*lora_config_ : nullptr; }
+
+  // Merges every LoRA layer (see LoraLinear::merge); if one fails, the ones already merged are
+  // unmerged again and the error is rethrown. unmerge() undoes merge().
+  void merge();
+  void unmerge();
+  bool merged() const;
+
+  // ---- base weights by name --------------------------------------------------------------------------
+  // "<path>.weight" and "<path>.bias" of every Linear and LoraLinear (W0 and its bias for the latter):
+  // the pretrained base, without adapters. Biases are [n x 1].
+  std::vector<std::string> base_tensor_names() const;
+  MatrixType base_tensor(const std::string& name) const;
+  // Shapes must match (a bias may be given as a row or a column). Throws on an unknown name, listing the
+  // names that exist, and on a merged LoRA layer.
+  void set_base_tensor(const std::string& name, const Eigen::Ref<const MatrixType>& value);
+
+  // ---- used by inject_lora ---------------------------------------------------------------------------
+  // Puts `module` in place of the module at `path`.
+  void replace_module(const std::string& path, ModulePtr module);
+  // Records how LoRA was injected (or clears it with std::nullopt).
+  void set_lora_record(std::optional<LoraInjectConfig> config, std::vector<std::string> saved_paths) {
+    lora_config_ = std::move(config);
+    saved_paths_ = std::move(saved_paths);
+  }
+
+  // The prefix of the children's paths at the top level: "layers." (or "" for an unnamed model).
+  std::string root_prefix() const { return name_.empty() ? std::string() : name_ + "."; }
+
+ private:
+  struct Child {
+    std::string name;
+    ModulePtr module;
+  };
+
+  void copy_from(const Sequential& other) {
+    name_ = other.name_;
+    for (const Child& c : other.children_) children_.push_back({c.name, c.module->clone()});
+    lora_config_ = other.lora_config_;
+    saved_paths_ = other.saved_paths_;
+  }
+
+  // Calls fn(path, parent, index) for every non-container module, depth first.
+  template <class Self, class Fn>
+  static void visit(Self& self, const std::string& prefix, Fn&& fn) {
+    for (std::size_t i = 0; i < self.children_.size(); ++i) {
+      auto& c = self.children_[i];
+      const std::string path = prefix + c.name;
+      if (auto* nested = dynamic_cast<std::conditional_t<std::is_const_v<Self>, const Sequential*, Sequential*>>(
+              c.module.get()))
+        visit(*nested, path + ".", fn);
+      else
+        fn(path, self, i);
+    }
+  }
+
+  std::string known_paths() const;
+
+  std::string name_;
+  std::vector<Child> children_;
+  std::optional<LoraInjectConfig> lora_config_;
+  std::vector<std::string> saved_paths_;
+};
+
+using Sequentialf = Sequential<float>;
+using Sequentiald = Sequential<double>;
+
+// ===================================================================================================
+// Implementation
+
+template <class Scalar>
+Module<Scalar>& Sequential<Scalar>::add(const std::string& child_name, ModulePtr module) {
+  constexpr const char* where = "Sequential::add";
+  if (!module) detail::fail(where, "the module is null");
+  if (child_name.empty()) detail::fail(where, "the child name is empty");
+  if (child_name.find('.') != std::string::npos)
+    detail::fail(where, "the child name '", child_name, "' must not contain '.' (it separates path parts)");
+  for (const Child& c : children_)
+    if (c.name == child_name) detail::fail(where, "a child named '", child_name, "' already exists");
+  // Widths must chain: the new module's input is the output of the last module that has a width.
+  const Index previous = out_features(), next = module->in_features();
+  if (previous >= 0 && next >= 0 && previous != next)
+    detail::fail(where, "'", child_name, "' (", module->describe(), ") expects in_features = ", next,
+                 ", but the model so far produces ", previous, " features");
+  module->train(this->training_);
+  children_.push_back({child_name, std::move(module)});
+  return *children_.back().module;
+}
+
+template <class Scalar>
+const typename Sequential<Scalar>::MatrixType& Sequential<Scalar>::forward(const Input& X) {
+  constexpr const char* where = "Sequential::forward";
+  if (children_.empty()) detail::fail(where, "the model has no modules");
+  const Index in = in_features();
+  if (in >= 0 && X.cols() != in)
+    detail::fail(where, "input has ", X.cols(), " columns, expected in_features = ", in, " (of the first layer)");
+  const MatrixType* h = &children_.front().module->forward(X);
+  for (std::size_t i = 1; i < children_.size(); ++i) h = &children_[i].module->forward(*h);
+  return *h;
+}
+
+template <class Scalar>
+const typename Sequential<Scalar>::MatrixType& Sequential<Scalar>::backward(const Input& dY) {
+  if (children_.empty()) detail::fail("Sequential::backward", "the model has no modules");
+  const MatrixType* g = &children_.back().module->backward(dY);
+  for (std::size_t i = children_.size() - 1; i-- > 0;) g = &children_[i].module->backward(*g);
+  return *g;
+}
+
+template <class Scalar>
+void Sequential<Scalar>::backward_parameters(const Input& dY) {
+  if (children_.empty()) detail::fail("Sequential::backward_parameters", "the model has no modules");
+  std::size_t lowest = children_.size();
+  for (std::size_t i = 0; i < children_.size(); ++i)
+    if (children_[i].module->num_trainable_parameters() > 0) {
+      lowest = i;
+      break;
+    }
+  if (lowest == children_.size()) return;  // nothing trains
+  const MatrixType* g = &children_.back().module->backward(dY);
+  for (std::size_t i = children_.size() - 1; i-- > lowest;) g = &children_[i].module->backward(*g);
+}
+
+template <class Scalar>
+std::string Sequential<Scalar>::describe() const {
+  std::ostringstream out;
+  out << "Sequential(\n";
+  for (const auto& [path, m] : named_modules())
+    out << "  " << path << ": " << m->describe() << "  [" << m->num_trainable_parameters() << " / "
+        << m->num_parameters() << " trainable]\n";
+  out << ")";
+  return out.str();
+}
+
+template <class Scalar>
+std::vector<std::pair<std::string, Module<Scalar>*>> Sequential<Scalar>::named_modules() {
+  std::vector<std::pair<std::string, Module<Scalar>*>> out;
+  visit(*this, root_prefix(), [&](const std::string& path, Sequential& parent, std::size_t i) {
+    out.emplace_back(path, parent.children_[i].module.get());
+  });
+  return out;
+}
+
+template <class Scalar>
+std::vector<std::pair<std::string, const Module<Scalar>*>> Sequential<Scalar>::named_modules() const {
+  std::vector<std::pair<std::string, const Module<Scalar>*>> out;
+  visit(*this, root_prefix(), [&](const std::string& path, const Sequential& parent, std::size_t i) {
+    out.emplace_back(path, parent.children_[i].module.get());
+  });
+  return out;
+}
+
+template <class Scalar>
+std::vector<std::string> Sequential<Scalar>::module_names() const {
+  std::vector<std::string> names;
+  for (const auto& entry : named_modules()) names.push_back(entry.first);
+  return names;
+}
+
+template <class Scalar>
+std::string Sequential<Scalar>::known_paths() const {
+  std::string known;
+  for (const auto& [path, m] : named_modules()) known += detail::concat(known.empty() ? "" : ", ", path, " (", m->type_name(), ")");
+  return known.empty() ? std::string("none") : known;
+}
+
+template <class Scalar>
+Module<Scalar>& Sequential<Scalar>::module(const std::string& path) {
+  return const_cast<Module<Scalar>&>(std::as_const(*this).module(path));
+}
+
+template <class Scalar>
+const Module<Scalar>& Sequential<Scalar>::module(const std::string& path) const {
+  for (const auto& [p, m] : named_modules())
+    if (p == path) return *m;
+  detail::fail("Sequential::module", "no module named '", path, "'; the model has: ", known_paths());
+}
+
+template <class Scalar>
+void Sequential<Scalar>::replace_module(const std::string& path, ModulePtr module) {
+  constexpr const char* where = "Sequential::replace_module";
+  if (!module) detail::fail(where, "the module is null");
+  bool done = false;
+  visit(*this, root_prefix(), [&](const std::string& p, Sequential& parent, std::size_t i) {
+    if (done || p != path) return;
+    const Module<Scalar>& old = *parent.children_[i].module;
+    if (old.in_features() != module->in_features() || old.out_features() != module->out_features())
+      detail::fail(where, "'", path, "' is ", old.describe(), "; the replacement ", module->describe(),
+                   " has other widths");
+    module->train(old.training());
+    parent.children_[i].module = std::move(module);
+    done = true;
+  });
+  if (!done) detail::fail(where, "no module named '", path, "'; the model has: ", known_paths());
+}
+
+template <class Scalar>
+std::vector<std::pair<std::string, LoraLinear<Scalar>*>> Sequential<Scalar>::lora_layers() {
+  std::vector<std::pair<std::string, LoraLinear<Scalar>*>> out;
+  for (const auto& [path, m] : named_modules())
+    if (auto* l = dynamic_cast<LoraLayer<Scalar>*>(m)) out.emplace_back(path, &l->lora());
+  return out;
+}
+
+template <class Scalar>
+std::vector<std::pair<std::string, const LoraLinear<Scalar>*>> Sequential<Scalar>::lora_layers() const {
+  std::vector<std::pair<std::string, const LoraLinear<Scalar>*>> out;
+  for (const auto& [path, m] : named_modules())
+    if (auto* l = dynamic_cast<const LoraLayer<Scalar>*>(m)) out.emplace_back(path, &l->lora());
+  return out;
+}
+
+template <class Scalar>
+std::vector<std::pair<std::string, Linear<Scalar>*>> Sequential<Scalar>::saved_modules() {
+  std::vector<std::pair<std::string, Linear<Scalar>*>> out;
+  for (const auto& [path, m] : named_modules())
+    if (std::find(saved_paths_.begin(), saved_paths_.end(), path) != saved_paths_.end())
+      if (auto* l = dynamic_cast<Linear<Scalar>*>(m)) out.emplace_back(path, l);
+  return out;
+}
+
+template <class Scalar>
+std::vector<std::pair<std::string, const Linear<Scalar>*>> Sequential<Scalar>::saved_modules() const {
+  std::vector<std::pair<std::string, const Linear<Scalar>*>> out;
+  for (const auto& [path, m] : named_modules())
+    if (std::find(saved_paths_.begin(), saved_paths_.end(), path) != saved_paths_.end())
+      if (auto* l = dynamic_cast<const Linear<Scalar>*>(m)) out.emplace_back(path, l);
+  return out;
+}
+
+template <class Scalar>
+void Sequential<Scalar>::merge() {
+  constexpr const char* where = "Sequential::merge";
+  auto layers = lora_layers();
+  if (layers.empty()) detail::fail(where, "the model has no LoRA layer");
+  std::size_t done = 0;
+  try {
+    for (; done < layers.size(); ++done) layers[done].second->merge();
+  } catch (const std::invalid_argument& e) {
+    for (std::size_t i = 0; i < done; ++i) layers[i].second->unmerge();
+    detail::fail(where, layers[done].first, ": ", e.what());
+  }
+}
+
+template <class Scalar>
+void Sequential<Scalar>::unmerge() {
+  constexpr const char* where = "Sequential::unmerge";
+  auto layers = lora_layers();
+  if (layers.empty()) detail::fail(where, "the model has no LoRA layer");
+  if (!merged()) detail::fail(where, "the model is not merged");
+  for (auto& [path, layer] : layers)
+    if (layer->merged()) layer->unmerge();
+}
+
+template <class Scalar>
+bool Sequential<Scalar>::merged() const {
+  for (const auto& [path, layer] : lora_layers())
+    if (layer->merged()) return true;
+  return false;
+}
+
+template <class Scalar>
+std::vector<std::string> Sequential<Scalar>::base_tensor_names() const {
+  std::vector<std::string> names;
+  for (const auto& [path, m] : named_modules()) {
+    bool has_bias = false;
+    if (auto* l = dynamic_cast<const Linear<Scalar>*>(m))
+      has_bias = l->has_bias();
+    else if (auto* q = dynamic_cast<const LoraLayer<Scalar>*>(m))
+      has_bias = q->lora().has_bias();
+    else
+      continue;
+    names.push_back(path + ".weight");
+    if (has_bias) names.push_back(path + ".bias");
+  }
+  return names;
+}
+
+template <class Scalar>
+typename Sequential<Scalar>::MatrixType Sequential<Scalar>::base_tensor(const std::string& name) const {
+  constexpr const char* where = "Sequential::base_tensor";
+  for (const auto& [path, m] : named_modules()) {
+    const bool is_weight = name == path + ".weight", is_bias = name == path + ".bias";
+    if (!is_weight && !is_bias) continue;
+    if (auto* l = dynamic_cast<const Linear<Scalar>*>(m)) {
+      if (is_weight) return l->weight();
+      if (l->has_bias()) return l->bias();
+    } else if (auto* q = dynamic_cast<const LoraLayer<Scalar>*>(m)) {
+      if (q->lora().merged()) detail::fail(where, "'", path, "' is merged; unmerge() to read the base weight");
+      if (is_weight) return q->lora().base_weight();
+      if (q->lora().has_bias()) return q->lora().bias();
+    }
+  }
+  std::string known;
+  for (const std::string& n : base_tensor_names()) known += (known.empty() ? "" : ", ") + n;
+  detail::fail(where, "no base tensor named '", name, "'; the model has: ", known.empty() ? "none" : known);
+}
+
+template <class Scalar>
+void Sequential<Scalar>::set_base_tensor(const std::string& name, const Eigen::Ref<const MatrixType>& value) {
+  constexpr const char* where = "Sequential::set_base_tensor";
+  for (const auto& [path, m] : named_modules()) {
+    const bool is_weight = name == path + ".weight", is_bias = name == path + ".bias";
+    if (!is_weight && !is_bias) continue;
+    try {
+      if (auto* l = dynamic_cast<Linear<Scalar>*>(m)) {
+        if (is_weight) return l->set_weight(value);
+        if (l->has_bias()) return l->set_bias(value);
+      } else if (auto* q = dynamic_cast<LoraLayer<Scalar>*>(m)) {
+        if (is_weight) return q->set_base_weight(value);
+        if (q->lora().has_bias()) return q->set_base_bias(value);
+      }
+    } catch (const std::invalid_argument& e) {
+      detail::fail(where, name, ": ", e.what());
+    }
+  }
+  std::string known;
+  for (const std::string& n : base_tensor_names()) known += (known.empty() ? "" : ", ") + n;
+  detail::fail(where, "no base tensor named '", name, "'; the model has: ", known.empty() ? "none" : known);
+}
+
+}  // namespace lora::nn

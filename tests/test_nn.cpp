@@ -1,0 +1,605 @@
+// Model building blocks: every layer's gradient, the loss, Sequential, LoRA injection (target matching,
+// freezing, bias modes, modules_to_save, errors), parameter counts, merge, base weights by name.
+#include <lora/lora.hpp>
+
+#include "gradient_check.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+using lora::Index;
+using lora::Matrix;
+using lora::Vector;
+using lora::nn::GELU;
+using lora::nn::inject_lora;
+using lora::nn::Linear;
+using lora::nn::LoraInjectConfig;
+using lora::nn::ReLU;
+using lora::nn::Sequential;
+using lora::nn::SoftmaxCrossEntropy;
+using lora::nn::Tanh;
+using lora::testing::numerical_gradient;
+using lora::testing::relative_error;
+using lora::testing::tolerance;
+
+namespace {
+
+template <class Scalar>
+Matrix<Scalar> random_matrix(Index rows, Index cols, unsigned seed) {
+  std::srand(seed);
+  return Matrix<Scalar>::Random(rows, cols);
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+template <class Call>
+std::string message_of(Call&& call) {
+  try {
+    call();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
+
+// Checks dL/dX and every trainable parameter's gradient of f = <forward(X), R> against central differences.
+template <class M>
+void check_module_gradients(M& module, Matrix<double> X, unsigned seed) {
+  module.train();
+  const Matrix<double> R = random_matrix<double>(X.rows(), module.forward(X).cols(), seed);
+  auto loss = [&] { return module.forward(X).cwiseProduct(R).sum(); };
+  module.zero_grad();
+  module.forward(X);
+  const Matrix<double> dX = module.backward(R);
+  INFO(module.describe());
+  CHECK(relative_error(dX, numerical_gradient(X, loss)) < 1e-7);
+  lora::ParameterList<double> params;
+  module.collect_parameters(params, "");
+  for (auto& p : params) {
+    INFO(p.name);
+    const Matrix<double> analytic = p.grad;
+    CHECK(analytic.norm() > 0);
+    CHECK(relative_error(analytic, numerical_gradient(p.value, loss)) < 1e-7);
+  }
+}
+
+// A small MLP: 6 -> 10 -> 8 -> 4 with the three activations in turn.
+template <class Scalar>
+Sequential<Scalar> small_mlp(bool bias = true) {
+  Sequential<Scalar> model;
+  model.add(Linear<Scalar>(6, 10, bias, 1));
+  model.add(Tanh<Scalar>());
+  model.add(Linear<Scalar>(10, 8, bias, 2));
+  model.add(GELU<Scalar>());
+  model.add(Linear<Scalar>(8, 8, bias, 3));
+  model.add(ReLU<Scalar>());
+  model.add(Linear<Scalar>(8, 4, bias, 4));
+  return model;
+}
+
+std::vector<std::string> names_of(const lora::ParameterList<double>& params) {
+  std::vector<std::string> names;
+  for (const auto& p : params) names.push_back(p.name);
+  return names;
+}
+
+}  // namespace
+
+// ---- layers -----------------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("Linear forward equals x W^T + b", "[nn][linear]", float, double) {
+  using Scalar = TestType;
+  const Matrix<Scalar> W = random_matrix<Scalar>(5, 3, 1);
+  const Vector<Scalar> b = Vector<Scalar>::Random(5);
+  const Matrix<Scalar> X = random_matrix<Scalar>(4, 3, 2);
+  Linear<Scalar> layer(W, b);
+  Matrix<Scalar> expected = X * W.transpose();
+  expected.rowwise() += b.transpose();
+  CHECK(relative_error(layer.forward(X), expected) < tolerance<Scalar>());
+  CHECK(layer.num_parameters() == 20);
+  CHECK(layer.num_trainable_parameters() == 20);
+  // PyTorch's default init: U(-1/sqrt(in), 1/sqrt(in)), the same for the same seed.
+  Linear<Scalar> fresh(400, 30, true, 9), again(400, 30, true, 9), other(400, 30, true, 10);
+  CHECK(fresh.weight().cwiseAbs().maxCoeff() <= Scalar(0.05));
+  CHECK(fresh.weight().cwiseAbs().maxCoeff() > Scalar(0.049));
+  CHECK(fresh.weight() == again.weight());
+  CHECK(fresh.weight() != other.weight());
+}
+
+TEST_CASE("Linear gradients match central differences, trainable or frozen", "[nn][linear][gradient]") {
+  Linear<double> layer(random_matrix<double>(5, 3, 3), Vector<double>::Random(5));
+  check_module_gradients(layer, random_matrix<double>(4, 3, 4), 5);
+
+  // Frozen: no parameter gradients, dX still exact, and the input is not needed.
+  layer.set_trainable(false);
+  CHECK(layer.num_trainable_parameters() == 0);
+  lora::ParameterList<double> params;
+  layer.collect_parameters(params, "x.");
+  CHECK(params.empty());
+  check_module_gradients(layer, random_matrix<double>(4, 3, 6), 7);
+
+  // Bias only.
+  layer.set_trainable(false, true);
+  params.clear();
+  layer.collect_parameters(params, "head.");
+  REQUIRE(params.size() == 1);
+  CHECK(params[0].name == "head.bias");
+  CHECK(params[0].role == lora::ParameterRole::bias);
+  check_module_gradients(layer, random_matrix<double>(4, 3, 8), 9);
+}
+
+TEST_CASE("Linear gradients accumulate until zero_grad", "[nn][linear][gradient]") {
+  Linear<double> layer(4, 3, true, 1);
+  const Matrix<double> X = random_matrix<double>(5, 4, 1), R = random_matrix<double>(5, 3, 2);
+  layer.forward(X);
+  layer.backward(R);
+  const Matrix<double> once = layer.grad_weight();
+  layer.forward(X);
+  layer.backward(R);
+  CHECK(relative_error(layer.grad_weight(), 2 * once) < 1e-15);
+  layer.zero_grad();
+  CHECK(layer.grad_weight().isZero(0));
+  CHECK(layer.grad_bias().isZero(0));
+}
+
+TEST_CASE("activations: values and gradients", "[nn][activation][gradient]") {
+  const Matrix<double> X = 2 * random_matrix<double>(4, 5, 11);
+  ReLU<double> relu;
+  Tanh<double> tanh_layer;
+  GELU<double> gelu;
+  CHECK(relu.forward(X) == X.cwiseMax(0.0));
+  CHECK(relative_error(tanh_layer.forward(X), Matrix<double>(X.array().tanh())) < 1e-15);
+  // Reference values of x * Phi(x).
+  Matrix<double> points(1, 4);
+  points << -2.0, -0.5, 1.0, 3.0;
+  Matrix<double> expected(1, 4);
+  expected << -0.04550026389635842, -0.15426876936299344, 0.8413447460685429, 2.99595030590511;
+  CHECK(relative_error(gelu.forward(points), expected) < 1e-14);
+
+  check_module_gradients(relu, X, 12);
+  check_module_gradients(tanh_layer, X, 13);
+  check_module_gradients(gelu, X, 14);
+}
+
+TEMPLATE_TEST_CASE("activations in float agree with double", "[nn][activation]", float) {
+  const Matrix<double> X = 3 * random_matrix<double>(6, 7, 15);
+  const Matrix<float> Xf = X.cast<float>();
+  GELU<float> gf;
+  GELU<double> gd;
+  CHECK(relative_error(gf.forward(Xf), gd.forward(X)) < 1e-6);
+  const Matrix<float> R = Matrix<float>::Ones(6, 7);
+  CHECK(relative_error(gf.backward(R), gd.backward(R.cast<double>())) < 1e-6);
+}
+
+TEST_CASE("layers reject bad input with the function and the values", "[nn][errors]") {
+  Linear<double> layer(4, 3);
+  std::string m = message_of([&] { layer.forward(Matrix<double>::Zero(2, 5)); });
+  CHECK(contains(m, "Linear::forward: input has 5 columns, expected in_features = 4"));
+  m = message_of([&] { layer.backward(Matrix<double>::Zero(2, 3)); });
+  CHECK((contains(m, "Linear::backward") && contains(m, "no cached forward")));
+  layer.forward(Matrix<double>::Zero(2, 4));
+  m = message_of([&] { layer.backward(Matrix<double>::Zero(3, 3)); });
+  CHECK(contains(m, "Linear::backward: grad_output has shape 3 x 3, expected 2 x 3"));
+  layer.eval();
+  layer.forward(Matrix<double>::Zero(2, 4));
+  m = message_of([&] { layer.backward(Matrix<double>::Zero(2, 3)); });
+  CHECK(contains(m, "no cached forward"));
+  m = message_of([&] { Linear<double>(0, 3); });
+  CHECK(contains(m, "Linear::Linear: in_features and out_features must be >= 1, got 0 and 3"));
+  m = message_of([&] { Linear<double>(Matrix<double>::Zero(3, 2), Vector<double>::Zero(2)); });
+  CHECK(contains(m, "bias has 2 entries, expected out_features = 3"));
+  m = message_of([&] { layer.set_weight(Matrix<double>::Zero(4, 3)); });
+  CHECK(contains(m, "Linear::set_weight: weight has shape 4 x 3, expected 3 x 4"));
+  Matrix<double> bad = Matrix<double>::Zero(3, 4);
+  bad(0, 0) = NAN;
+  m = message_of([&] { layer.set_weight(bad); });
+  CHECK(contains(m, "weight contains NaN or Inf"));
+
+  ReLU<double> relu;
+  m = message_of([&] { relu.backward(Matrix<double>::Zero(2, 2)); });
+  CHECK((contains(m, "ReLU::backward") && contains(m, "no cached forward")));
+  relu.forward(Matrix<double>::Zero(2, 3));
+  m = message_of([&] { relu.backward(Matrix<double>::Zero(2, 2)); });
+  CHECK(contains(m, "ReLU::backward: grad_output has shape 2 x 2, expected 2 x 3"));
+}
+
+// ---- loss -------------------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("softmax cross-entropy: value, gradient, stability", "[nn][loss]", float, double) {
+  using Scalar = TestType;
+  const Matrix<double> Z = 3 * random_matrix<double>(5, 4, 21);
+  const std::vector<int> y = {0, 3, 1, 1, 2};
+  double naive = 0;
+  for (Index i = 0; i < 5; ++i) naive += -std::log(std::exp(Z(i, y[i])) / Z.row(i).array().exp().sum());
+  naive /= 5;
+  SoftmaxCrossEntropy<Scalar> loss;
+  const Matrix<Scalar> Zs = Z.cast<Scalar>();
+  CHECK(loss.forward(Zs, y) == Approx(naive).epsilon(std::is_same_v<Scalar, float> ? 1e-6 : 1e-13));
+  const Matrix<Scalar> grad = loss.backward();
+  CHECK(grad.rowwise().sum().cwiseAbs().maxCoeff() < 10 * std::numeric_limits<Scalar>::epsilon());
+  CHECK(relative_error(loss.probabilities().rowwise().sum(), Matrix<Scalar>::Ones(5, 1)) < tolerance<Scalar>());
+
+  // Shifting a row changes nothing; huge logits overflow a naive exp, not the log-sum-exp.
+  Matrix<Scalar> shifted = Zs;
+  shifted.array() += Scalar(1e4);
+  shifted.row(2).array() -= Scalar(3e4);
+  const double big = loss.forward(shifted, y);
+  CHECK(std::isfinite(big));
+  CHECK(big == Approx(naive).epsilon(std::is_same_v<Scalar, float> ? 2e-3 : 1e-9));
+  CHECK(loss.backward().allFinite());
+  // A confident right answer costs ~0 without underflow to NaN; a confident wrong one costs the margin.
+  Matrix<Scalar> sure(1, 3);
+  sure << Scalar(500), Scalar(0), Scalar(-500);
+  CHECK(loss.forward(sure, {0}) == Approx(0.0).margin(1e-12));
+  CHECK(loss.forward(sure, {2}) == Approx(1000.0));
+}
+
+TEST_CASE("softmax cross-entropy gradient matches central differences", "[nn][loss][gradient]") {
+  Matrix<double> Z = 2 * random_matrix<double>(6, 5, 22);
+  const std::vector<int> y = {4, 0, 2, 2, 1, 3};
+  SoftmaxCrossEntropy<double> loss;
+  loss.forward(Z, y);
+  const Matrix<double> analytic = loss.backward();
+  SoftmaxCrossEntropy<double> probe;
+  CHECK(relative_error(analytic, numerical_gradient(Z, [&] { return probe.forward(Z, y); })) < 1e-8);
+}
+
+TEST_CASE("softmax cross-entropy rejects bad labels", "[nn][loss][errors]") {
+  SoftmaxCrossEntropy<float> loss;
+  const Matrix<float> Z = Matrix<float>::Zero(3, 4);
+  std::string m = message_of([&] { loss.forward(Z, {0, 1}); });
+  CHECK(contains(m, "SoftmaxCrossEntropy::forward: got 2 labels for 3 rows"));
+  m = message_of([&] { loss.forward(Z, {0, 4, 1}); });
+  CHECK(contains(m, "label 4 at index 1 is outside [0, 4)"));
+  m = message_of([&] { loss.forward(Z, {0, -1, 1}); });
+  CHECK(contains(m, "label -1 at index 1 is outside [0, 4)"));
+  Matrix<float> nan = Z;
+  nan(1, 1) = NAN;
+  m = message_of([&] { loss.forward(nan, {0, 1, 2}); });
+  CHECK(contains(m, "logits contains NaN or Inf"));
+  SoftmaxCrossEntropy<float> fresh;
+  m = message_of([&] { fresh.backward(); });
+  CHECK(contains(m, "call forward() first"));
+}
+
+TEST_CASE("accuracy and argmax", "[nn][loss]") {
+  Matrix<double> Z(3, 3);
+  Z << 1, 2, 3, 5, 0, 0, 0, 7, 7;
+  std::vector<int> predicted;
+  lora::nn::argmax_rows(Z, predicted);
+  CHECK(predicted == std::vector<int>{2, 0, 1});  // ties go to the first
+  CHECK(lora::nn::accuracy(Z, {2, 1, 1}) == Approx(2.0 / 3));
+}
+
+// ---- Sequential -------------------------------------------------------------------------------------
+
+TEST_CASE("Sequential: paths, forward, and gradients through every layer", "[nn][sequential][gradient]") {
+  Sequential<double> model = small_mlp<double>();
+  CHECK(model.module_names() ==
+        std::vector<std::string>{"layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "layers.5", "layers.6"});
+  CHECK(model.in_features() == 6);
+  CHECK(model.out_features() == 4);
+  CHECK(model.num_parameters() == (6 * 10 + 10) + (10 * 8 + 8) + (8 * 8 + 8) + (8 * 4 + 4));
+  CHECK(names_of(model.parameters()) ==
+        std::vector<std::string>{"layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias",
+                                 "layers.4.weight", "layers.4.bias", "layers.6.weight", "layers.6.bias"});
+  const Matrix<double> X = random_matrix<double>(5, 6, 31);
+  Matrix<double> h = X;
+  for (std::size_t i = 0; i < model.size(); ++i) h = model[i].forward(h);
+  CHECK(relative_error(model.forward(X), h) < 1e-15);
+  check_module_gradients(model, X, 32);
+}
+
+TEST_CASE("Sequential: backward_parameters gives the same parameter gradients", "[nn][sequential]") {
+  Sequential<double> model = small_mlp<double>();
+  dynamic_cast<Linear<double>&>(model[0]).set_trainable(false);
+  const Matrix<double> X = random_matrix<double>(5, 6, 33), R = random_matrix<double>(5, 4, 34);
+  model.forward(X);
+  model.backward(R);
+  std::vector<Matrix<double>> full;
+  for (auto& p : model.parameters()) full.push_back(p.grad);
+  model.zero_grad();
+  model.forward(X);
+  model.backward_parameters(R);
+  const auto params = model.parameters();
+  REQUIRE(params.size() == full.size());
+  for (std::size_t i = 0; i < params.size(); ++i) CHECK(relative_error(params[i].grad, full[i]) < 1e-15);
+}
+
+TEST_CASE("Sequential: named children, nesting, copies, errors", "[nn][sequential]") {
+  Sequential<double> block("");
+  block.add("q_proj", Linear<double>(4, 4, true, 1));
+  block.add("act", ReLU<double>());
+  block.add("v_proj", Linear<double>(4, 4, true, 2));
+  Sequential<double> model("");
+  model.add("encoder", block);
+  model.add("classifier", Linear<double>(4, 2, true, 3));
+  CHECK(model.module_names() ==
+        std::vector<std::string>{"encoder.q_proj", "encoder.act", "encoder.v_proj", "classifier"});
+  CHECK(names_of(model.parameters()).front() == "encoder.q_proj.weight");
+
+  // A copy is deep.
+  Sequential<double> copy = model;
+  dynamic_cast<Linear<double>&>(copy.module("classifier")).weight().setZero();
+  CHECK(dynamic_cast<Linear<double>&>(model.module("classifier")).weight().norm() > 0);
+
+  std::string m = message_of([&] { model.add("x", Linear<double>(3, 2)); });
+  CHECK(contains(m, "Sequential::add: 'x' (Linear(3 -> 2, bias)) expects in_features = 3, but the model so far "
+                    "produces 2 features"));
+  m = message_of([&] { model.add("classifier", ReLU<double>()); });
+  CHECK(contains(m, "a child named 'classifier' already exists"));
+  m = message_of([&] { model.add("a.b", ReLU<double>()); });
+  CHECK(contains(m, "must not contain '.'"));
+  m = message_of([&] { model.forward(Matrix<double>::Zero(2, 5)); });
+  CHECK(contains(m, "Sequential::forward: input has 5 columns, expected in_features = 4"));
+  m = message_of([&] { model.module("decoder"); });
+  CHECK(contains(m, "no module named 'decoder'; the model has: encoder.q_proj (Linear), encoder.act (ReLU)"));
+  m = message_of([&] { Sequential<double>().forward(Matrix<double>::Zero(1, 1)); });
+  CHECK(contains(m, "the model has no modules"));
+}
+
+// ---- target matching and injection ------------------------------------------------------------------
+
+TEST_CASE("target names match PEFT's rule", "[nn][inject]") {
+  using lora::nn::matches_target;
+  CHECK(matches_target("layers.0", "layers.0"));
+  CHECK(matches_target("layers.0", "0"));
+  CHECK(matches_target("model.blocks.3.q_proj", "q_proj"));
+  CHECK(matches_target("model.blocks.3.q_proj", "3.q_proj"));
+  CHECK_FALSE(matches_target("layers.10", "0"));  // a suffix, but not after a '.'
+  CHECK_FALSE(matches_target("model.xq_proj", "q_proj"));
+  CHECK_FALSE(matches_target("layers.0", "layers"));
+  CHECK_FALSE(matches_target("q", "model.q"));
+}
+
+TEST_CASE("inject_lora selects targets by name, suffix, regex and all-linear", "[nn][inject]") {
+  auto targets = [](LoraInjectConfig c) {
+    Sequential<double> model = small_mlp<double>();
+    c.rank = 2;
+    inject_lora(model, c);
+    std::vector<std::string> paths;
+    for (const auto& entry : model.lora_layers()) paths.push_back(entry.first);
+    return paths;
+  };
+  LoraInjectConfig c;
+  c.target_modules = {"layers.0", "4"};
+  CHECK(targets(c) == std::vector<std::string>{"layers.0", "layers.4"});
+  c.target_modules = {"all-linear"};
+  CHECK(targets(c) == std::vector<std::string>{"layers.0", "layers.2", "layers.4"});
+  c.target_modules.clear();
+  c.target_regex = R"(layers\.[0-3])";  // matches layers.0 to layers.3; the activations among them are skipped
+  CHECK(targets(c) == std::vector<std::string>{"layers.0", "layers.2"});
+  c.target_regex = R"(\.2)";  // must match the whole path, as PEFT's re.fullmatch
+  CHECK_THROWS_WITH(targets(c), Catch::Contains("target_regex '\\.2' matches no Linear module"));
+}
+
+TEST_CASE("rank_pattern and alpha_pattern override rank and alpha per module", "[nn][inject]") {
+  Sequential<double> model = small_mlp<double>();
+  LoraInjectConfig c;
+  c.target_modules = {"all-linear"};
+  c.rank = 4;
+  c.alpha = 8;
+  c.rank_pattern = {{"layers.2", 2}};
+  c.alpha_pattern = {{"4", 1.0}};
+  inject_lora(model, c);
+  const auto layers = model.lora_layers();
+  REQUIRE(layers.size() == 3);
+  CHECK(layers[0].second->rank() == 4);
+  CHECK(layers[0].second->scaling() == Approx(2.0));
+  CHECK(layers[1].second->rank() == 2);
+  CHECK(layers[1].second->scaling() == Approx(4.0));
+  CHECK(layers[2].second->rank() == 4);
+  CHECK(layers[2].second->scaling() == Approx(0.25));
+
+  Sequential<double> other = small_mlp<double>();
+  c.rank_pattern = {{"layers.6", 2}};
+  std::string m = message_of([&] { inject_lora(other, c); });
+  CHECK(contains(m, "rank_pattern key 'layers.6' matches no targeted module; the targets are: layers.0, layers.2, "
+                    "layers.4"));
+  c.rank_pattern = {{"layers.0", 0}};
+  m = message_of([&] { inject_lora(other, c); });
+  CHECK(contains(m, "rank_pattern['layers.0'] must name a module and be >= 1, got 0"));
+  CHECK(other.lora_layers().empty());
+}
+
+TEST_CASE("inject_lora freezes the base, keeps modules_to_save, applies the bias mode", "[nn][inject]") {
+  LoraInjectConfig c;
+  c.target_modules = {"layers.0", "layers.2"};
+  c.modules_to_save = {"layers.6"};
+  c.rank = 2;
+  SECTION("bias none") {
+    Sequential<double> model = small_mlp<double>();
+    inject_lora(model, c);
+    CHECK(names_of(model.parameters()) ==
+          std::vector<std::string>{"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight",
+                                   "layers.2.lora_A.default.weight", "layers.2.lora_B.default.weight",
+                                   "layers.6.weight", "layers.6.bias"});
+    CHECK(model.saved_modules().size() == 1);
+    CHECK(model.saved_modules().front().first == "layers.6");
+    REQUIRE(model.lora_config() != nullptr);
+    CHECK(model.lora_config()->modules_to_save == std::vector<std::string>{"layers.6"});
+    const auto count = lora::nn::count_parameters(model);
+    CHECK(count.adapter == 2 * (6 + 10) + 2 * (10 + 8));
+    CHECK(count.trainable == count.adapter + 8 * 4 + 4);
+    CHECK(count.base() == (6 * 10 + 10) + (10 * 8 + 8) + (8 * 8 + 8) + (8 * 4 + 4));
+  }
+  SECTION("bias all") {
+    c.bias = lora::BiasMode::all;
+    Sequential<double> model = small_mlp<double>();
+    inject_lora(model, c);
+    CHECK(names_of(model.parameters()) ==
+          std::vector<std::string>{"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight",
+                                   "layers.0.bias", "layers.2.lora_A.default.weight",
+                                   "layers.2.lora_B.default.weight", "layers.2.bias", "layers.4.bias",
+                                   "layers.6.weight", "layers.6.bias"});
+  }
+  SECTION("bias lora_only") {
+    c.bias = lora::BiasMode::lora_only;
+    Sequential<double> model = small_mlp<double>();
+    inject_lora(model, c);
+    CHECK(names_of(model.parameters()) ==
+          std::vector<std::string>{"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight",
+                                   "layers.0.bias", "layers.2.lora_A.default.weight",
+                                   "layers.2.lora_B.default.weight", "layers.2.bias", "layers.6.weight",
+                                   "layers.6.bias"});
+  }
+}
+
+TEST_CASE("an injected model computes the base function, then trains through LoRA", "[nn][inject][gradient]") {
+  Sequential<double> model = small_mlp<double>();
+  const Matrix<double> X = random_matrix<double>(5, 6, 41);
+  const Matrix<double> before = model.forward(X);
+  LoraInjectConfig c;
+  c.target_modules = {"layers.0", "layers.2", "layers.4"};
+  c.modules_to_save = {"layers.6"};
+  c.bias = lora::BiasMode::lora_only;
+  c.rank = 3;
+  c.alpha = 6;
+  c.use_rslora = true;
+  inject_lora(model, c);
+  CHECK(relative_error(model.forward(X), before) < 1e-15);  // B = 0
+  // Each layer got its own seed: no two A alike.
+  const auto layers = model.lora_layers();
+  CHECK(layers[0].second->A().row(0).head(3) != layers[2].second->A().row(0).head(3));
+  for (auto& [path, layer] : model.lora_layers()) layer->B().setRandom();
+  check_module_gradients(model, X, 42);
+}
+
+TEST_CASE("inject_lora errors list what exists and leave the model unchanged", "[nn][inject][errors]") {
+  Sequential<double> model = small_mlp<double>();
+  LoraInjectConfig c;
+  c.target_modules = {"layers.0", "q_proj"};
+  std::string m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "inject_lora: target 'q_proj' matches no module; the model has: layers.0 (Linear), "
+                    "layers.1 (Tanh), layers.2 (Linear), layers.3 (GELU), layers.4 (Linear), layers.5 (ReLU), "
+                    "layers.6 (Linear)"));
+  c.target_modules = {"layers.1"};
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "target 'layers.1' is Tanh; LoRA adapts Linear modules only"));
+  c.target_modules = {"layers.0"};
+  c.modules_to_save = {"classifier"};
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "modules_to_save entry 'classifier' matches no module; the model has: layers.0 (Linear)"));
+  c.modules_to_save = {"layers.0"};
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "'layers.0' is both a LoRA target and in modules_to_save"));
+  c.modules_to_save.clear();
+  c.target_modules.clear();
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "no target: set target_modules (names) or target_regex"));
+  c.target_modules = {"layers.0"};
+  c.target_regex = "layers.*";
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "set either target_modules or target_regex, not both"));
+  c.target_modules.clear();
+  c.target_regex = "layers.(";
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "target_regex 'layers.(' is not a valid regular expression"));
+  c.target_regex.clear();
+  c.target_modules = {"layers.0"};
+  c.rank = 0;
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "rank must be >= 1, got 0"));
+
+  // A rank too large for the second target: checked before anything changes.
+  c.rank = 5;
+  c.target_modules = {"layers.0", "layers.6"};
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "inject_lora: layers.6: LoraLinear::LoraLinear: rank must be <= min(in_features, out_features) = 4"));
+  CHECK(model.lora_layers().empty());
+  CHECK(model.num_trainable_parameters() == model.num_parameters());
+
+  c.target_modules = {"layers.0"};
+  inject_lora(model, c);
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "already has LoRA layers"));
+}
+
+TEST_CASE("summary prints PEFT's line; analytic counts match the paper's figures", "[nn][inject]") {
+  Sequential<float> model("");
+  model.add("q_proj", Linear<float>(lora::Matrix<float>::Zero(1024, 1024)));
+  LoraInjectConfig c;
+  c.target_modules = {"q_proj"};
+  c.rank = 4;
+  inject_lora(model, c);
+  CHECK(lora::nn::summary(model) == "trainable params: 8,192 || all params: 1,056,768 || trainable%: 0.7752");
+  CHECK(lora::nn::lora_parameter_count(1024, 1024, 4) == 8192);
+  CHECK(lora::nn::with_thousands(0) == "0");
+  CHECK(lora::nn::with_thousands(999) == "999");
+  CHECK(lora::nn::with_thousands(1000) == "1,000");
+  CHECK(lora::nn::with_thousands(-1234567) == "-1,234,567");
+}
+
+// ---- merge and base weights -------------------------------------------------------------------------
+
+TEST_CASE("merging the model keeps its outputs; merge_and_unload leaves plain layers", "[nn][merge]") {
+  Sequential<double> model = small_mlp<double>();
+  LoraInjectConfig c;
+  c.target_modules = {"all-linear"};
+  c.modules_to_save = {"layers.6"};
+  c.rank = 2;
+  inject_lora(model, c);
+  for (auto& [path, layer] : model.lora_layers()) layer->B().setRandom();
+  const Matrix<double> X = random_matrix<double>(7, 6, 51);
+  model.eval();
+  const Matrix<double> unmerged = model.forward(X);
+  model.merge();
+  CHECK(model.merged());
+  CHECK(relative_error(model.forward(X), unmerged) < 1e-14);
+  std::string m = message_of([&] { model.base_tensor("layers.0.weight"); });
+  CHECK(contains(m, "'layers.0' is merged"));
+  model.unmerge();
+  CHECK_FALSE(model.merged());
+  CHECK(relative_error(model.forward(X), unmerged) < 1e-14);
+
+  lora::nn::merge_and_unload(model);
+  CHECK(model.lora_layers().empty());
+  CHECK(model.lora_config() == nullptr);
+  CHECK(model.module("layers.0").type_name() == "Linear");
+  CHECK(relative_error(model.forward(X), unmerged) < 1e-14);
+  m = message_of([&] { model.merge(); });
+  CHECK(contains(m, "Sequential::merge: the model has no LoRA layer"));
+}
+
+TEST_CASE("base tensors by name: list, read, write, also under LoRA", "[nn][state]") {
+  Sequential<double> model = small_mlp<double>();
+  Sequential<double> other = small_mlp<double>();
+  for (const std::string& name : other.base_tensor_names()) {
+    Matrix<double> value = other.base_tensor(name);
+    value.array() += 1.0;
+    other.set_base_tensor(name, value);
+  }
+  const std::vector<std::string> names = model.base_tensor_names();
+  CHECK(names.size() == 8);
+  CHECK(names.front() == "layers.0.weight");
+  CHECK(model.base_tensor("layers.2.bias").cols() == 1);
+
+  LoraInjectConfig c;
+  c.target_modules = {"layers.0", "layers.2"};
+  c.rank = 2;
+  inject_lora(model, c);
+  CHECK(model.base_tensor_names() == names);  // plain names, also for the LoRA layers
+  auto* layer = model.lora_layers().front().second;
+  layer->B().setRandom();
+  const Matrix<double> A = layer->A(), B = layer->B();
+  for (const std::string& name : names) model.set_base_tensor(name, other.base_tensor(name));
+  for (const std::string& name : names) CHECK(model.base_tensor(name) == other.base_tensor(name));
+  layer = model.lora_layers().front().second;  // rebuilt in place: the adapter is kept
+  CHECK(layer->A() == A);
+  CHECK(layer->B() == B);
+  // A bias may come as a row.
+  model.set_base_tensor("layers.2.bias", Matrix<double>::Ones(1, 8));
+  CHECK(model.base_tensor("layers.2.bias") == Matrix<double>::Ones(8, 1));
+
+  std::string m = message_of([&] { model.base_tensor("layers.1.weight"); });
+  CHECK(contains(m, "no base tensor named 'layers.1.weight'; the model has: layers.0.weight, layers.0.bias"));
+  m = message_of([&] { model.set_base_tensor("layers.4.weight", Matrix<double>::Zero(3, 3)); });
+  CHECK(contains(m, "Sequential::set_base_tensor: layers.4.weight: Linear::set_weight: weight has shape 3 x 3, "
+                    "expected 8 x 8"));
+  m = message_of([&] { model.set_base_tensor("layers.0.weight", Matrix<double>::Zero(3, 3)); });
+  CHECK(contains(m, "W0 has shape 3 x 3, expected 10 x 6"));
+}
