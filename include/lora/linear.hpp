@@ -10,6 +10,7 @@
 
 #include <lora/common.hpp>
 #include <lora/config.hpp>
+#include <lora/detail/gemm.hpp>
 #include <lora/detail/kernels.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/init.hpp>
@@ -212,6 +213,8 @@ class LoraLinear {
   // Below this batch size the products with W0 are matrix-vector-like: a row-parallel kernel reads W0
   // once on all threads instead of Eigen's single-threaded matrix-vector product.
   static constexpr Index small_batch = 8;
+  // W^T for rows of weight_: the same storage read column-major.
+  using ColMajorMap = Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>>;
 
   // Rows [offset - out, offset - out + r) of scaled_Bt_ = s B^T for active adapters, 0 otherwise.
   void update_scaled_Bt();
@@ -224,6 +227,7 @@ class LoraLinear {
   // kept for backward.
   MatrixType fused_;
   MatrixType output_, scaled_Bt_, dT_, dBt_, grad_output_, grad_input_, merge_chunk_;
+  detail::GemmBlocking<Scalar> forward_gemm_, backward_gemm_;  // the big products' packing buffers
   Index cached_rows_ = -1;  // n of the last training forward, -1 when nothing is cached
 };
 
@@ -470,7 +474,7 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
     if (n <= small_batch)
       detail::row_dots(n, out, in, x, in, weight_.data(), in, output_.data(), out);
     else
-      output_.noalias() = Xm * weight_.topRows(out).transpose();
+      detail::gemm(forward_gemm_, Xm, ColMajorMap(weight_.data(), in, out), output_);
     if (has_bias_) output_.rowwise() += bias_.transpose();
     cached_rows_ = -1;
     return output_;
@@ -481,7 +485,7 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
   if (n <= small_batch)
     detail::row_dots(n, out + R, in, x, in, weight_.data(), in, fused_.data(), out + R);
   else
-    fused_.noalias() = Xm * weight_.transpose();
+    detail::gemm(forward_gemm_, Xm, ColMajorMap(weight_.data(), in, out + R), fused_);
 
   for (Adapter& a : adapters_) {
     a.uses_dropout = false;
@@ -540,7 +544,8 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
   dT_.resize(n, R);
   dBt_.resize(R, out);
   grad_input_.resize(n, in);
-  grad_input_.noalias() = dYm * weight_.topRows(out);  // the one big product: dY W0
+  // the one big product: dY W0
+  detail::gemm(backward_gemm_, dYm, Eigen::Map<const MatrixType>(weight_.data(), out, in), grad_input_);
   for (Adapter& a : adapters_) {
     if (!a.active) continue;
     const Index r = a.config.rank, col = a.offset - out;
