@@ -279,6 +279,7 @@ def main():
     scalars = ["f32"] if args.quick else ["f32", "f64"]
     backends = [("eigen", args.eigen)] + ([("blas", args.blas)] if args.blas else [])
     rows, log, torch_info = [], [], {}
+    loads = [load_average()]
     t_start = time.time()
     plan = [(c, t) for t in (2, 1) for c in MAIN]
     if not args.quick and not args.no_sweeps and not args.only:
@@ -298,6 +299,7 @@ def main():
                 r, info = run_torch("default", c, t, budget)
                 rows += r
                 torch_info["default"] = info
+        loads.append(load_average())
         print("[%4.0fs] %s threads=%d done" % (time.time() - t_start, NAMES.get(c, case_key(c)), t), file=sys.stderr)
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump({"rows": rows, "torch": torch_info, "lib": log[:2]}, f, indent=1)
@@ -311,6 +313,8 @@ def main():
                "default = no settings")
     if "best" in torch_info and torch_info["best"]:
         out.append("PyTorch %s; torch.__config__.show() saved in results.json" % torch_info["best"]["torch_version"])
+    out.append("load average (1 min) during the run, other work included: %.1f .. %.1f (median %.1f); "
+               "elapsed %.0f min" % (min(loads), max(loads), statistics.median(loads), (time.time() - t_start) / 60))
     thread_list = [2, 1]
     print_lib_table(rows, [b for b, _ in backends], thread_list, scalars, MAIN, out)
     if not args.quick and not args.no_sweeps:
@@ -333,6 +337,14 @@ def main():
         f.write(text + "\n")
     if args.plot:
         svg_plot(rows, args.plot)
+
+
+def load_average():
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return float("nan")
 
 
 def cpu_model():
