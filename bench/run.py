@@ -263,7 +263,8 @@ def svg_plot(rows, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--eigen", required=True, help="bench_lora of the default (Eigen-only) build")
+    ap.add_argument("--eigen", help="bench_lora of the default (Eigen-only) build")
+    ap.add_argument("--report", help="print the tables of an earlier results.json instead of running")
     ap.add_argument("--blas", help="bench_lora of the LORA_USE_BLAS build")
     ap.add_argument("--memory", help="bench_memory binary")
     ap.add_argument("--quick", action="store_true", help="f32 main cases only, fewer repetitions")
@@ -275,14 +276,25 @@ def main():
     ap.add_argument("--plot", help="write the SVG plot here")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if not args.report and not args.eigen:
+        ap.error("--eigen is required unless --report is given")
     reps = 3 if args.quick else args.reps
     scalars = ["f32"] if args.quick else ["f32", "f64"]
-    backends = [("eigen", args.eigen)] + ([("blas", args.blas)] if args.blas else [])
+    backends = [("eigen", args.eigen)] + ([("blas", args.blas)] if args.blas or args.report else [])
     rows, log, torch_info = [], [], {}
-    loads = [load_average()]
     t_start = time.time()
-    plan = [(c, t) for t in (2, 1) for c in MAIN]
-    if not args.quick and not args.no_sweeps and not args.only:
+    loads = [load_average()]
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        rows, torch_info, loads = saved["rows"], saved["torch"], saved.get("loads", [float("nan")])
+        t_start = time.time() - saved.get("elapsed_s", 0)
+        for r in rows:
+            r["case"] = tuple(r["case"])
+        plan = []
+    else:
+        plan = [(c, t) for t in (2, 1) for c in MAIN]
+    if not args.quick and not args.no_sweeps and not args.only and not args.report:
         plan += [(c, 2) for c in SWEEP]
     if args.only:
         plan = [(c, t) for c, t in plan if args.only in NAMES[c]]
@@ -302,7 +314,8 @@ def main():
         loads.append(load_average())
         print("[%4.0fs] %s threads=%d done" % (time.time() - t_start, NAMES.get(c, case_key(c)), t), file=sys.stderr)
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"rows": rows, "torch": torch_info, "lib": log[:2]}, f, indent=1)
+            json.dump({"rows": rows, "torch": torch_info, "lib": log[:2], "loads": loads,
+                       "elapsed_s": time.time() - t_start}, f, indent=1)
 
     out = []
     out.append("# LoRA benchmark results")
@@ -317,7 +330,7 @@ def main():
                "elapsed %.0f min" % (min(loads), max(loads), statistics.median(loads), (time.time() - t_start) / 60))
     thread_list = [2, 1]
     print_lib_table(rows, [b for b, _ in backends], thread_list, scalars, MAIN, out)
-    if not args.quick and not args.no_sweeps:
+    if any(r["case"] in SWEEP and r["case"] not in MAIN for r in rows):
         out.append("\n### Sweeps (f32, 2 threads)")
         print_lib_table(rows, [b for b, _ in backends], [2], ["f32"], SWEEP, out)
     if not args.no_torch:
@@ -333,7 +346,7 @@ def main():
                                                            d["peak_rss_kib"] / 1024))
     text = "\n".join(out)
     print(text)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(args.out, "report.md" if args.report else "results.md"), "w") as f:
         f.write(text + "\n")
     if args.plot:
         svg_plot(rows, args.plot)

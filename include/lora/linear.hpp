@@ -551,10 +551,10 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
     const Index r = a.config.rank, col = a.offset - out;
     const Scalar s = effective_scaling(a);
     const Scalar* A = weight_.data() + a.offset * in;
-    // dT = s dY B = dY (s B^T)^T
-    detail::row_dots(n, r, out, dy, out, scaled_Bt_.data() + col * out, out, dT_.data() + col, R);
-
-    // dB = s dY^T T, formed as its transpose s T^T dY (wide rows) and added transposed.
+    // The four rank-r products in one parallel region with one barrier:
+    //   phase 1, rows of dY:    dT = s dY B (= dY (s B^T)^T), then dX += dT A on the same rows;
+    //            columns of dY: dB^T = s T^T dY (wide rows; added transposed below);
+    //   phase 2, columns of X:  dA += dT^T X (needs every row of dT).
     detail::RankUpdate<Scalar> db;
     db.m = r;
     db.p = out;
@@ -567,10 +567,7 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
     db.C = dBt_.data() + col * out;
     db.ldc = out;
     db.alpha = s;
-    detail::rank_update(db);
-    a.grad_B.noalias() += dBt_.middleRows(col, r).transpose();
 
-    // dA += dT^T X (X through the mask with dropout)
     detail::RankUpdate<Scalar> da;
     da.m = r;
     da.p = in;
@@ -584,29 +581,44 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
     da.ldb = in;
     da.C = a.grad_A.data();
     da.ldc = in;
-    detail::rank_update(da);
 
+    detail::RankUpdate<Scalar> dx;
+    dx.m = n;
+    dx.p = in;
+    dx.K = r;
+    dx.U = dT_.data() + col;
+    dx.u_row = R;
+    dx.u_k = 1;
+    dx.V = A;
+    dx.ldv = in;
+    dx.base = grad_input_.data();
+    dx.ldb = in;
+    dx.C = grad_input_.data();
+    dx.ldc = in;
+
+    const bool fused_dx = !a.uses_dropout;
+    constexpr Index nr = 2 * detail::kernel::packet_size<Scalar>;
+    const int threads = detail::threads_for(static_cast<double>(n * r * (2 * in + 2 * out)));
+    detail::parallel_region(threads, [&](int t, int nt) {
+      const auto rows = detail::split(n, 2, t, nt);
+      detail::kernel::row_dots_block(out, dy, out, scaled_Bt_.data() + col * out, out, dT_.data() + col, R, Scalar(1),
+                                     rows.first, rows.second, Index(0), r);
+      if (fused_dx && rows.first < rows.second)
+        detail::kernel::rank_update_block(dx, rows.first, rows.second, Index(0), in);
+      const auto out_cols = detail::split(out, nr, t, nt);
+      if (out_cols.first < out_cols.second)
+        detail::kernel::rank_update_block(db, Index(0), r, out_cols.first, out_cols.second);
+      detail::barrier();
+      const auto in_cols = detail::split(in, nr, t, nt);
+      if (in_cols.first < in_cols.second)
+        detail::kernel::rank_update_block(da, Index(0), r, in_cols.first, in_cols.second);
+    });
+    a.grad_B.noalias() += dBt_.middleRows(col, r).transpose();
     if (a.uses_dropout) {
       const auto dT = dT_.middleCols(col, r);
       a.dropped_grad.resize(n, in);
       a.dropped_grad.noalias() = dT * weight_.middleRows(a.offset, r);
       grad_input_ += a.dropped_grad.cwiseProduct(a.dropout_mask);  // through the mask
-    } else {
-      // dX += dT A, in place: one pass over dX
-      detail::RankUpdate<Scalar> dx;
-      dx.m = n;
-      dx.p = in;
-      dx.K = r;
-      dx.U = dT_.data() + col;
-      dx.u_row = R;
-      dx.u_k = 1;
-      dx.V = A;
-      dx.ldv = in;
-      dx.base = grad_input_.data();
-      dx.ldb = in;
-      dx.C = grad_input_.data();
-      dx.ldc = in;
-      detail::rank_update(dx);
     }
   }
   return grad_input_;

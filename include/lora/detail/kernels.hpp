@@ -11,6 +11,7 @@
 #include <lora/common.hpp>
 
 #include <algorithm>
+#include <utility>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -23,12 +24,40 @@ namespace lora::detail {
 inline int threads_for(double work) {
 #ifdef _OPENMP
   if (omp_in_parallel()) return 1;
-  const double per_thread = 65536;  // below this, starting a thread costs more than it saves
+  // Below this, a thread costs more than it saves (a fork and a join of a few microseconds on a quiet
+  // machine, a lost time slice on a busy one).
+  const double per_thread = 262144;
   const int by_work = static_cast<int>(work / per_thread);
   return std::max(1, std::min(omp_get_max_threads(), by_work));
 #else
   (void)work;
   return 1;
+#endif
+}
+
+// Piece t of nt of [0, total), boundaries rounded to `align`.
+inline std::pair<Index, Index> split(Index total, Index align, int t, int nt) {
+  const Index units = (total + align - 1) / align;
+  return {std::min(total, units * t / nt * align), std::min(total, units * (t + 1) / nt * align)};
+}
+
+// Runs f(t, nt) on `threads` threads (t = 0 .. nt - 1); f may call barrier().
+template <class F>
+void parallel_region(int threads, F&& f) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    f(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  f(0, 1);
+}
+
+// Waits for every thread of the enclosing parallel_region (an orphaned OpenMP barrier).
+inline void barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
 #endif
 }
 
@@ -206,6 +235,22 @@ void rank_update(const RankUpdate<Scalar>& a) {
   }
 }
 
+namespace kernel {
+
+// row_dots on rows [i0, i1) of X and rows [j0, j1) of W, on the calling thread.
+template <class Scalar>
+void row_dots_block(Index k, const Scalar* X, Index ldx, const Scalar* W, Index ldw, Scalar* C, Index ldc,
+                    Scalar alpha, Index i0, Index i1, Index j0, Index j1) {
+  for (Index jb = j0; jb < j1; jb += 64) {  // 64 rows of W stay in cache while the rows of X pass
+    const Index je = std::min(j1, jb + 64);
+    Index i = i0;
+    for (; i + 2 <= i1; i += 2) row_dots_row<2>(X + i * ldx, ldx, W, ldw, k, jb, je, C + i * ldc, ldc, alpha);
+    for (; i < i1; ++i) row_dots_row<1>(X + i * ldx, ldx, W, ldw, k, jb, je, C + i * ldc, ldc, alpha);
+  }
+}
+
+}  // namespace kernel
+
 // C(i, j) = alpha X.row(i) . W.row(j) for i < m, j < p, over k entries; rows of X and W contiguous.
 // Split over rows of W when there are few rows of X (decoding), else over rows of X.
 template <class Scalar>
@@ -213,18 +258,15 @@ void row_dots(Index m, Index p, Index k, const Scalar* X, Index ldx, const Scala
               Index ldc, Scalar alpha = Scalar(1)) {
   if (m <= 0 || p <= 0) return;
   const int threads = threads_for(static_cast<double>(m) * static_cast<double>(p) * static_cast<double>(k));
-  auto rows = [&](Index i0, Index i1, Index j0, Index j1) {
-    Index i = i0;
-    for (; i + 2 <= i1; i += 2) kernel::row_dots_row<2>(X + i * ldx, ldx, W, ldw, k, j0, j1, C + i * ldc, ldc, alpha);
-    for (; i < i1; ++i) kernel::row_dots_row<1>(X + i * ldx, ldx, W, ldw, k, j0, j1, C + i * ldc, ldc, alpha);
-  };
   if (m < 2 * threads * 4) {
     // Few rows of X: each W row is read once from memory, the X rows stay in cache.
     parallel_for(p, 4, threads, [&](Index j0, Index j1) {
-      for (Index j = j0; j < j1; j += 64) rows(0, m, j, std::min(j1, j + 64));
+      kernel::row_dots_block(k, X, ldx, W, ldw, C, ldc, alpha, 0, m, j0, j1);
     });
   } else {
-    parallel_for(m, 2, threads, [&](Index i0, Index i1) { rows(i0, i1, 0, p); });
+    parallel_for(m, 2, threads, [&](Index i0, Index i1) {
+      kernel::row_dots_block(k, X, ldx, W, ldw, C, ldc, alpha, i0, i1, 0, p);
+    });
   }
 }
 
