@@ -22,6 +22,7 @@ SWEEP = [(256, 4096, 4096, r) for r in (1, 2, 4, 8, 16, 32, 64)] + \
         [(n, 4096, 4096, 16) for n in (2, 4, 16, 32, 64, 128, 256, 1024)]
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000",
           "MALLOC_TOP_PAD_": "100000000"}
+OMP_WAIT = "PASSIVE"  # idle OpenMP threads sleep instead of spinning: see the README (shared machines)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -49,7 +50,10 @@ def run_lib(binary, backend, c, threads, scalars, reps, log):
     cmd = [binary, "--benchmark_filter=" + pattern, "--benchmark_repetitions=%d" % reps,
            "--benchmark_enable_random_interleaving=true", "--benchmark_report_aggregates_only=true",
            "--benchmark_min_time=0.05", "--benchmark_format=json"]
-    out = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, check=True).stdout
+    env = clean_env()
+    if OMP_WAIT:
+        env["OMP_WAIT_POLICY"] = OMP_WAIT
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     data = json.loads(out)
     rows = []
     for b in data["benchmarks"]:
@@ -271,11 +275,15 @@ def main():
     ap.add_argument("--no-sweeps", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY for the library runs ('' leaves the OpenMP default)")
     ap.add_argument("--only", help="run only the main cases whose name contains this (e.g. bert)")
     ap.add_argument("--out", default="build/bench-results")
     ap.add_argument("--plot", help="write the SVG plot here")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    global OMP_WAIT
+    OMP_WAIT = args.omp_wait_policy
     if not args.report and not args.eigen:
         ap.error("--eigen is required unless --report is given")
     reps = 3 if args.quick else args.reps
@@ -303,7 +311,7 @@ def main():
         for be, binary in backends:
             rows += run_lib(binary, be, c, t, sc, reps, log)
         if not args.no_torch:
-            budget = 0.5 if args.quick else 1.5
+            budget = 0.5 if args.quick else 1.0
             r, info = run_torch("best", c, t, budget)
             rows += r
             torch_info["best"] = info
@@ -321,7 +329,8 @@ def main():
     out.append("# LoRA benchmark results")
     out.append("machine: %s, %d logical CPUs, %s; AVX-512: %s" % (
         platform.processor() or platform.machine(), os.cpu_count(), cpu_model(), "yes" if has_avx512() else "no"))
-    out.append("library threads set per benchmark (omp_set_num_threads, Eigen::setNbThreads, openblas_set_num_threads); "
+    out.append("library threads set per benchmark (omp_set_num_threads, Eigen::setNbThreads, openblas_set_num_threads), "
+               "OMP_WAIT_POLICY=%s; " % (OMP_WAIT or "default") +
                "PyTorch best = torch.set_num_threads(1), OPENBLAS_NUM_THREADS=<threads>, malloc thresholds; "
                "default = no settings")
     if "best" in torch_info and torch_info["best"]:
