@@ -10,6 +10,8 @@
 
 #include <lora/common.hpp>
 #include <lora/config.hpp>
+#include <lora/detail/gemm.hpp>
+#include <lora/detail/kernels.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/init.hpp>
 #include <lora/parameter.hpp>
@@ -17,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -207,9 +210,24 @@ class LoraLinear {
   Scalar base_max_abs_ = 0;  // max |W0|, kept current so merge can bound the result cheaply
   MatrixType original_;      // W0 before merge, with keep_original_weight
 
+  // Below this batch size the products with W0 are matrix-vector-like: a row-parallel kernel reads W0
+  // once on all threads instead of Eigen's single-threaded matrix-vector product.
+  static constexpr Index small_batch = 8;
+  // W^T for rows of weight_: the same storage read column-major.
+  using ColMajorMap = Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>>;
+
+  // Rows [offset - out, offset - out + r) of scaled_Bt_ = s B^T for active adapters, 0 otherwise.
+  void update_scaled_Bt();
+  template <class Derived>
+  const Scalar* plain_rows(const Eigen::MatrixBase<Derived>& M, MatrixType& copy) const;
+
   // Workspaces, reused across calls (resized only when n changes).
   MatrixType input_;  // X of the last training forward
-  MatrixType output_, T_, dT_, grad_input_, merge_chunk_;
+  // [X W0^T | X A_0^T | ...] of the last forward: one product over X; the right part is T = X A^T,
+  // kept for backward.
+  MatrixType fused_;
+  MatrixType output_, scaled_Bt_, dT_, dBt_, grad_output_, grad_input_, merge_chunk_;
+  detail::GemmBlocking<Scalar> forward_gemm_, backward_gemm_;  // the big products' packing buffers
   Index cached_rows_ = -1;  // n of the last training forward, -1 when nothing is cached
 };
 
@@ -413,52 +431,95 @@ void LoraLinear<Scalar>::zero_grad() {
 
 template <class Scalar>
 template <class Derived>
+const Scalar* LoraLinear<Scalar>::plain_rows(const Eigen::MatrixBase<Derived>& M, MatrixType& copy) const {
+  // The kernels read contiguous rows; any other layout or expression is evaluated into a workspace.
+  if constexpr (std::is_same_v<Derived, MatrixType>) {
+    (void)copy;
+    return M.derived().data();
+  } else {
+    copy = M;
+    return copy.data();
+  }
+}
+
+template <class Scalar>
+void LoraLinear<Scalar>::update_scaled_Bt() {
+  scaled_Bt_.resize(weight_.rows() - out_features_, out_features_);
+  for (const Adapter& a : adapters_) {
+    auto rows = scaled_Bt_.middleRows(a.offset - out_features_, a.config.rank);
+    if (a.active)
+      rows.noalias() = effective_scaling(a) * a.B.transpose();
+    else
+      rows.setZero();
+  }
+}
+
+template <class Scalar>
+template <class Derived>
 const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const Eigen::MatrixBase<Derived>& X) {
   static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                 "LoraLinear::forward: the input's Scalar must match the layer's; cast it first.");
   constexpr const char* where = "LoraLinear::forward";
   detail::require_cols(where, "input", X, in_features_, "in_features");
   if (X.rows() == 0) detail::fail(where, "input has 0 rows");
-  const Index n = X.rows();
-  const auto W0 = weight_.topRows(out_features_);
+  const Index n = X.rows(), in = in_features_, out = out_features_, R = weight_.rows() - out_features_;
   const bool keep = training_ && !merged_;
 
-  if (keep) input_ = X;  // backward needs it; no allocation when n is unchanged
-  output_.resize(n, out_features_);
-  if (keep)
-    output_.noalias() = input_ * W0.transpose();
-  else
-    output_.noalias() = X * W0.transpose();
+  // backward needs X: keep a copy (no allocation when n is unchanged)
+  const Scalar* x = keep ? (input_ = X, input_.data()) : plain_rows(X, input_);
+  const Eigen::Map<const MatrixType> Xm(x, n, in);
+  output_.resize(n, out);
 
-  if (!merged_) {
-    T_.resize(n, weight_.rows() - out_features_);
-    for (Adapter& a : adapters_) {
-      a.uses_dropout = false;
-      if (!a.active) continue;
-      const Index r = a.config.rank;
-      auto T = T_.middleCols(a.offset - out_features_, r);
-      const auto A = weight_.middleRows(a.offset, r);
-      if (training_ && a.config.dropout > 0) {
-        // Inverted dropout on the adapter's input: keep with probability 1 - p, scale by 1 / (1 - p).
-        a.uses_dropout = true;
-        const double p = a.config.dropout;
-        const Scalar keep_scale = static_cast<Scalar>(1.0 / (1.0 - p));
-        a.dropout_mask.resize(n, in_features_);
-        for (Index i = 0; i < n; ++i)
-          for (Index j = 0; j < in_features_; ++j)
-            a.dropout_mask(i, j) = a.dropout_rng.uniform() < p ? Scalar(0) : keep_scale;
-        a.dropped_input.resize(n, in_features_);
-        a.dropped_input = input_.cwiseProduct(a.dropout_mask);
-        T.noalias() = a.dropped_input * A.transpose();
-      } else if (keep) {
-        T.noalias() = input_ * A.transpose();
-      } else {
-        T.noalias() = X * A.transpose();
-      }
-      output_.noalias() += (effective_scaling(a) * T) * a.B.transpose();
-    }
+  if (merged_) {
+    if (n <= small_batch)
+      detail::row_dots(n, out, in, x, in, weight_.data(), in, output_.data(), out);
+    else
+      detail::gemm(forward_gemm_, Xm, ColMajorMap(weight_.data(), in, out), output_);
+    if (has_bias_) output_.rowwise() += bias_.transpose();
+    cached_rows_ = -1;
+    return output_;
   }
-  if (has_bias_) output_.rowwise() += bias_.transpose();
+
+  // [Y0 | T] = X [W0; A]^T: one product over X (a few more rows of the same weight block).
+  fused_.resize(n, out + R);
+  if (n <= small_batch)
+    detail::row_dots(n, out + R, in, x, in, weight_.data(), in, fused_.data(), out + R);
+  else
+    detail::gemm(forward_gemm_, Xm, ColMajorMap(weight_.data(), in, out + R), fused_);
+
+  for (Adapter& a : adapters_) {
+    a.uses_dropout = false;
+    if (!a.active || !training_ || a.config.dropout <= 0) continue;
+    // Inverted dropout on the adapter's input: keep with probability 1 - p, scale by 1 / (1 - p).
+    a.uses_dropout = true;
+    const double p = a.config.dropout;
+    const Scalar keep_scale = static_cast<Scalar>(1.0 / (1.0 - p));
+    a.dropout_mask.resize(n, in);
+    for (Index i = 0; i < n; ++i)
+      for (Index j = 0; j < in; ++j) a.dropout_mask(i, j) = a.dropout_rng.uniform() < p ? Scalar(0) : keep_scale;
+    a.dropped_input.resize(n, in);
+    a.dropped_input = input_.cwiseProduct(a.dropout_mask);
+    fused_.middleCols(a.offset, a.config.rank).noalias() =
+        a.dropped_input * weight_.middleRows(a.offset, a.config.rank).transpose();
+  }
+
+  // Y = Y0 + b + T (s B^T) in one pass over the output; inactive adapters have zero rows in s B^T.
+  update_scaled_Bt();
+  detail::RankUpdate<Scalar> epilogue;
+  epilogue.m = n;
+  epilogue.p = out;
+  epilogue.K = R;
+  epilogue.U = fused_.data() + out;
+  epilogue.u_row = out + R;
+  epilogue.u_k = 1;
+  epilogue.V = scaled_Bt_.data();
+  epilogue.ldv = out;
+  epilogue.base = fused_.data();
+  epilogue.ldb = out + R;
+  epilogue.col_add = has_bias_ ? bias_.data() : nullptr;
+  epilogue.C = output_.data();
+  epilogue.ldc = out;
+  detail::rank_update(epilogue);
   cached_rows_ = keep ? n : -1;
   return output_;
 }
@@ -474,28 +535,90 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
     detail::fail(where, "no cached input: call forward() in training mode (train()) before backward(), "
                         "and again after changing the adapter set");
   detail::require_shape(where, "grad_output", dY, cached_rows_, out_features_);
+  const Index n = cached_rows_, in = in_features_, out = out_features_, R = weight_.rows() - out_features_;
+  const Scalar* dy = plain_rows(dY, grad_output_);
+  const Eigen::Map<const MatrixType> dYm(dy, n, out);
 
-  if (bias_trainable_) grad_bias_.noalias() += dY.colwise().sum().transpose();
-  grad_input_.resize(cached_rows_, in_features_);
-  grad_input_.noalias() = dY * weight_.topRows(out_features_);
-  dT_.resize(cached_rows_, T_.cols());
+  if (bias_trainable_) grad_bias_.noalias() += dYm.colwise().sum().transpose();
+  update_scaled_Bt();
+  dT_.resize(n, R);
+  dBt_.resize(R, out);
+  grad_input_.resize(n, in);
+  // the one big product: dY W0
+  detail::gemm(backward_gemm_, dYm, Eigen::Map<const MatrixType>(weight_.data(), out, in), grad_input_);
   for (Adapter& a : adapters_) {
     if (!a.active) continue;
-    const Index r = a.config.rank, col = a.offset - out_features_;
+    const Index r = a.config.rank, col = a.offset - out;
     const Scalar s = effective_scaling(a);
-    const auto T = T_.middleCols(col, r);
-    auto dT = dT_.middleCols(col, r);
-    a.grad_B.noalias() += dY.transpose() * (s * T);  // dB = s dY^T T
-    dT.noalias() = dY * (s * a.B);                   // dT = s dY B
-    const auto A = weight_.middleRows(a.offset, r);
+    const Scalar* A = weight_.data() + a.offset * in;
+    // The four rank-r products in one parallel region with one barrier:
+    //   phase 1, rows of dY:    dT = s dY B (= dY (s B^T)^T), then dX += dT A on the same rows;
+    //            columns of dY: dB^T = s T^T dY (wide rows; added transposed below);
+    //   phase 2, columns of X:  dA += dT^T X (needs every row of dT).
+    detail::RankUpdate<Scalar> db;
+    db.m = r;
+    db.p = out;
+    db.K = n;
+    db.U = fused_.data() + a.offset;  // T(i, k) = fused_(i, out + col + k)
+    db.u_row = 1;
+    db.u_k = out + R;
+    db.V = dy;
+    db.ldv = out;
+    db.C = dBt_.data() + col * out;
+    db.ldc = out;
+    db.alpha = s;
+
+    detail::RankUpdate<Scalar> da;
+    da.m = r;
+    da.p = in;
+    da.K = n;
+    da.U = dT_.data() + col;
+    da.u_row = 1;
+    da.u_k = R;
+    da.V = a.uses_dropout ? a.dropped_input.data() : input_.data();
+    da.ldv = in;
+    da.base = a.grad_A.data();
+    da.ldb = in;
+    da.C = a.grad_A.data();
+    da.ldc = in;
+
+    detail::RankUpdate<Scalar> dx;
+    dx.m = n;
+    dx.p = in;
+    dx.K = r;
+    dx.U = dT_.data() + col;
+    dx.u_row = R;
+    dx.u_k = 1;
+    dx.V = A;
+    dx.ldv = in;
+    dx.base = grad_input_.data();
+    dx.ldb = in;
+    dx.C = grad_input_.data();
+    dx.ldc = in;
+
+    const bool fused_dx = !a.uses_dropout;
+    constexpr Index nr = 2 * detail::kernel::packet_size<Scalar>;
+    const int threads = detail::threads_for(static_cast<double>(n * r * (2 * in + 2 * out)));
+    detail::parallel_region(threads, [&](int t, int nt) {
+      const auto rows = detail::split(n, 2, t, nt);
+      detail::kernel::row_dots_block(out, dy, out, scaled_Bt_.data() + col * out, out, dT_.data() + col, R, Scalar(1),
+                                     rows.first, rows.second, Index(0), r);
+      if (fused_dx && rows.first < rows.second)
+        detail::kernel::rank_update_block(dx, rows.first, rows.second, Index(0), in);
+      const auto out_cols = detail::split(out, nr, t, nt);
+      if (out_cols.first < out_cols.second)
+        detail::kernel::rank_update_block(db, Index(0), r, out_cols.first, out_cols.second);
+      detail::barrier();
+      const auto in_cols = detail::split(in, nr, t, nt);
+      if (in_cols.first < in_cols.second)
+        detail::kernel::rank_update_block(da, Index(0), r, in_cols.first, in_cols.second);
+    });
+    a.grad_B.noalias() += dBt_.middleRows(col, r).transpose();
     if (a.uses_dropout) {
-      a.grad_A.noalias() += dT.transpose() * a.dropped_input;  // dA = dT^T drop(X)
-      a.dropped_grad.resize(cached_rows_, in_features_);
-      a.dropped_grad.noalias() = dT * A;
+      const auto dT = dT_.middleCols(col, r);
+      a.dropped_grad.resize(n, in);
+      a.dropped_grad.noalias() = dT * weight_.middleRows(a.offset, r);
       grad_input_ += a.dropped_grad.cwiseProduct(a.dropout_mask);  // through the mask
-    } else {
-      a.grad_A.noalias() += dT.transpose() * input_;
-      grad_input_.noalias() += dT * A;  // dX = dY W0 + sum dT A
     }
   }
   return grad_input_;
@@ -539,13 +662,41 @@ void LoraLinear<Scalar>::add_deltas(const char* where, Select which, ScaleOf sca
                      "); W0 left unchanged");
     }
   }
+  // One pass over W0, split by rows over the threads: each chunk of rows gets every delta and its
+  // max |W0| while it is in cache.
   Scalar max_abs = 0;
-  for (Index r0 = 0; r0 < out_features_; r0 += rows_per_chunk) {
-    const Index rc = std::min(rows_per_chunk, out_features_ - r0);
-    auto dst = W0.middleRows(r0, rc);
-    apply_chunk(r0, rc, dst);
-    max_abs = std::max(max_abs, dst.cwiseAbs().maxCoeff());
-  }
+  std::mutex max_lock;
+  Index ranks = 1;  // the pass itself, plus r multiply-adds per entry for each delta
+  for (const Adapter& a : adapters_)
+    if (which(a)) ranks += a.config.rank;
+  const int threads = detail::threads_for(static_cast<double>(out_features_ * in_features_ * ranks));
+  detail::parallel_for(out_features_, rows_per_chunk, threads, [&](Index begin, Index end) {
+    Scalar local_max = 0;
+    for (Index r0 = begin; r0 < end; r0 += rows_per_chunk) {
+      const Index rc = std::min(rows_per_chunk, end - r0);
+      for (const Adapter& a : adapters_) {
+        if (!which(a)) continue;
+        detail::RankUpdate<Scalar> d;  // W0 rows += (sign s B rows) A
+        d.m = out_features_;
+        d.p = in_features_;
+        d.K = a.config.rank;
+        d.U = a.B.data();
+        d.u_row = a.config.rank;
+        d.u_k = 1;
+        d.V = weight_.data() + a.offset * in_features_;
+        d.ldv = in_features_;
+        d.base = W0.data();
+        d.ldb = in_features_;
+        d.C = W0.data();
+        d.ldc = in_features_;
+        d.alpha = sign * static_cast<Scalar>(scale_of(a));
+        detail::kernel::rank_update_block(d, r0, r0 + rc, 0, in_features_);
+      }
+      local_max = std::max(local_max, W0.middleRows(r0, rc).cwiseAbs().maxCoeff());
+    }
+    const std::lock_guard<std::mutex> lock(max_lock);
+    max_abs = std::max(max_abs, local_max);
+  });
   base_max_abs_ = max_abs;
 }
 

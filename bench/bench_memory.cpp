@@ -1,0 +1,91 @@
+// Peak resident memory and optimiser-state bytes of one training setup, LoRA or full fine-tuning,
+// for a single out x in linear layer trained with Adam (two moments per trainable value).
+//   bench_memory lora|full [in out rank batch steps]
+// Run one mode per process: peak RSS (getrusage) is per process.
+#include <lora/lora.hpp>
+
+#include <sys/resource.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace {
+
+using Mat = lora::Matrix<float>;
+
+long peak_rss_kib() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss;  // KiB on Linux
+}
+
+// Adam on one tensor: m, v are the optimiser state.
+struct Adam {
+  Mat m, v;
+  int t = 0;
+  explicit Adam(const Mat& like) : m(Mat::Zero(like.rows(), like.cols())), v(Mat::Zero(like.rows(), like.cols())) {}
+  template <class Param>
+  void step(Param&& p, const Mat& g, float lr = 1e-3f) {
+    ++t;
+    m = 0.9f * m + 0.1f * g;
+    v = 0.999f * v + 0.001f * g.cwiseAbs2();
+    const float c1 = 1 - std::pow(0.9f, static_cast<float>(t)), c2 = 1 - std::pow(0.999f, static_cast<float>(t));
+    p.array() -= lr * (m.array() / c1) / ((v.array() / c2).sqrt() + 1e-8f);
+  }
+  std::size_t bytes() const { return sizeof(float) * static_cast<std::size_t>(m.size() + v.size()); }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || (std::strcmp(argv[1], "lora") != 0 && std::strcmp(argv[1], "full") != 0)) {
+    std::fprintf(stderr, "usage: %s lora|full [in out rank batch steps]\n", argv[0]);
+    return 2;
+  }
+  const bool use_lora = std::strcmp(argv[1], "lora") == 0;
+  const lora::Index in = argc > 2 ? std::atol(argv[2]) : 4096, out = argc > 3 ? std::atol(argv[3]) : 4096;
+  const int rank = argc > 4 ? std::atoi(argv[4]) : 16;
+  const lora::Index batch = argc > 5 ? std::atol(argv[5]) : 512;
+  const int steps = argc > 6 ? std::atoi(argv[6]) : 3;
+  const long rss_start = peak_rss_kib();
+
+  const Mat X = Mat::Random(batch, in), dY = Mat::Random(batch, out) * 1e-3f;
+  std::size_t state_bytes = 0, trainable = 0;
+  double checksum = 0;
+  if (use_lora) {
+    lora::LoraConfig config;
+    config.rank = rank;
+    lora::LoraLinearf layer(Mat::Random(out, in) * 0.02f, config);
+    Adam adam_A(layer.grad_A()), adam_B(layer.grad_B());
+    for (int s = 0; s < steps; ++s) {
+      layer.zero_grad();
+      layer.forward(X);
+      checksum += layer.backward(dY).sum();
+      adam_A.step(layer.A(), layer.grad_A());
+      adam_B.step(layer.B(), layer.grad_B());
+    }
+    state_bytes = adam_A.bytes() + adam_B.bytes();
+    trainable = static_cast<std::size_t>(layer.num_trainable_parameters());
+  } else {
+    Mat W = Mat::Random(out, in) * 0.02f, dW = Mat::Zero(out, in), Y(batch, out), dX(batch, in);
+    Adam adam(W);
+    for (int s = 0; s < steps; ++s) {
+      dW.setZero();
+      Y.noalias() = X * W.transpose();
+      dW.noalias() += dY.transpose() * X;
+      dX.noalias() = dY * W;
+      checksum += dX.sum();
+      adam.step(W, dW);
+    }
+    state_bytes = adam.bytes();
+    trainable = static_cast<std::size_t>(W.size());
+  }
+  std::printf("{\"mode\": \"%s\", \"in\": %ld, \"out\": %ld, \"rank\": %d, \"batch\": %ld, \"trainable\": %zu, "
+              "\"optimizer_state_bytes\": %zu, \"peak_rss_kib\": %ld, \"rss_before_kib\": %ld, \"checksum\": %g}\n",
+              argv[1], static_cast<long>(in), static_cast<long>(out), use_lora ? rank : 0, static_cast<long>(batch),
+              trainable, state_bytes, peak_rss_kib(), rss_start, checksum);
+  return 0;
+}

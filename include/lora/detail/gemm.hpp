@@ -1,0 +1,77 @@
+// lora.hpp internals: Eigen's matrix product with packing buffers that outlive the call.
+//
+// `dst.noalias() = lhs * rhs` allocates Eigen's packing buffers on every call once they pass
+// EIGEN_STACK_ALLOCATION_LIMIT (and always for a threaded product). gemm() runs the same Eigen
+// code path (its blocking heuristics, its OpenMP split, or the BLAS with EIGEN_USE_BLAS) with a
+// GemmBlocking that keeps the buffers, so a product of a shape already seen allocates nothing.
+// This reaches into Eigen::internal (3.4's level3_blocking, gemm_functor, parallelize_gemm).
+#pragma once
+
+#include <lora/common.hpp>
+
+namespace lora::detail {
+
+// Packing buffers and block sizes of one product with a row-major destination (for which Eigen
+// computes the transposed product, so its "rows" are the destination's columns).
+template <class Scalar>
+class GemmBlocking : public Eigen::internal::level3_blocking<Scalar, Scalar> {
+ public:
+  GemmBlocking() = default;
+  // Copies get their own buffers: the base class holds raw pointers into them.
+  GemmBlocking(const GemmBlocking&) {}
+  GemmBlocking& operator=(const GemmBlocking&) { return *this; }
+
+  // Block sizes for a single-threaded run (Eigen re-computes them through initParallel when it threads).
+  void configure(Index rows, Index cols, Index depth) {
+    this->m_mc = cols;
+    this->m_nc = rows;
+    this->m_kc = depth;
+    Eigen::internal::computeProductBlockingSizes<Scalar, Scalar, 1>(this->m_kc, this->m_mc, this->m_nc, Index(1));
+    allocateAll();
+  }
+
+  // Called by Eigen's parallelize_gemm before it starts its threads.
+  void initParallel(Index rows, Index cols, Index depth, Index num_threads) {
+    this->m_mc = cols;
+    this->m_nc = rows;
+    this->m_kc = depth;
+    Index m = this->m_mc;
+    Eigen::internal::computeProductBlockingSizes<Scalar, Scalar, 1>(this->m_kc, m, this->m_nc, num_threads);
+  }
+  void allocateA() { this->m_blockA = grow(buffer_A_, this->m_mc * this->m_kc); }
+  void allocateB() { this->m_blockB = grow(buffer_B_, this->m_kc * this->m_nc); }
+  void allocateAll() {
+    allocateA();
+    allocateB();
+  }
+
+ private:
+  static Scalar* grow(Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& buffer, Index size) {
+    if (buffer.size() < size) buffer.resize(size);
+    return buffer.data();
+  }
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> buffer_A_, buffer_B_;
+};
+
+// dst = lhs * rhs for dense row-major dst (no aliasing), Eigen's GEMM with persistent buffers.
+// Shapes too small for Eigen's GEMM (or vectors) go through Eigen's ordinary product.
+template <class Scalar, class Lhs, class Rhs, class Dst>
+void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& dst) {
+  using namespace Eigen;
+  static_assert(Dst::Flags & RowMajorBit, "lora::detail::gemm writes row-major destinations");
+  if (lhs.rows() <= 1 || rhs.cols() <= 1 || lhs.cols() == 0 ||
+      lhs.cols() + lhs.rows() + rhs.cols() < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
+    dst.noalias() = lhs * rhs;
+    return;
+  }
+  using Gemm = internal::general_matrix_matrix_product<Index, Scalar, (Lhs::Flags & RowMajorBit) ? RowMajor : ColMajor,
+                                                       false, Scalar, (Rhs::Flags & RowMajorBit) ? RowMajor : ColMajor,
+                                                       false, RowMajor, 1>;
+  using Functor = internal::gemm_functor<Scalar, Index, Gemm, Lhs, Rhs, Dst, GemmBlocking<Scalar>>;
+  blocking.configure(dst.rows(), dst.cols(), lhs.cols());
+  dst.setZero();
+  internal::parallelize_gemm<true>(Functor(lhs, rhs, dst, Scalar(1), blocking), lhs.rows(), rhs.cols(), lhs.cols(),
+                                   true);
+}
+
+}  // namespace lora::detail

@@ -1,0 +1,18 @@
+#!/bin/sh
+# Builds the benchmarks (Release; Eigen-only and with LORA_USE_BLAS over Debian's OpenBLAS), runs the
+# suite and the PyTorch comparison case by case, and prints the tables (also in build/bench-results/).
+#   scripts/bench.sh            everything: f32 and f64, 1 and 2 threads, sweeps, PyTorch (about 30 min)
+#   scripts/bench.sh --quick    f32 main cases, fewer repetitions (about 5 min)
+# Extra arguments go to bench/run.py (see bench/run.py --help).
+set -eu
+cd "$(dirname "$0")/.."
+scripts/ensure-packages.sh g++ cmake make libeigen3-dev libbenchmark-dev libopenblas-dev python3-torch python3-numpy
+for variant in eigen blas; do
+  blas=OFF
+  [ "$variant" = blas ] && blas=ON
+  cmake -S . -B "build/bench-$variant" -DCMAKE_BUILD_TYPE=Release -DLORA_BUILD_BENCHMARKS=ON -DLORA_USE_BLAS=$blas \
+    -DLORA_BUILD_TESTS=OFF -DLORA_BUILD_EXAMPLES=OFF -DLORA_INSTALL=OFF >/dev/null
+  cmake --build "build/bench-$variant" --target bench_lora bench_memory -j"$(nproc)"
+done
+exec /usr/bin/python3 bench/run.py --eigen build/bench-eigen/bench/bench_lora --blas build/bench-blas/bench/bench_lora \
+  --memory build/bench-eigen/bench/bench_memory --plot build/bench-results/gflops.svg "$@"

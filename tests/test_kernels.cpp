@@ -1,0 +1,93 @@
+// The layer's fast paths (row-parallel small batches, packet kernels with tails, threaded splits)
+// against dense formulas, at shapes that are not multiples of the vector width.
+#include <lora/lora.hpp>
+
+#include "gradient_check.hpp"
+
+#include <catch2/catch.hpp>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+using lora::Index;
+using lora::LoraConfig;
+using lora::LoraLinear;
+using lora::Matrix;
+using lora::Vector;
+using lora::testing::relative_error;
+using lora::testing::tolerance;
+
+namespace {
+
+template <class Scalar>
+Matrix<Scalar> random_matrix(Index rows, Index cols, unsigned seed) {
+  std::srand(seed);
+  return Matrix<Scalar>::Random(rows, cols);
+}
+
+LoraConfig config_with(int rank, unsigned seed) {
+  LoraConfig c;
+  c.rank = rank;
+  c.alpha = 1.5 * rank;
+  c.seed = seed;
+  c.init = lora::InitMethod::random;  // B != 0
+  c.bias = lora::BiasMode::all;
+  return c;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("fast paths equal the dense formulas", "[kernels]", float, double) {
+  using Scalar = TestType;
+  const Index n = GENERATE(1, 2, 7, 8, 9, 67);
+  const Index in = GENERATE(37, 203), out = in == 37 ? 45 : 150;
+  const int threads = GENERATE(1, 2);
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+  CAPTURE(n, in, out, threads);
+  const Matrix<Scalar> W0 = random_matrix<Scalar>(out, in, 1);
+  const Vector<Scalar> b = Vector<Scalar>::Random(out);
+  LoraLinear<Scalar> layer(W0, b, config_with(5, 2));
+  layer.add_adapter("idle", config_with(3, 3));  // inactive: its rows sit between W0 and "other"
+  layer.add_adapter("other", config_with(16, 4));
+  layer.set_active_adapters({"default", "other"});
+  layer.set_adapter_scale("other", 0.5);
+
+  const auto s0 = static_cast<Scalar>(layer.scaling("default"));
+  const auto s1 = static_cast<Scalar>(0.5 * layer.scaling("other"));
+  const Matrix<Scalar> A0 = layer.A("default"), A1 = layer.A("other");
+  const Matrix<Scalar> B0 = layer.B("default"), B1 = layer.B("other");
+  const Matrix<Scalar> W = W0 + s0 * B0 * A0 + s1 * B1 * A1;
+  const Matrix<Scalar> X = random_matrix<Scalar>(n, in, 5), dY = random_matrix<Scalar>(n, out, 6);
+  Matrix<Scalar> Y = X * W.transpose();
+  Y.rowwise() += b.transpose();
+
+  CHECK(relative_error(layer.forward(X), Y) < tolerance<Scalar>());
+  layer.zero_grad();
+  const Matrix<Scalar> dX = layer.backward(dY);
+  CHECK(relative_error(dX, Matrix<Scalar>(dY * W)) < tolerance<Scalar>());
+  const Matrix<Scalar> T0 = X * A0.transpose(), T1 = X * A1.transpose();
+  CHECK(relative_error(layer.grad_B("default"), Matrix<Scalar>(s0 * dY.transpose() * T0)) < tolerance<Scalar>());
+  CHECK(relative_error(layer.grad_B("other"), Matrix<Scalar>(s1 * dY.transpose() * T1)) < tolerance<Scalar>());
+  CHECK(relative_error(layer.grad_A("default"), Matrix<Scalar>(s0 * (dY * B0).transpose() * X)) <
+        tolerance<Scalar>());
+  CHECK(relative_error(layer.grad_A("other"), Matrix<Scalar>(s1 * (dY * B1).transpose() * X)) <
+        tolerance<Scalar>());
+  CHECK(layer.grad_A("idle").isZero(0));
+  CHECK(relative_error(layer.grad_bias(), Vector<Scalar>(dY.colwise().sum().transpose())) < tolerance<Scalar>());
+
+  layer.eval();
+  CHECK(relative_error(layer.forward(X), Y) < tolerance<Scalar>());
+  layer.merge();
+  CHECK(relative_error(layer.base_weight(), W) < tolerance<Scalar>());
+  CHECK(relative_error(layer.forward(X), Y) < tolerance<Scalar>());
+  layer.unmerge();
+  CHECK(relative_error(layer.base_weight(), W0) < tolerance<Scalar>());
+#ifdef _OPENMP
+  omp_set_num_threads(omp_get_num_procs());
+#endif
+}
