@@ -13,6 +13,7 @@
 #include <fstream>
 #include <sstream>
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -319,8 +320,11 @@ TEST_CASE("every malformed fixture is an io_error naming the file, the tensor an
   // A valid file with a NaN: the header is fine, the conversion refuses it.
   const auto nan = lora::SafetensorsReader::open(data_dir + "/bad/nan.safetensors");
   CHECK_THROWS_WITH(nan.vector<float>("a"), Catch::Contains("'a'") && Catch::Contains("element 1 is NaN or Inf"));
-  // Not a regular file, missing file.
+  // Not a regular file (a directory; a FIFO without a writer, which must not block), missing file.
   CHECK_THROWS_WITH(lora::SafetensorsReader::open(data_dir), Catch::Contains("not a regular file"));
+  TempDir dir;
+  REQUIRE(::mkfifo((dir / "fifo").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(lora::SafetensorsReader::open(dir / "fifo"), Catch::Contains("not a regular file"));
   CHECK_THROWS_WITH(lora::SafetensorsReader::open(data_dir + "/missing"), Catch::Contains("cannot open"));
 }
 

@@ -209,9 +209,10 @@ void unmerge_adapters(const LoraModelView<Scalar>& model) {
     if (m.layer->merged()) m.layer->unmerge();
 }
 
-// Replaces one adapter's weights on one layer without touching W0: in place when the rank and the
-// scaling are unchanged, otherwise by deleting and re-adding it (its active flag and runtime scale are
-// kept). Throws std::invalid_argument on shape mismatches or a merged layer, with the layer unchanged.
+// Replaces one adapter's weights on one layer without touching W0: in place when rank, alpha, rsLoRA
+// and dropout are unchanged, otherwise by deleting and re-adding it with the new config (its active
+// flag and runtime scale are kept). Throws std::invalid_argument on shape mismatches or a merged layer,
+// with the layer unchanged.
 template <class Scalar, class DerivedA, class DerivedB>
 void hot_swap_adapter(LoraLinear<Scalar>& layer, const std::string& name, const Eigen::MatrixBase<DerivedA>& A,
                       const Eigen::MatrixBase<DerivedB>& B, const LoraConfig& config) {
@@ -225,7 +226,8 @@ void hot_swap_adapter(LoraLinear<Scalar>& layer, const std::string& name, const 
   detail::require_finite(where, "A", a);
   detail::require_finite(where, "B", b);
   const LoraConfig& old = layer.adapter_config(name);
-  if (old.rank == config.rank && old.scaling() == config.scaling() && old.dropout == config.dropout) {
+  if (old.rank == config.rank && old.alpha == config.alpha && old.use_rslora == config.use_rslora &&
+      old.dropout == config.dropout) {
     layer.A(name) = a;
     layer.B(name) = b;
     return;

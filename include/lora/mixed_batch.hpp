@@ -2,8 +2,10 @@
 //
 //   Y = X W0^T + b, then for each adapter a named by some rows R_a:  Y[R_a] += s_a (X[R_a] A_a^T) B_a^T
 //
-// The base product runs once for the whole batch; rows that share an adapter are gathered and
-// multiplied together (a contiguous run of rows is used in place, without a copy). Inference only:
+// The base product runs once for the whole batch (threaded by Eigen); rows that share an adapter are
+// gathered and multiplied together (a contiguous run of rows is used in place, without a copy). With
+// OpenMP and enough adapter work, the groups run in parallel, each single-threaded inside, on
+// per-thread workspaces sized before the parallel loop. Inference only:
 // dropout is off, nothing is kept for backward, and the layer must be unmerged. s_a includes the
 // adapter's runtime scale. Which adapters are active does not matter: the rows decide.
 #pragma once
@@ -11,9 +13,14 @@
 #include <lora/common.hpp>
 #include <lora/linear.hpp>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace lora {
 
@@ -87,24 +94,41 @@ class MixedBatchForward {
     Y_.resize(X.rows(), layer.out_features());
     Y_.noalias() = X * layer.base_weight().transpose();
     if (layer.has_bias()) Y_.rowwise() += layer.bias().transpose();
-    for (const auto& g : plan.groups()) {
+
+    // Size every workspace for the largest group first: nothing allocates inside the parallel loop.
+    const auto& groups = plan.groups();
+    Index max_rows = 0, max_rank = 0;
+    double work = 0;  // multiply-adds of the adapter terms
+    for (const auto& g : groups) {
       if (!layer.has_adapter(g.adapter)) continue;
-      const auto A = layer.A(g.adapter);
-      const MatrixType& B = layer.B(g.adapter);
-      const Scalar s = static_cast<Scalar>(layer.scaling(g.adapter) * layer.adapter_scale(g.adapter));
-      const Index n = static_cast<Index>(g.rows.size());
-      T_.resize(n, A.rows());
-      if (g.contiguous) {
-        T_.noalias() = X.middleRows(g.rows.front(), n) * A.transpose();
-        Y_.middleRows(g.rows.front(), n).noalias() += (s * T_) * B.transpose();
-      } else {
-        Xg_.resize(n, layer.in_features());
-        for (Index i = 0; i < n; ++i) Xg_.row(i) = X.row(g.rows[static_cast<std::size_t>(i)]);
-        T_.noalias() = Xg_ * A.transpose();
-        U_.resize(n, layer.out_features());
-        U_.noalias() = (s * T_) * B.transpose();
-        for (Index i = 0; i < n; ++i) Y_.row(g.rows[static_cast<std::size_t>(i)]) += U_.row(i);
-      }
+      const auto n = static_cast<Index>(g.rows.size());
+      max_rows = std::max(max_rows, n);
+      max_rank = std::max<Index>(max_rank, layer.rank(g.adapter));
+      work += static_cast<double>(n) * layer.rank(g.adapter) * static_cast<double>(layer.in_features() + layer.out_features());
+    }
+    int threads = 1;
+#ifdef _OPENMP
+    if (groups.size() >= 2 && work >= parallel_work && !omp_in_parallel())
+      threads = std::min(omp_get_max_threads(), static_cast<int>(groups.size()));
+#endif
+    if (static_cast<int>(work_.size()) < threads) work_.resize(static_cast<std::size_t>(threads));
+    for (int t = 0; t < threads; ++t) {
+      Workspace& w = work_[static_cast<std::size_t>(t)];
+      w.X.resize(max_rows, layer.in_features());
+      w.T.resize(max_rows, max_rank);
+      w.U.resize(max_rows, layer.out_features());
+    }
+    const int count = static_cast<int>(groups.size());
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+#endif
+    for (int i = 0; i < count; ++i) {
+#ifdef _OPENMP
+      Workspace& w = work_[static_cast<std::size_t>(omp_get_thread_num())];
+#else
+      Workspace& w = work_.front();
+#endif
+      add_group(layer, X, groups[static_cast<std::size_t>(i)], w);
     }
     return Y_;
   }
@@ -117,7 +141,37 @@ class MixedBatchForward {
   }
 
  private:
-  MatrixType Y_, Xg_, T_, U_;
+  // Below this many multiply-adds in the adapter terms, the groups run one after the other.
+  static constexpr double parallel_work = 1 << 20;
+
+  struct Workspace {
+    MatrixType X, T, U;
+  };
+
+  template <class Derived>
+  void add_group(const LoraLinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& X, const MixedBatchPlan::Group& g,
+                 Workspace& w) {
+    if (!layer.has_adapter(g.adapter)) return;
+    const auto A = layer.A(g.adapter);
+    const MatrixType& B = layer.B(g.adapter);
+    const Scalar s = static_cast<Scalar>(layer.scaling(g.adapter) * layer.adapter_scale(g.adapter));
+    const auto n = static_cast<Index>(g.rows.size());
+    auto T = w.T.topLeftCorner(n, A.rows());
+    if (g.contiguous) {
+      T.noalias() = X.middleRows(g.rows.front(), n) * A.transpose();
+      Y_.middleRows(g.rows.front(), n).noalias() += (s * T) * B.transpose();
+      return;
+    }
+    auto Xg = w.X.topRows(n);
+    for (Index i = 0; i < n; ++i) Xg.row(i) = X.row(g.rows[static_cast<std::size_t>(i)]);
+    T.noalias() = Xg * A.transpose();
+    auto U = w.U.topRows(n);
+    U.noalias() = (s * T) * B.transpose();
+    for (Index i = 0; i < n; ++i) Y_.row(g.rows[static_cast<std::size_t>(i)]) += U.row(i);
+  }
+
+  MatrixType Y_;
+  std::vector<Workspace> work_;
   MixedBatchPlan plan_;
 };
 

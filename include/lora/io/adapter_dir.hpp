@@ -20,6 +20,7 @@
 #include <lora/io/peft_config.hpp>
 #include <lora/io/safetensors.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -363,8 +364,8 @@ void load_adapter(const SafetensorsReader& weights, const PeftLoraConfig& config
 }
 
 // Replaces the weights of the existing adapter `name` with those of `dir`, on exactly the modules that
-// have it, without touching any base weight: in place when rank and scaling are unchanged. Active
-// flags and runtime scales are kept. modules_to_save in the file are loaded too.
+// have it, without touching any base weight: in place when rank, alpha, rsLoRA and dropout are
+// unchanged. Active flags and runtime scales are kept. modules_to_save in the file are loaded too.
 template <class Scalar>
 PeftLoraConfig hot_swap_adapter(const std::string& dir, const LoraModelView<Scalar>& model, const std::string& name) {
   const PeftLoraConfig config = read_adapter_config(dir);

@@ -5,6 +5,7 @@
 #include <lora/io/error.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -26,12 +27,13 @@ namespace detail {
 inline std::string errno_text(int err) { return std::generic_category().message(err); }
 
 // A regular file opened for reading. Directories, FIFOs and devices are refused (reading /dev/zero or
-// a pipe could allocate or block without end). Every read checks its range against the size taken at
-// open and fails on a short read (the file shrank), so nothing is read out of bounds.
+// a pipe could allocate or block without end; the open itself is non-blocking, so a FIFO without a
+// writer cannot hang it). Every read checks its range against the size taken at open and fails on a
+// short read (the file shrank), so nothing is read out of bounds.
 class ReadOnlyFile {
  public:
   ReadOnlyFile(std::string path, const char* where) : path_(std::move(path)) {
-    do fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    do fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     while (fd_ < 0 && errno == EINTR);
     if (fd_ < 0) io_fail(where, path_, "", "cannot open: ", errno_text(errno));
     struct stat st {};
@@ -45,6 +47,8 @@ class ReadOnlyFile {
       io_fail(where, path_, "", "not a regular file");
     }
     size_ = static_cast<std::uint64_t>(st.st_size);
+    const int flags = ::fcntl(fd_, F_GETFL);
+    if (flags >= 0) ::fcntl(fd_, F_SETFL, flags & ~O_NONBLOCK);
   }
   ReadOnlyFile(const ReadOnlyFile&) = delete;
   ReadOnlyFile& operator=(const ReadOnlyFile&) = delete;
@@ -98,7 +102,7 @@ class AtomicFileWriter {
     const fs::path target(path_);
     const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
     dir_ = dir.string();
-    static unsigned counter = 0;
+    static std::atomic<unsigned> counter{0};
     for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
       struct timespec ts {};
       ::clock_gettime(CLOCK_MONOTONIC, &ts);
