@@ -136,6 +136,13 @@ inline int threads_from_args(int argc, char** argv) {
   return threads;
 }
 
+// "--out DIR": where finetune_classifier writes and evaluate_adapter reads; default finetune_classifier_out.
+inline std::string output_dir_from_args(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--out") return argv[i + 1];
+  return "finetune_classifier_out";
+}
+
 constexpr double kLrFull = 1e-3;   // full fine-tuning and pretraining
 constexpr double kLrHead = 3e-3;   // head only
 constexpr double kLrLora = 3e-3;   // LoRA: adapters and head

@@ -5,7 +5,16 @@
 // does poorly on it. Each method starts from a copy of the same base and trains on B with AdamW; the table
 // at the end compares trainable parameters, accuracy on B's held-out set, accuracy kept on A, time and
 // optimiser memory. Then the LoRA model is merged: same predictions, the plain MLP's speed.
+//
+// Files (in --out DIR, default finetune_classifier_out): the pretrained base as base.safetensors, the LoRA
+// adapter as a PEFT adapter directory (adapter/), and the held-out accuracies in accuracy.txt, which
+// evaluate_adapter reloads and checks.
 #include "classifier_common.hpp"
+
+#include <lora/io.hpp>
+
+#include <filesystem>
+#include <fstream>
 
 #include <algorithm>
 #include <chrono>
@@ -56,7 +65,11 @@ int main(int argc, char** argv) {
               lora::nn::with_thousands(base_params).c_str(), base.describe().c_str(), kLrFull,
               static_cast<long>(kBatch));
   const RunResult pre = train_and_evaluate("pretrain", base, base_params, setup.a_train, kPretrainEpochs, kLrFull, setup);
-  std::printf("Base model: accuracy %.3f on A's held-out set, %.3f on B's.\n\n", pre.accuracy_a, pre.accuracy_b);
+  std::printf("Base model: accuracy %.3f on A's held-out set, %.3f on B's.\n", pre.accuracy_a, pre.accuracy_b);
+  const std::filesystem::path out_dir = output_dir_from_args(argc, argv);
+  std::filesystem::create_directories(out_dir);
+  lora::save_base_weights((out_dir / "base.safetensors").string(), base);
+  std::printf("Saved the base to %s.\n\n", (out_dir / "base.safetensors").c_str());
 
   // ---- the four methods on B -----------------------------------------------------------------------
   std::vector<RunResult> results;
@@ -77,6 +90,14 @@ int main(int argc, char** argv) {
               lora::nn::summary(lora_model).c_str());
   results.push_back(
       train_and_evaluate("LoRA r=8", lora_model, base_params, setup.b_train, kFinetuneEpochs, kLrLora, setup));
+  lora::save_adapter((out_dir / "adapter").string(), lora_model);
+  {
+    std::ofstream accuracy(out_dir / "accuracy.txt");
+    accuracy.precision(17);
+    accuracy << results.back().accuracy_b << " " << results.back().accuracy_a << "\n";
+  }
+  std::printf("  Saved the adapter to %s (adapter_model.safetensors, adapter_config.json).\n",
+              (out_dir / "adapter").c_str());
   {
     Model full = base;
     results.push_back(train_and_evaluate("full", full, base_params, setup.b_train, kFinetuneEpochs, kLrFull, setup));

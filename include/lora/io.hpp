@@ -12,5 +12,6 @@
 #include <lora/io/dtype.hpp>
 #include <lora/io/error.hpp>
 #include <lora/io/file.hpp>
+#include <lora/io/model.hpp>
 #include <lora/io/peft_config.hpp>
 #include <lora/io/safetensors.hpp>
