@@ -51,17 +51,13 @@ void free(void* p) { __libc_free(p); }
 using lora::Index;
 using lora::Matrix;
 
+#ifdef LORA_TEST_COUNTS_MALLOC
 namespace {
 
-long allocation_count() {
-#ifdef LORA_TEST_COUNTS_MALLOC
-  return allocations.load();
-#else
-  return 0;
-#endif
-}
+long allocation_count() { return allocations.load(); }
 
 }  // namespace
+#endif
 
 TEMPLATE_TEST_CASE("steady-state forward and backward do not allocate", "[alloc]", float, double) {
 #ifndef LORA_TEST_COUNTS_MALLOC
