@@ -1,4 +1,5 @@
-// The tests' gradient checker: central differences of a scalar loss against an analytic gradient.
+// The tests' gradient checker (central differences of a scalar loss against an analytic gradient), and
+// the small helpers every test file uses.
 #pragma once
 
 #include <lora/common.hpp>
@@ -6,6 +7,9 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 namespace lora::testing {
 
@@ -39,6 +43,26 @@ double relative_error(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB
 template <class Scalar>
 constexpr double tolerance() {
   return std::is_same_v<Scalar, float> ? 1e-4 : 1e-11;
+}
+
+// A reproducible uniform [-1, 1] matrix.
+template <class Scalar>
+Matrix<Scalar> random_matrix(Index rows, Index cols, unsigned seed) {
+  std::srand(seed);
+  return Matrix<Scalar>::Random(rows, cols);
+}
+
+inline bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+// The message of the std::invalid_argument that call() throws, or "(no exception)".
+template <class Call>
+std::string message_of(Call&& call) {
+  try {
+    call();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "(no exception)";
 }
 
 }  // namespace lora::testing

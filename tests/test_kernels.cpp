@@ -17,14 +17,11 @@ using lora::Matrix;
 using lora::Vector;
 using lora::testing::relative_error;
 using lora::testing::tolerance;
+using lora::testing::contains;
+using lora::testing::message_of;
+using lora::testing::random_matrix;
 
 namespace {
-
-template <class Scalar>
-Matrix<Scalar> random_matrix(Index rows, Index cols, unsigned seed) {
-  std::srand(seed);
-  return Matrix<Scalar>::Random(rows, cols);
-}
 
 LoraConfig config_with(int rank, unsigned seed) {
   LoraConfig c;

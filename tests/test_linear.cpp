@@ -16,14 +16,11 @@ using lora::Vector;
 using lora::testing::numerical_gradient;
 using lora::testing::relative_error;
 using lora::testing::tolerance;
+using lora::testing::contains;
+using lora::testing::message_of;
+using lora::testing::random_matrix;
 
 namespace {
-
-template <class Scalar>
-Matrix<Scalar> random_matrix(Index rows, Index cols, unsigned seed) {
-  std::srand(seed);
-  return Matrix<Scalar>::Random(rows, cols);
-}
 
 LoraConfig small_config(int rank = 3) {
   LoraConfig c;
@@ -41,11 +38,6 @@ Matrix<Scalar> dense_reference(const LoraLinear<Scalar>& layer, const Matrix<Sca
   Matrix<Scalar> Y = X * W.transpose();
   if (layer.has_bias()) Y.rowwise() += layer.bias().transpose();
   return Y;
-}
-
-template <class Message>
-bool contains(const std::string& text, const Message& part) {
-  return text.find(part) != std::string::npos;
 }
 
 }  // namespace
@@ -239,14 +231,6 @@ TEST_CASE("parameter counts", "[linear]") {
 
 TEST_CASE("bad input throws invalid_argument naming the function and the values", "[linear][errors]") {
   const Matrix<double> W0 = random_matrix<double>(6, 4, 16);
-  auto message_of = [](auto&& call) -> std::string {
-    try {
-      call();
-    } catch (const std::invalid_argument& e) {
-      return e.what();
-    }
-    return "(no exception)";
-  };
   auto with = [](auto change) {
     LoraConfig c;
     c.rank = 2;

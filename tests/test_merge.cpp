@@ -17,6 +17,9 @@ using lora::Matrix;
 using lora::Vector;
 using lora::testing::relative_error;
 using lora::testing::tolerance;
+using lora::testing::contains;
+using lora::testing::message_of;
+using lora::testing::random_matrix;
 
 namespace {
 
@@ -34,15 +37,6 @@ template <class Scalar>
 Matrix<Scalar> base(Index out, Index in) {
   std::srand(21);
   return Matrix<Scalar>::Random(out, in);
-}
-
-std::string message_of(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "(no exception)";
 }
 
 }  // namespace

@@ -25,26 +25,11 @@ using lora::nn::Tanh;
 using lora::testing::numerical_gradient;
 using lora::testing::relative_error;
 using lora::testing::tolerance;
+using lora::testing::contains;
+using lora::testing::message_of;
+using lora::testing::random_matrix;
 
 namespace {
-
-template <class Scalar>
-Matrix<Scalar> random_matrix(Index rows, Index cols, unsigned seed) {
-  std::srand(seed);
-  return Matrix<Scalar>::Random(rows, cols);
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
-
-template <class Call>
-std::string message_of(Call&& call) {
-  try {
-    call();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
 
 // Checks dL/dX and every trainable parameter's gradient of f = <forward(X), R> against central differences.
 template <class M>

@@ -1,6 +1,8 @@
 // Synthetic data and mini-batches; end-to-end training of a small classifier, full and with LoRA.
 #include <lora/lora.hpp>
 
+#include "gradient_check.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <Eigen/Eigenvalues>
@@ -18,22 +20,9 @@ using lora::data::ClusterTaskConfig;
 using lora::data::Dataset;
 using lora::data::MiniBatches;
 using lora::data::TaskShift;
-
-namespace {
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
-
-template <class Call>
-std::string message_of(Call&& call) {
-  try {
-    call();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
-
-}  // namespace
+using lora::testing::contains;
+using lora::testing::message_of;
+using lora::testing::random_matrix;
 
 // ---- data -------------------------------------------------------------------------------------------
 
