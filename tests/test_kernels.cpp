@@ -37,7 +37,7 @@ LoraConfig config_with(int rank, unsigned seed) {
 
 TEMPLATE_TEST_CASE("fast paths equal the dense formulas", "[kernels]", float, double) {
   using Scalar = TestType;
-  const Index n = GENERATE(1, 2, 7, 8, 9, 67);
+  const Index n = GENERATE(1, 2, 7, 8, 9, 67, 300);  // 300: dA and dB with K in two packed blocks
   const Index in = GENERATE(37, 203), out = in == 37 ? 45 : 150;
   const int threads = GENERATE(1, 2);
 #ifdef _OPENMP
@@ -84,6 +84,55 @@ TEMPLATE_TEST_CASE("fast paths equal the dense formulas", "[kernels]", float, do
   CHECK(relative_error(layer.forward(X), Y) < tolerance<Scalar>());
   layer.unmerge();
   CHECK(relative_error(layer.base_weight(), W0) < tolerance<Scalar>());
+#ifdef _OPENMP
+  omp_set_num_threads(omp_get_num_procs());
+#endif
+}
+
+TEMPLATE_TEST_CASE("rank_update equals base + alpha U V + bias at every split and tail", "[kernels]", float, double) {
+  using Scalar = TestType;
+  // K = 0 (no adapter rows), short K (V packed once), K above long_k_block (packed block by block)
+  const Index K = GENERATE(Index(0), Index(1), Index(16), Index(70), lora::detail::long_k_block + 1, Index(600));
+  const Index m = GENERATE(1, 5, 6, 13, 40), p = GENERATE(3, 16, 37, 150);
+  const int threads = GENERATE(1, 2);
+  const bool strided_u = GENERATE(false, true);  // U read transposed, as dB and dA read T and dT
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+  CAPTURE(K, m, p, threads, strided_u);
+  const Matrix<Scalar> U = random_matrix<Scalar>(m, K, 1), V = random_matrix<Scalar>(K, p + 3, 2);  // ldv > p
+  const Matrix<Scalar> Ut = U.transpose(), base = random_matrix<Scalar>(m, p, 3);
+  const Vector<Scalar> bias = Vector<Scalar>::Random(p);
+  Matrix<Scalar> C = base;
+  lora::detail::RankUpdate<Scalar> a;
+  a.m = m;
+  a.p = p;
+  a.K = K;
+  a.U = strided_u ? Ut.data() : U.data();
+  a.u_row = strided_u ? 1 : K;
+  a.u_k = strided_u ? m : 1;
+  a.V = V.data();
+  a.ldv = p + 3;
+  a.base = C.data();  // in place
+  a.ldb = p;
+  a.col_add = bias.data();
+  a.C = C.data();
+  a.ldc = p;
+  a.alpha = Scalar(0.75);
+  lora::detail::PackBuffer<Scalar> work;
+  const Scalar max_abs = lora::detail::rank_update<true>(a, work);
+  Matrix<Scalar> expected = base + Scalar(0.75) * U * V.leftCols(p);
+  expected.rowwise() += bias.transpose();
+  CHECK(relative_error(C, expected) < tolerance<Scalar>());
+  CHECK(std::abs(max_abs - C.cwiseAbs().maxCoeff()) <= tolerance<Scalar>() * max_abs);
+  // a second call reuses the workspace and gives the same result
+  const Index capacity = work.size();
+  C = base;
+  lora::detail::rank_update(a, work);
+  CHECK(relative_error(C, expected) < tolerance<Scalar>());
+  CHECK(work.size() == capacity);
 #ifdef _OPENMP
   omp_set_num_threads(omp_get_num_procs());
 #endif

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -226,7 +225,8 @@ class LoraLinear {
   // [X W0^T | X A_0^T | ...] of the last forward: one product over X; the right part is T = X A^T,
   // kept for backward.
   MatrixType fused_;
-  MatrixType output_, scaled_Bt_, dT_, dBt_, grad_output_, grad_input_, merge_chunk_;
+  MatrixType output_, scaled_Bt_, dT_, dBt_, grad_output_, grad_input_, merge_chunk_, merge_A_, merge_U_;
+  detail::PackBuffer<Scalar> pack_;  // the rank-r kernels' packed panels
   detail::GemmBlocking<Scalar> forward_gemm_, backward_gemm_;  // the big products' packing buffers
   Index cached_rows_ = -1;  // n of the last training forward, -1 when nothing is cached
 };
@@ -519,7 +519,7 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
   epilogue.col_add = has_bias_ ? bias_.data() : nullptr;
   epilogue.C = output_.data();
   epilogue.ldc = out;
-  detail::rank_update(epilogue);
+  detail::rank_update(epilogue, pack_);
   cached_rows_ = keep ? n : -1;
   return output_;
 }
@@ -597,21 +597,27 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
     dx.ldc = in;
 
     const bool fused_dx = !a.uses_dropout;
-    constexpr Index nr = 2 * detail::kernel::packet_size<Scalar>;
+    constexpr Index nr = detail::kernel::nr<Scalar>;
     const int threads = detail::threads_for(static_cast<double>(n * r * (2 * in + 2 * out)));
+    // pack_: A's panels for dX (shared), then one block per thread for dB and dA
+    const Index a_panels = detail::kernel::panel_size<Scalar>(r, in);
+    const Index per_thread = detail::kernel::columns_pack_size<Scalar>();
+    if (pack_.size() < a_panels + threads * per_thread) pack_.resize(a_panels + threads * per_thread);
+    if (fused_dx) detail::kernel::pack_panels(A, in, Index(r), Index(0), in, pack_.data());
     detail::parallel_region(threads, [&](int t, int nt) {
-      const auto rows = detail::split(n, 2, t, nt);
+      Scalar* pack = pack_.data() + a_panels + t * per_thread;
+      const auto rows = detail::split(n, detail::kernel::MR, t, nt);
       detail::kernel::row_dots_block(out, dy, out, scaled_Bt_.data() + col * out, out, dT_.data() + col, R, Scalar(1),
                                      rows.first, rows.second, Index(0), r);
       if (fused_dx && rows.first < rows.second)
-        detail::kernel::rank_update_block(dx, rows.first, rows.second, Index(0), in);
+        detail::kernel::rank_update_panels<false>(dx, pack_.data(), 0, 0, r, true, rows.first, rows.second, 0, in);
       const auto out_cols = detail::split(out, nr, t, nt);
       if (out_cols.first < out_cols.second)
-        detail::kernel::rank_update_block(db, Index(0), r, out_cols.first, out_cols.second);
+        detail::kernel::rank_update_columns<false>(db, pack, out_cols.first, out_cols.second);
       detail::barrier();
       const auto in_cols = detail::split(in, nr, t, nt);
       if (in_cols.first < in_cols.second)
-        detail::kernel::rank_update_block(da, Index(0), r, in_cols.first, in_cols.second);
+        detail::kernel::rank_update_columns<false>(da, pack, in_cols.first, in_cols.second);
     });
     a.grad_B.noalias() += dBt_.middleRows(col, r).transpose();
     if (a.uses_dropout) {
@@ -662,41 +668,35 @@ void LoraLinear<Scalar>::add_deltas(const char* where, Select which, ScaleOf sca
                      "); W0 left unchanged");
     }
   }
-  // One pass over W0, split by rows over the threads: each chunk of rows gets every delta and its
-  // max |W0| while it is in cache.
-  Scalar max_abs = 0;
-  std::mutex max_lock;
-  Index ranks = 1;  // the pass itself, plus r multiply-adds per entry for each delta
+  // One pass over W0: W0 += [sign s_i B_i ...] [A_i; ...] as one rank-(sum r_i) update, which also
+  // returns the new max |W0|.
+  Index K = 0;
   for (const Adapter& a : adapters_)
-    if (which(a)) ranks += a.config.rank;
-  const int threads = detail::threads_for(static_cast<double>(out_features_ * in_features_ * ranks));
-  detail::parallel_for(out_features_, rows_per_chunk, threads, [&](Index begin, Index end) {
-    Scalar local_max = 0;
-    for (Index r0 = begin; r0 < end; r0 += rows_per_chunk) {
-      const Index rc = std::min(rows_per_chunk, end - r0);
-      for (const Adapter& a : adapters_) {
-        if (!which(a)) continue;
-        detail::RankUpdate<Scalar> d;  // W0 rows += (sign s B rows) A
-        d.m = out_features_;
-        d.p = in_features_;
-        d.K = a.config.rank;
-        d.U = a.B.data();
-        d.u_row = a.config.rank;
-        d.u_k = 1;
-        d.V = weight_.data() + a.offset * in_features_;
-        d.ldv = in_features_;
-        d.base = W0.data();
-        d.ldb = in_features_;
-        d.C = W0.data();
-        d.ldc = in_features_;
-        d.alpha = sign * static_cast<Scalar>(scale_of(a));
-        detail::kernel::rank_update_block(d, r0, r0 + rc, 0, in_features_);
-      }
-      local_max = std::max(local_max, W0.middleRows(r0, rc).cwiseAbs().maxCoeff());
-    }
-    const std::lock_guard<std::mutex> lock(max_lock);
-    max_abs = std::max(max_abs, local_max);
-  });
+    if (which(a)) K += a.config.rank;
+  merge_A_.resize(K, in_features_);
+  merge_U_.resize(out_features_, K);
+  K = 0;
+  for (const Adapter& a : adapters_) {
+    if (!which(a)) continue;
+    const Index r = a.config.rank;
+    merge_A_.middleRows(K, r) = weight_.middleRows(a.offset, r);
+    merge_U_.middleCols(K, r) = (sign * static_cast<Scalar>(scale_of(a))) * a.B;
+    K += r;
+  }
+  detail::RankUpdate<Scalar> d;
+  d.m = out_features_;
+  d.p = in_features_;
+  d.K = K;
+  d.U = merge_U_.data();
+  d.u_row = K;
+  d.u_k = 1;
+  d.V = merge_A_.data();
+  d.ldv = in_features_;
+  d.base = W0.data();
+  d.ldb = in_features_;
+  d.C = W0.data();
+  d.ldc = in_features_;
+  const Scalar max_abs = detail::rank_update<true>(d, pack_);
   base_max_abs_ = max_abs;
 }
 

@@ -11,6 +11,7 @@
 #include <lora/common.hpp>
 
 #include <algorithm>
+#include <mutex>
 #include <utility>
 
 #ifdef _OPENMP
@@ -84,6 +85,7 @@ void parallel_for(Index total, Index align, int threads, F&& f) {
 #endif
 }
 
+// C = base + alpha U V (+ col_add on every row), C [m x p], for a small m or a small K.
 template <class Scalar>
 struct RankUpdate {
   Index m = 0, p = 0, K = 0;
@@ -99,11 +101,18 @@ struct RankUpdate {
   Scalar alpha = 1;
 };
 
+// Above this K (the long dimension of dA = dT^T X and dB^T = s T^T dY) V is packed in blocks of this many
+// rows, one block at a time.
+constexpr Index long_k_block = 256;
+
 namespace kernel {
 
 using Eigen::internal::padd;
+using Eigen::internal::pabs;
 using Eigen::internal::pmadd;
+using Eigen::internal::pmax;
 using Eigen::internal::predux;
+using Eigen::internal::predux_max;
 using Eigen::internal::pset1;
 using Eigen::internal::ploadu;
 using Eigen::internal::pstoreu;
@@ -113,77 +122,183 @@ using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
 template <class Scalar>
 constexpr Index packet_size = Eigen::internal::unpacket_traits<Packet<Scalar>>::size;
 
-// Rows i0 .. i0 + MR of C, columns j0 .. j0 + 2 packets.
-template <int MR, class Scalar>
-void rank_update_tile(const RankUpdate<Scalar>& a, Index i0, Index j0) {
+// Register tiles of C are MR rows x nr columns (two packets): 12 accumulators, as in the usual
+// 6 x 16 single-precision AVX2 GEMM kernel.
+constexpr int MR = 6;
+template <class Scalar>
+constexpr Index nr = 2 * packet_size<Scalar>;
+
+// Panels: V's columns in groups of nr, each group stored as K rows of nr contiguous values, the last
+// group zero-padded. The micro-kernel then reads V contiguously; rows of V read in place lie a power of
+// two apart for the usual layer sizes and evict each other from the caches.
+template <class Scalar>
+constexpr Index panel_size(Index K, Index p) {
+  return (p + nr<Scalar> - 1) / nr<Scalar> * nr<Scalar> * K;
+}
+
+// Columns [j0, j1) of V (K rows, row stride ldv; j0 a multiple of nr) into panels at dst, scaled by alpha.
+template <class Scalar>
+void pack_panels(const Scalar* V, Index ldv, Index K, Index j0, Index j1, Scalar* dst, Scalar alpha = Scalar(1)) {
+  using P = Packet<Scalar>;
+  constexpr Index ps = packet_size<Scalar>, w = nr<Scalar>;
+  const P a = pset1<P>(alpha);
+  for (Index j = j0; j < j1; j += w, dst += K * w) {
+    const Index cols = std::min(w, j1 - j);
+    const Scalar* v = V + j;
+    if (cols == w) {
+      for (Index k = 0; k < K; ++k, v += ldv) {
+        pstoreu(dst + k * w, Eigen::internal::pmul(a, ploadu<P>(v)));
+        pstoreu(dst + k * w + ps, Eigen::internal::pmul(a, ploadu<P>(v + ps)));
+      }
+    } else {
+      for (Index k = 0; k < K; ++k, v += ldv)
+        for (Index c = 0; c < w; ++c) dst[k * w + c] = c < cols ? alpha * v[c] : Scalar(0);
+    }
+  }
+}
+
+// acc (rows i0 .. i0 + R of U times one panel, over K steps).
+template <int R, class Scalar>
+EIGEN_ALWAYS_INLINE void tile_product(const Scalar* u, Index u_row, Index u_k, const Scalar* panel, Index K,
+                                      Packet<Scalar> (&c0)[MR], Packet<Scalar> (&c1)[MR]) {
   using P = Packet<Scalar>;
   constexpr Index ps = packet_size<Scalar>;
-  P c0[MR], c1[MR];
-  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = pset1<P>(Scalar(0));
-  const Scalar* u = a.U + i0 * a.u_row;
-  const Scalar* v = a.V + j0;
-  for (Index k = 0; k < a.K; ++k, u += a.u_k, v += a.ldv) {
-    const P v0 = ploadu<P>(v), v1 = ploadu<P>(v + ps);
-    for (int r = 0; r < MR; ++r) {
-      const P ur = pset1<P>(u[r * a.u_row]);
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = pset1<P>(Scalar(0));
+  for (Index k = 0; k < K; ++k, u += u_k, panel += 2 * ps) {
+    const P v0 = ploadu<P>(panel), v1 = ploadu<P>(panel + ps);
+    for (int r = 0; r < R; ++r) {
+      const P ur = pset1<P>(u[r * u_row]);
       c0[r] = pmadd(ur, v0, c0[r]);
       c1[r] = pmadd(ur, v1, c1[r]);
     }
   }
+}
+
+// C rows i0 .. i0 + R, columns j0 .. j0 + cols (cols <= nr): C = (first ? base + col_add : C) + alpha acc.
+// Returns the largest |C| written when TrackMax.
+template <int R, bool TrackMax, class Scalar>
+EIGEN_ALWAYS_INLINE Scalar store_tile(const RankUpdate<Scalar>& a, bool first, Index i0, Index j0, Index cols,
+                                      const Packet<Scalar> (&c0)[MR], const Packet<Scalar> (&c1)[MR]) {
+  using P = Packet<Scalar>;
+  constexpr Index ps = packet_size<Scalar>, w = nr<Scalar>;
   const P alpha = pset1<P>(a.alpha);
-  for (int r = 0; r < MR; ++r) {
-    P b0 = pset1<P>(Scalar(0)), b1 = b0;
-    if (a.base) {
-      b0 = ploadu<P>(a.base + (i0 + r) * a.ldb + j0);
-      b1 = ploadu<P>(a.base + (i0 + r) * a.ldb + j0 + ps);
+  P big = pset1<P>(Scalar(0));
+  const Scalar* base = first ? a.base : a.C;
+  const Index ldb = first ? a.ldb : a.ldc;
+  const Scalar* col_add = first ? a.col_add : nullptr;
+  for (int r = 0; r < R; ++r) {
+    Scalar* c = a.C + (i0 + r) * a.ldc + j0;
+    if (cols == w) {
+      P b0 = pset1<P>(Scalar(0)), b1 = b0;
+      if (base) {
+        b0 = ploadu<P>(base + (i0 + r) * ldb + j0);
+        b1 = ploadu<P>(base + (i0 + r) * ldb + j0 + ps);
+      }
+      if (col_add) {
+        b0 = padd(b0, ploadu<P>(col_add + j0));
+        b1 = padd(b1, ploadu<P>(col_add + j0 + ps));
+      }
+      b0 = pmadd(alpha, c0[r], b0);
+      b1 = pmadd(alpha, c1[r], b1);
+      pstoreu(c, b0);
+      pstoreu(c + ps, b1);
+      if (TrackMax) big = pmax(big, pmax(pabs(b0), pabs(b1)));
+    } else {
+      alignas(64) Scalar acc[w];
+      pstoreu(acc, c0[r]);
+      pstoreu(acc + ps, c1[r]);
+      for (Index j = 0; j < cols; ++j) {
+        Scalar v = base ? base[(i0 + r) * ldb + j0 + j] : Scalar(0);
+        if (col_add) v += col_add[j0 + j];
+        v += a.alpha * acc[j];
+        c[j] = v;
+        if (TrackMax) big = pmax(big, pset1<P>(std::abs(v)));
+      }
     }
-    if (a.col_add) {
-      b0 = padd(b0, ploadu<P>(a.col_add + j0));
-      b1 = padd(b1, ploadu<P>(a.col_add + j0 + ps));
-    }
-    pstoreu(a.C + (i0 + r) * a.ldc + j0, pmadd(alpha, c0[r], b0));
-    pstoreu(a.C + (i0 + r) * a.ldc + j0 + ps, pmadd(alpha, c1[r], b1));
+  }
+  return TrackMax ? predux_max(big) : Scalar(0);
+}
+
+template <bool TrackMax, class Scalar>
+Scalar tile(const RankUpdate<Scalar>& a, bool first, const Scalar* u, const Scalar* panel, Index K, Index rows,
+            Index i0, Index j0, Index cols) {
+  Packet<Scalar> c0[MR], c1[MR];
+  switch (rows) {
+#define LORA_TILE_CASE(R)                                                 \
+  case R:                                                                 \
+    tile_product<R>(u, a.u_row, a.u_k, panel, K, c0, c1);                 \
+    return store_tile<R, TrackMax>(a, first, i0, j0, cols, c0, c1);
+    LORA_TILE_CASE(6)
+    LORA_TILE_CASE(5)
+    LORA_TILE_CASE(4)
+    LORA_TILE_CASE(3)
+    LORA_TILE_CASE(2)
+    default:
+      LORA_TILE_CASE(1)
+#undef LORA_TILE_CASE
   }
 }
 
-template <class Scalar>
-void rank_update_scalar(const RankUpdate<Scalar>& a, Index i, Index j) {
-  Scalar s = 0;
-  for (Index k = 0; k < a.K; ++k) s += a.U[i * a.u_row + k * a.u_k] * a.V[k * a.ldv + j];
-  Scalar b = a.base ? a.base[i * a.ldb + j] : Scalar(0);
-  if (a.col_add) b += a.col_add[j];
-  a.C[i * a.ldc + j] = b + a.alpha * s;
-}
+// The panels of a chunk of columns of V (K rows) fill at most this much, so they stay in L2 while the rows
+// of C pass over them.
+constexpr Index panel_cache_bytes = 96 * 1024;
 
 template <class Scalar>
-void rank_update_rows(const RankUpdate<Scalar>& a, Index i0, Index mr, Index j0, Index j1) {
-  constexpr Index nr = 2 * packet_size<Scalar>;
-  Index j = j0;
-  for (; j + nr <= j1; j += nr) {
-    switch (mr) {
-      case 4: rank_update_tile<4>(a, i0, j); break;
-      case 3: rank_update_tile<3>(a, i0, j); break;
-      case 2: rank_update_tile<2>(a, i0, j); break;
-      default: rank_update_tile<1>(a, i0, j); break;
-    }
-  }
-  for (; j < j1; ++j)
-    for (Index r = 0; r < mr; ++r) rank_update_scalar(a, i0 + r, j);
+Index chunk_columns(Index K) {
+  const Index cols = panel_cache_bytes / static_cast<Index>(sizeof(Scalar)) / std::max<Index>(1, K);
+  return std::max(nr<Scalar>, cols / nr<Scalar> * nr<Scalar>);
 }
 
-// C rows [i0, i1) x columns [j0, j1). A short K streams rows of C (row-major order, bandwidth);
-// a long K keeps a column strip of V in cache while all rows of C pass over it.
-template <class Scalar>
-void rank_update_block(const RankUpdate<Scalar>& a, Index i0, Index i1, Index j0, Index j1) {
-  constexpr Index nr = 2 * packet_size<Scalar>;
-  if (a.K <= 64) {
-    for (Index i = i0; i < i1; i += 4) rank_update_rows(a, i, std::min<Index>(4, i1 - i), j0, j1);
-  } else {
-    for (Index j = j0; j < j1; j += nr) {
-      const Index je = std::min(j1, j + nr);
-      for (Index i = i0; i < i1; i += 4) rank_update_rows(a, i, std::min<Index>(4, i1 - i), j, je);
+// Rows [i0, i1) x columns [j0, j1) of C from V already packed into panels that start at column pj0
+// (j0 - pj0 a multiple of nr), over k in [k0, k0 + K) of U; `first` applies base and col_add, else C
+// accumulates.
+template <bool TrackMax, class Scalar>
+Scalar rank_update_panels(const RankUpdate<Scalar>& a, const Scalar* panels, Index pj0, Index k0, Index K, bool first,
+                          Index i0, Index i1, Index j0, Index j1) {
+  constexpr Index w = nr<Scalar>;
+  Scalar big = 0;
+  const Index chunk = chunk_columns<Scalar>(K);
+  for (Index jc = j0; jc < j1; jc += chunk) {
+    const Index jce = std::min(j1, jc + chunk);
+    for (Index i = i0; i < i1; i += MR) {
+      const Index rows = std::min<Index>(MR, i1 - i);
+      const Scalar* u = a.U + i * a.u_row + k0 * a.u_k;
+      for (Index j = jc; j < jce; j += w) {
+        const Scalar m =
+            tile<TrackMax>(a, first, u, panels + (j - pj0) / w * K * w, K, rows, i, j, std::min(w, jce - j));
+        if (TrackMax) big = std::max(big, m);
+      }
     }
   }
+  return big;
+}
+
+// Size of the pack buffer rank_update_columns needs (per thread).
+template <class Scalar>
+Index columns_pack_size() {
+  return std::max(panel_cache_bytes / static_cast<Index>(sizeof(Scalar)), long_k_block * nr<Scalar>);
+}
+
+// Every row of C, columns [j0, j1) (j0 a multiple of nr): V is packed chunk by chunk and, for a long K,
+// in blocks of long_k_block rows, into `pack` (columns_pack_size()), so each block of V is read once from
+// memory while C's tiles accumulate across the blocks.
+template <bool TrackMax, class Scalar>
+Scalar rank_update_columns(const RankUpdate<Scalar>& a, Scalar* pack, Index j0, Index j1) {
+  const Index kc = std::min(a.K, long_k_block);
+  const Index chunk = chunk_columns<Scalar>(kc);
+  Scalar big = 0;
+  for (Index jc = j0; jc < j1; jc += chunk) {
+    const Index jce = std::min(j1, jc + chunk);
+    for (Index k0 = 0;; k0 += kc) {  // at least once: K = 0 still writes base + col_add
+      const Index kb = std::min(kc, a.K - k0);
+      pack_panels(a.V + k0 * a.ldv, a.ldv, kb, jc, jce, pack);
+      const bool last = k0 + kb >= a.K;
+      const Scalar m = rank_update_panels<TrackMax>(a, pack, jc, k0, kb, k0 == 0, Index(0), a.m, jc, jce);
+      if (TrackMax && last) big = std::max(big, m);
+      if (last) break;
+    }
+  }
+  return big;
 }
 
 // IB rows of X against JB rows of W.
@@ -222,17 +337,42 @@ void row_dots_row(const Scalar* X, Index ldx, const Scalar* W, Index ldw, Index 
 
 }  // namespace kernel
 
-// C = base + alpha U V (+ col_add), split over the longer of rows and columns.
+// Workspace of rank_update(): packed panels, kept by the caller so steady-state calls never allocate.
 template <class Scalar>
-void rank_update(const RankUpdate<Scalar>& a) {
-  if (a.m <= 0 || a.p <= 0) return;
+using PackBuffer = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+// C = base + alpha U V (+ col_add), split over the threads. With enough rows, V is packed once and the
+// threads split the rows of C; otherwise (few rows, or a long K) they split its columns, each packing its
+// own. Returns max |C| over every entry written when TrackMax (for merge's overflow bound).
+template <bool TrackMax = false, class Scalar>
+Scalar rank_update(const RankUpdate<Scalar>& a, PackBuffer<Scalar>& work) {
+  if (a.m <= 0 || a.p <= 0) return Scalar(0);
+  constexpr Index w = kernel::nr<Scalar>;
   const int threads = threads_for(static_cast<double>(a.m) * static_cast<double>(a.p) * static_cast<double>(a.K + 1));
-  constexpr Index nr = 2 * kernel::packet_size<Scalar>;
-  if (a.K > 64 || a.m < 4 * threads) {
-    parallel_for(a.p, nr, threads, [&](Index j0, Index j1) { kernel::rank_update_block(a, 0, a.m, j0, j1); });
-  } else {
-    parallel_for(a.m, 4, threads, [&](Index i0, Index i1) { kernel::rank_update_block(a, i0, i1, 0, a.p); });
+  std::mutex lock;
+  Scalar big = 0;
+  auto combine = [&](Scalar m) {
+    if (!TrackMax) return;
+    const std::lock_guard<std::mutex> guard(lock);
+    big = std::max(big, m);
+  };
+  if (a.K > long_k_block || a.m < kernel::MR * threads) {
+    const Index per_thread = kernel::columns_pack_size<Scalar>();
+    if (work.size() < per_thread * threads) work.resize(per_thread * threads);
+    parallel_region(threads, [&](int t, int nt) {
+      const auto cols = split(a.p, w, t, nt);
+      if (cols.first < cols.second)
+        combine(kernel::rank_update_columns<TrackMax>(a, work.data() + t * per_thread, cols.first, cols.second));
+    });
+    return big;
   }
+  const Index size = kernel::panel_size<Scalar>(a.K, a.p);
+  if (work.size() < size) work.resize(size);
+  kernel::pack_panels(a.V, a.ldv, a.K, Index(0), a.p, work.data());
+  parallel_for(a.m, kernel::MR, threads, [&](Index i0, Index i1) {
+    combine(kernel::rank_update_panels<TrackMax>(a, work.data(), 0, 0, a.K, true, i0, i1, 0, a.p));
+  });
+  return big;
 }
 
 namespace kernel {
