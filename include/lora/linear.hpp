@@ -222,9 +222,8 @@ class LoraLinear {
 
   // Workspaces, reused across calls (resized only when n changes).
   MatrixType input_;  // X of the last training forward
-  // [X W0^T | X A_0^T | ...] of the last forward: one product over X; the right part is T = X A^T,
-  // kept for backward.
-  MatrixType fused_;
+  // T = [X A_0^T | X A_1^T | ...] (n x sum r) of the last forward, kept for backward.
+  MatrixType lora_input_;
   MatrixType output_, scaled_Bt_, dT_, dBt_, grad_output_, grad_input_, merge_chunk_, merge_A_, merge_U_;
   detail::PackBuffer<Scalar> pack_;  // the rank-r kernels' packed panels
   detail::GemmBlocking<Scalar> forward_gemm_, backward_gemm_;  // the big products' packing buffers
@@ -432,14 +431,14 @@ void LoraLinear<Scalar>::zero_grad() {
 template <class Scalar>
 template <class Derived>
 const Scalar* LoraLinear<Scalar>::plain_rows(const Eigen::MatrixBase<Derived>& M, MatrixType& copy) const {
-  // The kernels read contiguous rows; any other layout or expression is evaluated into a workspace.
-  if constexpr (std::is_same_v<Derived, MatrixType>) {
-    (void)copy;
-    return M.derived().data();
-  } else {
-    copy = M;
-    return copy.data();
+  // The kernels read contiguous rows: a row-major matrix, Map or Ref with packed rows is read in place;
+  // any other layout or expression is evaluated into a workspace.
+  if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit) && bool(Derived::Flags & Eigen::RowMajorBit)) {
+    const Derived& d = M.derived();
+    if (d.innerStride() == 1 && (d.outerStride() == d.cols() || d.rows() == 1)) return d.data();
   }
+  copy = M;
+  return copy.data();
 }
 
 template <class Scalar>
@@ -480,12 +479,14 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
     return output_;
   }
 
-  // [Y0 | T] = X [W0; A]^T: one product over X (a few more rows of the same weight block).
-  fused_.resize(n, out + R);
+  // Y0 = X W0^T straight into the output (the big product), T = X A^T by the rank-r kernel. One product
+  // over [W0; A] into an n x (out + R) buffer reads X once but costs a second n x out buffer per layer.
+  lora_input_.resize(n, R);
   if (n <= small_batch)
-    detail::row_dots(n, out + R, in, x, in, weight_.data(), in, fused_.data(), out + R);
+    detail::row_dots(n, out, in, x, in, weight_.data(), in, output_.data(), out);
   else
-    detail::gemm(forward_gemm_, Xm, ColMajorMap(weight_.data(), in, out + R), fused_);
+    detail::gemm(forward_gemm_, Xm, ColMajorMap(weight_.data(), in, out), output_);
+  detail::row_dots(n, R, in, x, in, weight_.data() + out * in, in, lora_input_.data(), R);
 
   for (Adapter& a : adapters_) {
     a.uses_dropout = false;
@@ -499,7 +500,7 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
       for (Index j = 0; j < in; ++j) a.dropout_mask(i, j) = a.dropout_rng.uniform() < p ? Scalar(0) : keep_scale;
     a.dropped_input.resize(n, in);
     a.dropped_input = input_.cwiseProduct(a.dropout_mask);
-    fused_.middleCols(a.offset, a.config.rank).noalias() =
+    lora_input_.middleCols(a.offset - out, a.config.rank).noalias() =
         a.dropped_input * weight_.middleRows(a.offset, a.config.rank).transpose();
   }
 
@@ -509,13 +510,13 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
   epilogue.m = n;
   epilogue.p = out;
   epilogue.K = R;
-  epilogue.U = fused_.data() + out;
-  epilogue.u_row = out + R;
+  epilogue.U = lora_input_.data();
+  epilogue.u_row = R;
   epilogue.u_k = 1;
   epilogue.V = scaled_Bt_.data();
   epilogue.ldv = out;
-  epilogue.base = fused_.data();
-  epilogue.ldb = out + R;
+  epilogue.base = output_.data();  // in place
+  epilogue.ldb = out;
   epilogue.col_add = has_bias_ ? bias_.data() : nullptr;
   epilogue.C = output_.data();
   epilogue.ldc = out;
@@ -559,9 +560,9 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
     db.m = r;
     db.p = out;
     db.K = n;
-    db.U = fused_.data() + a.offset;  // T(i, k) = fused_(i, out + col + k)
+    db.U = lora_input_.data() + col;  // T(i, k) = lora_input_(i, col + k)
     db.u_row = 1;
-    db.u_k = out + R;
+    db.u_k = R;
     db.V = dy;
     db.ldv = out;
     db.C = dBt_.data() + col * out;
