@@ -506,20 +506,9 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
 
   // Y = Y0 + b + T (s B^T) in one pass over the output; inactive adapters have zero rows in s B^T.
   update_scaled_Bt();
-  detail::RankUpdate<Scalar> epilogue;
-  epilogue.m = n;
-  epilogue.p = out;
-  epilogue.K = R;
-  epilogue.U = lora_input_.data();
-  epilogue.u_row = R;
-  epilogue.u_k = 1;
-  epilogue.V = scaled_Bt_.data();
-  epilogue.ldv = out;
-  epilogue.base = output_.data();  // in place
-  epilogue.ldb = out;
+  auto epilogue = detail::in_place_update(n, out, R, lora_input_.data(), R, Index(1), scaled_Bt_.data(), out,
+                                          output_.data(), out);
   epilogue.col_add = has_bias_ ? bias_.data() : nullptr;
-  epilogue.C = output_.data();
-  epilogue.ldc = out;
   detail::rank_update(epilogue, pack_);
   cached_rows_ = keep ? n : -1;
   return output_;
@@ -556,46 +545,14 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
     //   phase 1, rows of dY:    dT = s dY B (= dY (s B^T)^T), then dX += dT A on the same rows;
     //            columns of dY: dB^T = s T^T dY (wide rows; added transposed below);
     //   phase 2, columns of X:  dA += dT^T X (needs every row of dT).
-    detail::RankUpdate<Scalar> db;
-    db.m = r;
-    db.p = out;
-    db.K = n;
-    db.U = lora_input_.data() + col;  // T(i, k) = lora_input_(i, col + k)
-    db.u_row = 1;
-    db.u_k = R;
-    db.V = dy;
-    db.ldv = out;
-    db.C = dBt_.data() + col * out;
-    db.ldc = out;
-    db.alpha = s;
-
-    detail::RankUpdate<Scalar> da;
-    da.m = r;
-    da.p = in;
-    da.K = n;
-    da.U = dT_.data() + col;
-    da.u_row = 1;
-    da.u_k = R;
-    da.V = a.uses_dropout ? a.dropped_input.data() : input_.data();
-    da.ldv = in;
-    da.base = a.grad_A.data();
-    da.ldb = in;
-    da.C = a.grad_A.data();
-    da.ldc = in;
-
-    detail::RankUpdate<Scalar> dx;
-    dx.m = n;
-    dx.p = in;
-    dx.K = r;
-    dx.U = dT_.data() + col;
-    dx.u_row = R;
-    dx.u_k = 1;
-    dx.V = A;
-    dx.ldv = in;
-    dx.base = grad_input_.data();
-    dx.ldb = in;
-    dx.C = grad_input_.data();
-    dx.ldc = in;
+    // dB^T = s T^T dY (assigned: base 0), T(i, k) = lora_input_(i, col + k); dA += dT^T X; dX += dT A
+    auto db = detail::in_place_update(r, out, n, lora_input_.data() + col, Index(1), R, dy, out,
+                                      dBt_.data() + col * out, out, s);
+    db.base = nullptr;
+    const auto da = detail::in_place_update(r, in, n, dT_.data() + col, Index(1), R,
+                                            a.uses_dropout ? a.dropped_input.data() : input_.data(), in,
+                                            a.grad_A.data(), in);
+    const auto dx = detail::in_place_update(n, in, r, dT_.data() + col, R, Index(1), A, in, grad_input_.data(), in);
 
     const bool fused_dx = !a.uses_dropout;
     constexpr Index nr = detail::kernel::nr<Scalar>;
@@ -684,21 +641,10 @@ void LoraLinear<Scalar>::add_deltas(const char* where, Select which, ScaleOf sca
     merge_U_.middleCols(K, r) = (sign * static_cast<Scalar>(scale_of(a))) * a.B;
     K += r;
   }
-  detail::RankUpdate<Scalar> d;
-  d.m = out_features_;
-  d.p = in_features_;
-  d.K = K;
-  d.U = merge_U_.data();
-  d.u_row = K;
-  d.u_k = 1;
-  d.V = merge_A_.data();
-  d.ldv = in_features_;
-  d.base = W0.data();
-  d.ldb = in_features_;
-  d.C = W0.data();
-  d.ldc = in_features_;
-  const Scalar max_abs = detail::rank_update<true>(d, pack_);
-  base_max_abs_ = max_abs;
+  base_max_abs_ = detail::rank_update<true>(
+      detail::in_place_update(out_features_, in_features_, K, merge_U_.data(), K, Index(1), merge_A_.data(),
+                              in_features_, W0.data(), in_features_),
+      pack_);
 }
 
 template <class Scalar>

@@ -101,6 +101,27 @@ struct RankUpdate {
   Scalar alpha = 1;
 };
 
+// The common form: C += alpha U V in place (base = C).
+template <class Scalar>
+RankUpdate<Scalar> in_place_update(Index m, Index p, Index K, const Scalar* U, Index u_row, Index u_k, const Scalar* V,
+                                   Index ldv, Scalar* C, Index ldc, Scalar alpha = Scalar(1)) {
+  RankUpdate<Scalar> a;
+  a.m = m;
+  a.p = p;
+  a.K = K;
+  a.U = U;
+  a.u_row = u_row;
+  a.u_k = u_k;
+  a.V = V;
+  a.ldv = ldv;
+  a.base = C;
+  a.ldb = ldc;
+  a.C = C;
+  a.ldc = ldc;
+  a.alpha = alpha;
+  return a;
+}
+
 // Above this K (the long dimension of dA = dT^T X and dB^T = s T^T dY) V is packed in blocks of this many
 // rows, one block at a time.
 constexpr Index long_k_block = 256;
@@ -136,23 +157,22 @@ constexpr Index panel_size(Index K, Index p) {
   return (p + nr<Scalar> - 1) / nr<Scalar> * nr<Scalar> * K;
 }
 
-// Columns [j0, j1) of V (K rows, row stride ldv; j0 a multiple of nr) into panels at dst, scaled by alpha.
+// Columns [j0, j1) of V (K rows, row stride ldv; j0 a multiple of nr) into panels at dst.
 template <class Scalar>
-void pack_panels(const Scalar* V, Index ldv, Index K, Index j0, Index j1, Scalar* dst, Scalar alpha = Scalar(1)) {
+void pack_panels(const Scalar* V, Index ldv, Index K, Index j0, Index j1, Scalar* dst) {
   using P = Packet<Scalar>;
   constexpr Index ps = packet_size<Scalar>, w = nr<Scalar>;
-  const P a = pset1<P>(alpha);
   for (Index j = j0; j < j1; j += w, dst += K * w) {
     const Index cols = std::min(w, j1 - j);
     const Scalar* v = V + j;
     if (cols == w) {
       for (Index k = 0; k < K; ++k, v += ldv) {
-        pstoreu(dst + k * w, Eigen::internal::pmul(a, ploadu<P>(v)));
-        pstoreu(dst + k * w + ps, Eigen::internal::pmul(a, ploadu<P>(v + ps)));
+        pstoreu(dst + k * w, ploadu<P>(v));
+        pstoreu(dst + k * w + ps, ploadu<P>(v + ps));
       }
     } else {
       for (Index k = 0; k < K; ++k, v += ldv)
-        for (Index c = 0; c < w; ++c) dst[k * w + c] = c < cols ? alpha * v[c] : Scalar(0);
+        for (Index c = 0; c < w; ++c) dst[k * w + c] = c < cols ? v[c] : Scalar(0);
     }
   }
 }
