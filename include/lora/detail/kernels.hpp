@@ -1,11 +1,12 @@
 // lora.hpp internals: the skinny products of a LoRA layer, written with Eigen's packet primitives.
 //
 // Two shapes cover every product with a small dimension r:
-//   rank_update:  C = base + alpha * U V        U [m x K] (any strides), V [K x p] row-major
+//   rank_update:  C = base + alpha * U V        U [m x K] (any strides), V [K x p] row-major, packed
+//                                               into a caller-kept PackBuffer
 //   row_dots:     C = alpha * X W^T             X [m x k], W [p x k] row-major, C [m x p]
-// They never call a BLAS and never start threads themselves except through parallel_for, which splits
-// a range over OpenMP threads only outside a parallel region, so they can run while Eigen (or a BLAS)
-// owns the big products without nesting.
+// They never call a BLAS and start threads only through parallel_for / parallel_region, which fork
+// only outside a parallel region, so they can run while Eigen (or a BLAS) owns the big products without
+// nesting.
 #pragma once
 
 #include <lora/common.hpp>
