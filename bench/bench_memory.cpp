@@ -7,6 +7,7 @@
 // Run one mode per process: peak RSS (getrusage) is per process.
 #include "classifier_common.hpp"
 
+#include <lora/data.hpp>
 #include <lora/lora.hpp>
 
 #include <sys/resource.h>

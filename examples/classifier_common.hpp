@@ -2,6 +2,7 @@
 // one fine-tuning run on task B.
 #pragma once
 
+#include <lora/data.hpp>
 #include <lora/lora.hpp>
 #include <lora/optim.hpp>
 

@@ -10,22 +10,23 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace lora::testing {
 
-// d loss / d param by central differences; `loss` must read `param` (a matrix or a writable view).
-// Every entry is perturbed by +-h and restored exactly.
-template <class Derived, class Loss>
-Matrix<double> numerical_gradient(Eigen::MatrixBase<Derived>& param, Loss&& loss, double h = 1e-6) {
+// d loss / d param by central differences; `loss` must read `param` (a matrix, or a writable view such
+// as lora::ParamRef: anything with coeffRef). Every entry is perturbed by +-h and restored exactly.
+template <class Param, class Loss>
+Matrix<double> numerical_gradient(Param&& param, Loss&& loss, double h = 1e-6) {
   Matrix<double> g(param.rows(), param.cols());
   for (Index i = 0; i < param.rows(); ++i)
     for (Index j = 0; j < param.cols(); ++j) {
-      const double saved = param(i, j);
-      param(i, j) = saved + h;
+      const double saved = param.coeffRef(i, j);
+      param.coeffRef(i, j) = static_cast<typename std::decay_t<Param>::Scalar>(saved + h);
       const double up = loss();
-      param(i, j) = saved - h;
+      param.coeffRef(i, j) = static_cast<typename std::decay_t<Param>::Scalar>(saved - h);
       const double down = loss();
-      param(i, j) = saved;
+      param.coeffRef(i, j) = static_cast<typename std::decay_t<Param>::Scalar>(saved);
       g(i, j) = (up - down) / (2 * h);
     }
   return g;

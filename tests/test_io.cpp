@@ -101,7 +101,7 @@ struct Toy {
         head(M::Random(classes, out)),
         head_bias(V::Random(classes)) {}
   lora::LoraModelView<Scalar> view() {
-    return {{{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}}, {{"classifier", &head, &head_bias}}};
+    return {{{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}}, {{"classifier", lora::param_ref(head), lora::param_ref(head_bias)}}};
   }
 };
 
@@ -805,7 +805,7 @@ TEST_CASE("a save that fails midway leaves the old files and no temporary file",
   CHECK(listing(ad) == std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors"});
   CHECK(read_file(ad + "/adapter_model.safetensors") == before);
   // Values that cannot be written fail before any file is touched.
-  big.B()(0, 0) = NAN;
+  big.B().set(0, 0, NAN);
   CHECK_THROWS_WITH(lora::save_adapter(ad, big_view), Catch::Contains("NaN or Inf"));
   CHECK(listing(ad) == std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors"});
   CHECK_THROWS_WITH(lora::save_adapter(ad, view, "nope"), Catch::Contains("no module has an adapter named 'nope'"));
@@ -848,7 +848,7 @@ TEST_CASE("adapters written outside this library give PyTorch's PEFT-way outputs
   lora::Vector<double> head_bias = base.vectors.at("classifier.bias");
   const M base_head = head;
   const lora::Vector<double> base_head_bias = head_bias;
-  lora::LoraModelView<double> model{{{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}}, {{"classifier", &head, &head_bias}}};
+  lora::LoraModelView<double> model{{{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}}, {{"classifier", lora::param_ref(head), lora::param_ref(head_bias)}}};
   const auto config_a = lora::load_adapter(peft + "/adapter_a", model, "a");
   CHECK(config_a.use_rslora);
   lora::load_adapter(peft + "/adapter_b", model, "b");  // F16 weights, no modules_to_save

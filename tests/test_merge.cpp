@@ -111,7 +111,7 @@ TEMPLATE_TEST_CASE("merge refuses NaN/Inf and leaves W0 untouched", "[merge][err
   using Scalar = TestType;
   const Matrix<Scalar> W0 = base<Scalar>(20, 16);
   LoraLinear<Scalar> layer(W0, random_adapter(2));
-  layer.A()(1, 3) = std::numeric_limits<Scalar>::quiet_NaN();
+  layer.A().set(1, 3, std::numeric_limits<Scalar>::quiet_NaN());
   std::string m = message_of([&] { layer.merge(); });
   CHECK(m.find("LoraLinear::merge: adapter 'default': A contains NaN or Inf; W0 left unchanged") != std::string::npos);
   CHECK(layer.base_weight() == W0);
@@ -120,7 +120,8 @@ TEMPLATE_TEST_CASE("merge refuses NaN/Inf and leaves W0 untouched", "[merge][err
   // Finite factors whose product overflows: caught by the checked pass, W0 untouched.
   layer.A().setConstant(std::numeric_limits<Scalar>::max() / 4);
   layer.B().setZero();
-  layer.B()(17, 0) = layer.B()(17, 1) = std::numeric_limits<Scalar>::max() / 4;
+  layer.B().set(17, 0, std::numeric_limits<Scalar>::max() / 4);
+  layer.B().set(17, 1, std::numeric_limits<Scalar>::max() / 4);
   m = message_of([&] { layer.merge(); });
   CHECK(m.find("the merged weight would contain NaN or Inf (first in rows") != std::string::npos);
   CHECK(layer.base_weight() == W0);

@@ -33,7 +33,7 @@ TEST_CASE("a model's base and adapter reload to the same outputs", "[io][model]"
   std::filesystem::create_directories(dir);
   auto trained = small_mlp(1);
   lora::nn::inject_lora(trained, inject_config());
-  trained.saved_modules().front().second->weight()(0, 0) = 0.75;  // a trained head
+  trained.saved_modules().front().second->weight().set(0, 0, 0.75);  // a trained head
   lora::save_base_weights((dir / "base.safetensors").string(), trained, lora::Dtype::F64);
   lora::AdapterSaveOptions f64;
   f64.dtype = lora::Dtype::F64;

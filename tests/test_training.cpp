@@ -1,4 +1,5 @@
 // Synthetic data and mini-batches; end-to-end training of a small classifier, full and with LoRA.
+#include <lora/data.hpp>
 #include <lora/lora.hpp>
 
 #include "gradient_check.hpp"

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -35,12 +36,12 @@ struct LoraModuleRef {
 };
 
 // A module trained in full alongside the adapter (PEFT's modules_to_save, typically a classifier head):
-// its weight [out x in] and, if it has one, its bias [out].
+// checked views of its weight [out x in] and, if it has one, its bias [out x 1].
 template <class Scalar>
 struct SavedModuleRef {
   std::string path;
-  Matrix<Scalar>* weight = nullptr;
-  Vector<Scalar>* bias = nullptr;
+  ParamRef<Scalar> weight;
+  std::optional<ParamRef<Scalar>> bias;
 };
 
 // What the multi-adapter functions and the adapter files need from a model. The pointers are not
@@ -60,10 +61,9 @@ struct LoraModelView {
     }
     for (const auto& m : saved_modules) {
       if (m.path.empty()) detail::fail(where, "a saved module has an empty path");
-      if (!m.weight) detail::fail(where, "saved module '", m.path, "' has a null weight");
-      if (m.bias && m.bias->size() != m.weight->rows())
+      if (m.bias && m.bias->size() != m.weight.rows())
         detail::fail(where, "saved module '", m.path, "': bias has ", m.bias->size(), " entries, weight has ",
-                     m.weight->rows(), " rows");
+                     m.weight.rows(), " rows");
       if (!seen.insert(m.path).second) detail::fail(where, "module path '", m.path, "' appears twice");
     }
   }
@@ -183,28 +183,34 @@ void enable_adapters(const LoraModelView<Scalar>& model, const ActiveAdapterStat
   for (std::size_t i = 0; i < state.size(); ++i) model.lora_modules[i].layer->set_active_adapters(state[i]);
 }
 
-// Merges the active set of every layer that has one (all or none: on a throw, merged layers are unmerged).
+// Merges the active adapters of every layer that has any (layers without an active adapter stay as they
+// are). All or none, exactly: every layer is checked and its merge prepared (allocations included) before
+// any layer changes, so on a throw (naming the module) no weight has been written. Throws when no layer
+// has an active adapter.
 template <class Scalar>
-void merge_adapters(const LoraModelView<Scalar>& model) {
-  constexpr const char* where = "merge_adapters";
+void merge_adapters(const LoraModelView<Scalar>& model, const char* where = "merge_adapters") {
   model.validate(where);
   detail::require_unmerged(where, model);
-  std::vector<LoraLinear<Scalar>*> merged;
+  std::vector<LoraLinear<Scalar>*> prepared;
   try {
-    for (const auto& m : model.lora_modules)
-      if (!m.layer->active_adapters().empty()) {
-        m.layer->merge();
-        merged.push_back(m.layer);
+    for (const auto& m : model.lora_modules) {
+      try {
+        if (m.layer->prepare_merge(where)) prepared.push_back(m.layer);
+      } catch (const std::invalid_argument& e) {
+        detail::fail(where, "module '", m.path, "': ", e.what());
       }
+    }
   } catch (...) {
-    for (LoraLinear<Scalar>* l : merged) l->unmerge();
+    for (LoraLinear<Scalar>* l : prepared) l->cancel_merge();
     throw;
   }
+  if (prepared.empty()) detail::fail(where, "no LoRA layer has an active adapter to merge");
+  for (LoraLinear<Scalar>* l : prepared) l->commit_merge();
 }
 
 template <class Scalar>
-void unmerge_adapters(const LoraModelView<Scalar>& model) {
-  model.validate("unmerge_adapters");
+void unmerge_adapters(const LoraModelView<Scalar>& model, const char* where = "unmerge_adapters") {
+  model.validate(where);
   for (const auto& m : model.lora_modules)
     if (m.layer->merged()) m.layer->unmerge();
 }
@@ -228,20 +234,10 @@ void hot_swap_adapter(LoraLinear<Scalar>& layer, const std::string& name, const 
   const LoraConfig& old = layer.adapter_config(name);
   if (old.rank == config.rank && old.alpha == config.alpha && old.use_rslora == config.use_rslora &&
       old.dropout == config.dropout) {
-    layer.A(name) = a;
-    layer.B(name) = b;
+    layer.set_adapter_weights(name, a, b);
     return;
   }
-  const std::vector<std::string> active = layer.active_adapters();
-  const double scale = layer.adapter_scale(name);
-  if (config.rank > std::min(layer.in_features(), layer.out_features()))
-    detail::fail(where, "rank ", config.rank, " exceeds min(in_features, out_features)");
-  layer.delete_adapter(name);
-  layer.add_adapter(name, config);
-  layer.A(name) = a;
-  layer.B(name) = b;
-  layer.set_adapter_scale(name, scale);
-  layer.set_active_adapters(active);
+  layer.replace_adapter(name, config, a, b);
 }
 
 // ---- combining adapters ----------------------------------------------------------------------------
@@ -277,9 +273,6 @@ LowRankAdapter<Scalar> combine_cat(const LoraLinear<Scalar>& layer, const std::v
   detail::check_sources(where, layer, names, weights);
   int rank = 0;
   for (const std::string& n : names) rank += layer.rank(n);
-  if (rank > std::min(layer.in_features(), layer.out_features()))
-    detail::fail(where, "the concatenated rank ", rank, " exceeds min(in_features, out_features) = ",
-                 std::min(layer.in_features(), layer.out_features()), "; use CombineMethod::svd with a smaller rank");
   LowRankAdapter<Scalar> out;
   out.A.resize(rank, layer.in_features());
   out.B.resize(layer.out_features(), rank);
@@ -374,8 +367,7 @@ void add_weighted_adapter(const LoraModelView<Scalar>& model, const std::vector<
     for (; done < planned.size(); ++done) {
       auto& [layer, adapter] = planned[done];
       layer->add_adapter(name, adapter.config);
-      layer->A(name) = adapter.A;
-      layer->B(name) = adapter.B;
+      layer->set_adapter_weights(name, adapter.A, adapter.B);
     }
   } catch (...) {
     for (std::size_t i = 0; i < done; ++i) planned[i].first->delete_adapter(name);

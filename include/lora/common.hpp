@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 
 #include <cassert>
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -64,6 +65,36 @@ void require_cols(const char* where, const char* what, const Eigen::EigenBase<De
                   const char* cols_name) {
   if (m.cols() != cols)
     fail(where, what, " has ", m.cols(), " columns, expected ", cols_name, " = ", cols);
+}
+
+// Resizes a workspace without Eigen's resize(), which frees the old storage before it allocates the new
+// one and leaves a dangling pointer behind if the allocation throws. Keeps the storage when the size
+// is unchanged.
+template <class Derived>
+void resize_workspace(Eigen::PlainObjectBase<Derived>& m, Index rows, Index cols) {
+  if (m.rows() == rows && m.cols() == cols) return;
+  if (m.size() == rows * cols) {
+    m.resize(rows, cols);  // same size: Eigen keeps the storage
+    return;
+  }
+  Derived fresh(rows, cols);
+  m.swap(fresh);
+}
+
+// The data pointer of a matrix with direct access, else nullptr (an expression has no storage of its own).
+template <class Derived>
+const typename Derived::Scalar* data_or_null(const Eigen::MatrixBase<Derived>& m) {
+  if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
+    return m.derived().data();
+  else
+    return nullptr;
+}
+
+// Whether [a, a + na) and [b, b + nb) share memory.
+template <class Scalar>
+bool overlaps(const Scalar* a, Index na, const Scalar* b, Index nb) {
+  if (!a || !b || na <= 0 || nb <= 0) return false;
+  return std::less<const Scalar*>()(a, b + nb) && std::less<const Scalar*>()(b, a + na);
 }
 
 template <class Derived>

@@ -1,12 +1,14 @@
-// lora.hpp: the umbrella header. #include <lora/lora.hpp> for everything.
+// lora.hpp: the umbrella header. #include <lora/lora.hpp> for the library (file I/O: <lora/io.hpp>;
+// the synthetic tasks of the examples: <lora/data.hpp>).
 #pragma once
 
 #include <lora/adapters.hpp>
+#include <lora/base.hpp>
 #include <lora/common.hpp>
 #include <lora/config.hpp>
-#include <lora/data.hpp>
 #include <lora/init.hpp>
 #include <lora/linear.hpp>
+#include <lora/math.hpp>
 #include <lora/mixed_batch.hpp>
 #include <lora/nn/activation.hpp>
 #include <lora/nn/config.hpp>

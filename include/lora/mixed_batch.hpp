@@ -61,7 +61,8 @@ class MixedBatchPlan {
 };
 
 // Workspaces for mixed-batch forwards; one object can serve every layer of a model (the output is valid
-// until the next call).
+// until the next call). The layer is only read: threads that each own a MixedBatchForward may run mixed
+// batches on one shared layer at once.
 template <class Scalar>
 class MixedBatchForward {
   static_assert(is_supported_scalar_v<Scalar>, "MixedBatchForward supports float and double only");
@@ -91,9 +92,12 @@ class MixedBatchForward {
       for (const auto& g : plan.groups())
         if (!layer.has_adapter(g.adapter)) detail::fail(where, "the layer has no adapter named '", g.adapter, "'");
 
-    Y_.resize(X.rows(), layer.out_features());
-    Y_.noalias() = X * layer.base_weight().transpose();
-    if (layer.has_bias()) Y_.rowwise() += layer.bias().transpose();
+    // X is kept in the workspace (groups gather its rows), then the base product for the whole batch.
+    const Index in = layer.in_features(), out = layer.out_features();
+    detail::resize_workspace(X_, X.rows(), in);
+    X_ = X;
+    layer.infer(X_, main_, no_adapters_);
+    Y_.swap(main_.output);  // the result lives here until the next call; main_ gets it back then
 
     // Size every workspace for the largest group first: nothing allocates inside the parallel loop.
     const auto& groups = plan.groups();
@@ -104,7 +108,7 @@ class MixedBatchForward {
       const auto n = static_cast<Index>(g.rows.size());
       max_rows = std::max(max_rows, n);
       max_rank = std::max<Index>(max_rank, layer.rank(g.adapter));
-      work += static_cast<double>(n) * layer.rank(g.adapter) * static_cast<double>(layer.in_features() + layer.out_features());
+      work += static_cast<double>(n) * layer.rank(g.adapter) * static_cast<double>(in + out);
     }
     int threads = 1;
 #ifdef _OPENMP
@@ -112,11 +116,14 @@ class MixedBatchForward {
       threads = std::min(omp_get_max_threads(), static_cast<int>(groups.size()));
 #endif
     if (static_cast<int>(work_.size()) < threads) work_.resize(static_cast<std::size_t>(threads));
+    const Index pack = std::max(detail::kernel::panel_size<Scalar>(max_rank, out), detail::kernel::columns_pack_size<Scalar>());
     for (int t = 0; t < threads; ++t) {
       Workspace& w = work_[static_cast<std::size_t>(t)];
-      w.X.resize(max_rows, layer.in_features());
-      w.T.resize(max_rows, max_rank);
-      w.U.resize(max_rows, layer.out_features());
+      detail::resize_workspace(w.X, max_rows, in);
+      detail::resize_workspace(w.T, max_rows, max_rank);
+      detail::resize_workspace(w.U, max_rows, out);
+      detail::resize_workspace(w.sBt, max_rank, out);
+      if (w.pack.size() < pack) w.pack.resize(pack);
     }
     const int count = static_cast<int>(groups.size());
 #ifdef _OPENMP
@@ -128,7 +135,7 @@ class MixedBatchForward {
 #else
       Workspace& w = work_.front();
 #endif
-      add_group(layer, X, groups[static_cast<std::size_t>(i)], w);
+      add_group(layer, groups[static_cast<std::size_t>(i)], w);
     }
     return Y_;
   }
@@ -145,32 +152,35 @@ class MixedBatchForward {
   static constexpr double parallel_work = 1 << 20;
 
   struct Workspace {
-    MatrixType X, T, U;
+    MatrixType X, T, U, sBt;
+    detail::PackBuffer<Scalar> pack;
   };
 
-  template <class Derived>
-  void add_group(const LoraLinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& X, const MixedBatchPlan::Group& g,
-                 Workspace& w) {
+  // Y[rows] += s (X[rows] A^T) B^T with the rank-r kernels, single-threaded (inside the group loop).
+  void add_group(const LoraLinear<Scalar>& layer, const MixedBatchPlan::Group& g, Workspace& w) {
     if (!layer.has_adapter(g.adapter)) return;
     const auto A = layer.A(g.adapter);
-    const MatrixType& B = layer.B(g.adapter);
+    const auto B = layer.B(g.adapter);
     const Scalar s = static_cast<Scalar>(layer.scaling(g.adapter) * layer.adapter_scale(g.adapter));
-    const auto n = static_cast<Index>(g.rows.size());
-    auto T = w.T.topLeftCorner(n, A.rows());
-    if (g.contiguous) {
-      T.noalias() = X.middleRows(g.rows.front(), n) * A.transpose();
-      Y_.middleRows(g.rows.front(), n).noalias() += (s * T) * B.transpose();
-      return;
+    const Index n = static_cast<Index>(g.rows.size()), r = A.rows(), in = A.cols(), out = B.rows();
+    w.sBt.topRows(r) = s * B.transpose();
+    const Scalar* x = X_.data() + g.rows.front() * in;
+    if (!g.contiguous) {
+      for (Index i = 0; i < n; ++i) w.X.row(i) = X_.row(g.rows[static_cast<std::size_t>(i)]);
+      x = w.X.data();
     }
-    auto Xg = w.X.topRows(n);
-    for (Index i = 0; i < n; ++i) Xg.row(i) = X.row(g.rows[static_cast<std::size_t>(i)]);
-    T.noalias() = Xg * A.transpose();
-    auto U = w.U.topRows(n);
-    U.noalias() = (s * T) * B.transpose();
-    for (Index i = 0; i < n; ++i) Y_.row(g.rows[static_cast<std::size_t>(i)]) += U.row(i);
+    detail::kernel::row_dots_block(in, x, in, A.data(), in, w.T.data(), w.T.cols(), Scalar(1), 0, n, 0, r);  // T = X_g A^T
+    Scalar* target = g.contiguous ? Y_.data() + g.rows.front() * out : w.U.data();
+    auto update = detail::in_place_update(n, out, r, w.T.data(), w.T.cols(), Index(1), w.sBt.data(), out, target, out);
+    if (!g.contiguous) update.base = nullptr;
+    detail::kernel::rank_update_columns<false>(update, w.pack.data(), 0, out);
+    if (!g.contiguous)
+      for (Index i = 0; i < n; ++i) Y_.row(g.rows[static_cast<std::size_t>(i)]) += w.U.row(i);
   }
 
-  MatrixType Y_;
+  MatrixType X_, Y_;
+  InferenceWorkspace<Scalar> main_;
+  const std::vector<std::string> no_adapters_;
   std::vector<Workspace> work_;
   MixedBatchPlan plan_;
 };

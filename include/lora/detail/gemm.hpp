@@ -8,6 +8,10 @@
 #pragma once
 
 #include <lora/common.hpp>
+#include <lora/detail/kernels.hpp>
+
+#include <algorithm>
+#include <vector>
 
 namespace lora::detail {
 
@@ -53,8 +57,11 @@ class GemmBlocking : public Eigen::internal::level3_blocking<Scalar, Scalar> {
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> buffer_A_, buffer_B_;
 };
 
-// dst = lhs * rhs for dense row-major dst (no aliasing), Eigen's GEMM with persistent buffers.
-// Shapes too small for Eigen's GEMM (or vectors) go through Eigen's ordinary product.
+// dst = lhs * rhs for dense row-major dst (no aliasing), Eigen's GEMM with persistent buffers, on the
+// calling thread. Shapes too small for Eigen's GEMM (or vectors) go through Eigen's ordinary product.
+// Eigen's own threaded GEMM is not used: each of its threads allocates a packing buffer on every call once
+// the blocks pass EIGEN_STACK_ALLOCATION_LIMIT (it does on CPUs with a large L2); gemm_rows() threads
+// instead.
 template <class Scalar, class Lhs, class Rhs, class Dst>
 void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& dst) {
   using namespace Eigen;
@@ -70,8 +77,31 @@ void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& d
   using Functor = internal::gemm_functor<Scalar, Index, Gemm, Lhs, Rhs, Dst, GemmBlocking<Scalar>>;
   blocking.configure(dst.rows(), dst.cols(), lhs.cols());
   dst.setZero();
-  internal::parallelize_gemm<true>(Functor(lhs, rhs, dst, Scalar(1), blocking), lhs.rows(), rhs.cols(), lhs.cols(),
-                                   true);
+  Functor(lhs, rhs, dst, Scalar(1), blocking)(0, lhs.rows(), 0, rhs.cols());
+}
+
+// One GemmBlocking per thread of gemm_rows().
+template <class Scalar>
+using GemmBuffers = std::vector<GemmBlocking<Scalar>>;
+
+// dst = lhs * rhs with the rows of lhs (and dst) split over the threads, each running gemm() on its rows
+// with its own buffers: no allocation once the buffers have seen the shape.
+template <class Scalar, class Lhs, class Rhs, class Dst>
+void gemm_rows(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs, Dst& dst) {
+  const Index m = lhs.rows();
+  int threads = threads_for(static_cast<double>(m) * static_cast<double>(lhs.cols()) * static_cast<double>(rhs.cols()));
+  threads = static_cast<int>(std::min<Index>(threads, std::max<Index>(1, m / 16)));
+  if (static_cast<int>(buffers.size()) < threads) buffers.resize(static_cast<std::size_t>(threads));
+  if (threads <= 1) {
+    gemm(buffers.front(), lhs, rhs, dst);
+    return;
+  }
+  parallel_region(threads, [&](int t, int nt) {
+    const auto rows = split(m, kernel::MR, t, nt);
+    if (rows.first >= rows.second) return;
+    auto d = dst.middleRows(rows.first, rows.second - rows.first);
+    gemm(buffers[static_cast<std::size_t>(t)], lhs.middleRows(rows.first, rows.second - rows.first), rhs, d);
+  });
 }
 
 }  // namespace lora::detail

@@ -29,8 +29,11 @@ inline int threads_for(double work) {
   // Below this, a thread costs more than it saves (a fork and a join of a few microseconds on a quiet
   // machine, a lost time slice on a busy one).
   const double per_thread = 262144;
-  const int by_work = static_cast<int>(work / per_thread);
-  return std::max(1, std::min(omp_get_max_threads(), by_work));
+  const int most = omp_get_max_threads();
+  // Compared in double: work / per_thread exceeds INT_MAX for large products (and is NaN for NaN work).
+  const double by_work = work / per_thread;
+  if (!(by_work >= 1)) return 1;
+  return by_work >= most ? most : std::max(1, static_cast<int>(by_work));
 #else
   (void)work;
   return 1;
@@ -43,7 +46,7 @@ inline std::pair<Index, Index> split(Index total, Index align, int t, int nt) {
   return {std::min(total, units * t / nt * align), std::min(total, units * (t + 1) / nt * align)};
 }
 
-// Runs f(t, nt) on `threads` threads (t = 0 .. nt - 1); f may call barrier().
+// Runs f(t, nt) on `threads` threads (t = 0 .. nt - 1); f may call barrier(nt).
 template <class F>
 void parallel_region(int threads, F&& f) {
 #ifdef _OPENMP
@@ -56,10 +59,16 @@ void parallel_region(int threads, F&& f) {
   f(0, 1);
 }
 
-// Waits for every thread of the enclosing parallel_region (an orphaned OpenMP barrier).
-inline void barrier() {
+// Waits for every thread of the enclosing parallel_region (an orphaned OpenMP barrier). With nt == 1 the
+// region did not fork, and an OpenMP barrier would bind to the caller's own parallel region (when the
+// library is called from one) and wait for threads that never reach it.
+inline void barrier(int nt) {
 #ifdef _OPENMP
+  if (nt > 1) {
 #pragma omp barrier
+  }
+#else
+  (void)nt;
 #endif
 }
 

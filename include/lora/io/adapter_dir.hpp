@@ -204,8 +204,6 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
     if (tB->shape.size() != 2 || tB->shape[0] != out || tB->shape[1] != r)
       io_fail(where, file, kB, "shape ", shape_string(tB->shape), " does not match module '", m.path, "': expected [",
               out, ", ", r, "] (out_features ", out, ", rank ", r, ")");
-    if (lc.rank > std::min(layer.in_features(), layer.out_features()))
-      io_fail(where, file, kA, "rank ", r, " exceeds min(in_features, out_features) of module '", m.path, "'");
     const bool exists = layer.has_adapter(name);
     if (kind == LoadKind::add && exists)
       fail(where, "module '", m.path, "' already has an adapter named '", name,
@@ -237,7 +235,7 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
       if (has_b) io_fail(where, file, kw, "missing, while ", kb, " is present");
       continue;
     }
-    PlannedSaved<Scalar> p{&s, weights.matrix<Scalar>(kw, s.weight->rows(), s.weight->cols(), where), std::nullopt};
+    PlannedSaved<Scalar> p{&s, weights.matrix<Scalar>(kw, s.weight.rows(), s.weight.cols(), where), std::nullopt};
     used.insert(kw);
     if (s.bias) {
       if (!has_b) io_fail(where, file, kb, "missing: module '", s.path, "' has a bias");
@@ -272,18 +270,21 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
       } else {
         layer.add_adapter(name, p.config);
         added.push_back(&layer);
-        layer.A(name) = p.A;
-        layer.B(name) = p.B;
+        layer.set_adapter_weights(name, p.A, p.B);
       }
-      if (p.bias) layer.bias_mut() = *p.bias;
+      if (p.bias) layer.set_bias(*p.bias);
     }
   } catch (...) {
     for (LoraLinear<Scalar>* l : added) l->delete_adapter(name);
     throw;
   }
   for (auto& p : saved) {
-    *p.module->weight = p.weight;
-    if (p.bias) *p.module->bias = *p.bias;
+    ParamRef<Scalar> weight = p.module->weight;
+    weight = p.weight;
+    if (p.bias) {
+      ParamRef<Scalar> bias = *p.module->bias;
+      bias = *p.bias;
+    }
   }
 }
 
@@ -311,13 +312,15 @@ void save_adapter(const std::string& dir, const LoraModelView<Scalar>& model, co
   SafetensorsWriter writer;
   const std::string prefix = peft_key_prefix;
   for (const auto* m : mods) {
-    writer.add(prefix + m->path + ".lora_A.weight", m->layer->A(adapter), options.dtype);
-    writer.add(prefix + m->path + ".lora_B.weight", m->layer->B(adapter), options.dtype);
-    if (m->layer->bias_trainable()) writer.add_vector(prefix + m->path + ".base_layer.bias", m->layer->bias(), options.dtype);
+    const LoraLinear<Scalar>& layer = *m->layer;
+    writer.add(prefix + m->path + ".lora_A.weight", Matrix<Scalar>(layer.A(adapter)), options.dtype);
+    writer.add(prefix + m->path + ".lora_B.weight", Matrix<Scalar>(layer.B(adapter)), options.dtype);
+    if (layer.bias_trainable())
+      writer.add_vector(prefix + m->path + ".base_layer.bias", Vector<Scalar>(layer.bias()), options.dtype);
   }
   for (const auto& s : model.saved_modules) {
-    writer.add(prefix + s.path + ".weight", *s.weight, options.dtype);
-    if (s.bias) writer.add_vector(prefix + s.path + ".bias", *s.bias, options.dtype);
+    writer.add(prefix + s.path + ".weight", Matrix<Scalar>(s.weight), options.dtype);
+    if (s.bias) writer.add_vector(prefix + s.path + ".bias", Vector<Scalar>(s.bias->col(0)), options.dtype);
   }
   const std::string text = config.dump();
 

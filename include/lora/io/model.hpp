@@ -22,7 +22,8 @@ LoraModelView<Scalar> model_view(nn::Sequential<Scalar>& model) {
   LoraModelView<Scalar> view;
   for (const auto& [path, layer] : model.lora_layers()) view.lora_modules.push_back({path, layer});
   for (const auto& [path, linear] : model.saved_modules())
-    view.saved_modules.push_back({path, &linear->weight(), linear->has_bias() ? &linear->bias() : nullptr});
+    view.saved_modules.push_back({path, linear->weight(),
+                                  linear->has_bias() ? std::optional<ParamRef<Scalar>>(linear->bias()) : std::nullopt});
   return view;
 }
 

@@ -2,28 +2,39 @@
 #pragma once
 
 #include <lora/common.hpp>
+#include <lora/nn/inference.hpp>
 #include <lora/nn/module.hpp>
 
 #include <cmath>
 #include <memory>
 #include <string>
 
-namespace lora::nn {
-namespace detail_activation {
+namespace lora::detail {
 
 // The shared bookkeeping: the output buffer, the gradient buffer, the shape a backward() must match.
 template <class Scalar>
-class Elementwise : public Module<Scalar> {
+class Elementwise : public nn::Module<Scalar> {
  public:
-  using typename Module<Scalar>::MatrixType;
-  using typename Module<Scalar>::Input;
+  using typename nn::Module<Scalar>::MatrixType;
+  using typename nn::Module<Scalar>::Input;
 
  protected:
-  void begin_forward(const char* where, const Input& X) {
+  // Returns X, or a copy of it when it overlaps the output buffer about to be resized and written.
+  Input begin_forward(const char* where, const Input& X) {
     if (X.rows() == 0 || X.cols() == 0) detail::fail(where, "input is empty (", detail::shape_of(X), ")");
-    output_.resize(X.rows(), X.cols());
-    cached_rows_ = this->training_ ? X.rows() : -1;
-    cached_cols_ = X.cols();
+    const Input x = lora::detail::unaliased<Scalar>(X, output_, staging_);
+    lora::detail::resize_workspace(output_, x.rows(), x.cols());
+    cached_rows_ = this->training() ? x.rows() : -1;
+    cached_cols_ = x.cols();
+    return x;
+  }
+  // The same for infer(): the output goes to the context's next workspace.
+  static std::pair<Input, MatrixType*> begin_infer(const char* where, const Input& X, nn::InferenceContext<Scalar>& ctx) {
+    if (X.rows() == 0 || X.cols() == 0) detail::fail(where, "input is empty (", detail::shape_of(X), ")");
+    nn::ModuleWorkspace<Scalar>& ws = ctx.next_workspace();
+    Input x = lora::detail::unaliased<Scalar>(X, ws.output, ws.staging);
+    lora::detail::resize_workspace(ws.output, x.rows(), x.cols());
+    return {x, &ws.output};
   }
   void begin_backward(const char* where, const Input& dY) {
     if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
@@ -31,23 +42,30 @@ class Elementwise : public Module<Scalar> {
     grad_input_.resize(dY.rows(), dY.cols());
   }
 
-  MatrixType output_, grad_input_;
+  MatrixType output_, grad_input_, staging_;
   Index cached_rows_ = -1, cached_cols_ = 0;
 };
 
-}  // namespace detail_activation
+}  // namespace lora::detail
+
+namespace lora::nn {
 
 // max(x, 0); the derivative at 0 is taken as 0 (as PyTorch does).
 template <class Scalar>
-class ReLU final : public detail_activation::Elementwise<Scalar> {
+class ReLU final : public lora::detail::Elementwise<Scalar> {
  public:
   using typename Module<Scalar>::MatrixType;
   using typename Module<Scalar>::Input;
 
   const MatrixType& forward(const Input& X) override {
-    this->begin_forward("ReLU::forward", X);
-    this->output_ = X.cwiseMax(Scalar(0));
+    const Input x = this->begin_forward("ReLU::forward", X);
+    this->output_ = x.cwiseMax(Scalar(0));
     return this->output_;
+  }
+  const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
+    auto [x, out] = this->begin_infer("ReLU::infer", X, ctx);
+    *out = x.cwiseMax(Scalar(0));
+    return *out;
   }
   // dX = dY where the output is positive, 0 elsewhere (read from the kept output).
   const MatrixType& backward(const Input& dY) override {
@@ -61,15 +79,20 @@ class ReLU final : public detail_activation::Elementwise<Scalar> {
 
 // tanh(x); dX = dY (1 - y^2) from the kept output.
 template <class Scalar>
-class Tanh final : public detail_activation::Elementwise<Scalar> {
+class Tanh final : public lora::detail::Elementwise<Scalar> {
  public:
   using typename Module<Scalar>::MatrixType;
   using typename Module<Scalar>::Input;
 
   const MatrixType& forward(const Input& X) override {
-    this->begin_forward("Tanh::forward", X);
-    this->output_ = X.array().tanh();
+    const Input x = this->begin_forward("Tanh::forward", X);
+    this->output_ = x.array().tanh();
     return this->output_;
+  }
+  const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
+    auto [x, out] = this->begin_infer("Tanh::infer", X, ctx);
+    *out = x.array().tanh();
+    return *out;
   }
   const MatrixType& backward(const Input& dY) override {
     this->begin_backward("Tanh::backward", dY);
@@ -83,16 +106,21 @@ class Tanh final : public detail_activation::Elementwise<Scalar> {
 // GELU(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, PyTorch's default (approximate = "none").
 // dX = dY (Phi(x) + x phi(x)), phi the standard normal density; the input is kept in training mode.
 template <class Scalar>
-class GELU final : public detail_activation::Elementwise<Scalar> {
+class GELU final : public lora::detail::Elementwise<Scalar> {
  public:
   using typename Module<Scalar>::MatrixType;
   using typename Module<Scalar>::Input;
 
   const MatrixType& forward(const Input& X) override {
-    this->begin_forward("GELU::forward", X);
-    if (this->training_) input_ = X;
-    this->output_ = X.unaryExpr([](Scalar x) { return x * cdf(x); });
+    const Input x = this->begin_forward("GELU::forward", X);
+    if (this->training_) input_ = x;
+    this->output_ = x.unaryExpr([](Scalar v) { return v * cdf(v); });
     return this->output_;
+  }
+  const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
+    auto [x, out] = this->begin_infer("GELU::infer", X, ctx);
+    *out = x.unaryExpr([](Scalar v) { return v * cdf(v); });
+    return *out;
   }
   const MatrixType& backward(const Input& dY) override {
     this->begin_backward("GELU::backward", dY);

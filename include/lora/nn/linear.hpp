@@ -4,6 +4,7 @@
 #include <lora/common.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/init.hpp>
+#include <lora/nn/inference.hpp>
 #include <lora/nn/module.hpp>
 
 #include <cmath>
@@ -36,6 +37,7 @@ class Linear final : public Module<Scalar> {
   // trains). A frozen layer keeps nothing of its input: dX does not need it.
   const MatrixType& forward(const Input& X) override;
   const MatrixType& backward(const Input& dY) override;
+  const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override;
   void zero_grad() override;
 
   // Trainability (PyTorch's requires_grad), for the weight and the bias separately.
@@ -44,11 +46,13 @@ class Linear final : public Module<Scalar> {
   bool weight_trainable() const { return weight_trainable_; }
   bool bias_trainable() const { return bias_trainable_; }
 
-  MatrixType& weight() { return weight_; }
-  const MatrixType& weight() const { return weight_; }
+  // Fixed-shape checked views (ParamRef) of a non-const layer; read-only maps of a const one.
+  ParamRef<Scalar> weight() { return ParamRef<Scalar>(weight_.data(), weight_.rows(), weight_.cols(), weight_lease_.guard()); }
+  Eigen::Map<const MatrixType> weight() const { return Eigen::Map<const MatrixType>(weight_.data(), weight_.rows(), weight_.cols()); }
   bool has_bias() const { return has_bias_; }
-  VectorType& bias() { return bias_; }  // empty without a bias
-  const VectorType& bias() const { return bias_; }
+  // [out x 1] (0 x 1 without a bias).
+  ParamRef<Scalar> bias() { return ParamRef<Scalar>(bias_.data(), bias_.size(), 1, bias_lease_.guard()); }
+  Eigen::Map<const VectorType> bias() const { return Eigen::Map<const VectorType>(bias_.data(), bias_.size()); }
   const MatrixType& grad_weight() const { return grad_weight_; }
   const VectorType& grad_bias() const { return grad_bias_; }
 
@@ -72,6 +76,26 @@ class Linear final : public Module<Scalar> {
   }
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<Linear>(*this); }
 
+  Linear(const Linear& other)
+      : Module<Scalar>(other),
+        weight_(other.weight_),
+        grad_weight_(other.grad_weight_),
+        bias_(other.bias_),
+        grad_bias_(other.grad_bias_),
+        has_bias_(other.has_bias_),
+        weight_trainable_(other.weight_trainable_),
+        bias_trainable_(other.bias_trainable_) {}
+  Linear& operator=(const Linear& other) {
+    if (this != &other) {
+      Linear copy(other);
+      *this = std::move(copy);
+    }
+    return *this;
+  }
+  Linear(Linear&&) = default;
+  Linear& operator=(Linear&&) = default;
+  ~Linear() override = default;
+
  private:
   template <class DerivedW>
   Linear(const Eigen::MatrixBase<DerivedW>& W, VectorType b, bool has_bias);
@@ -82,7 +106,10 @@ class Linear final : public Module<Scalar> {
   MatrixType weight_, grad_weight_;
   VectorType bias_, grad_bias_;
   bool has_bias_ = false, weight_trainable_ = true, bias_trainable_ = false;
-  MatrixType input_, output_, grad_input_;
+  // Owner record and per-tensor guards of the views and parameter entries (see lora/parameter.hpp).
+  detail::GuardHandle guard_;
+  detail::TensorLease weight_lease_{guard_, "weight"}, bias_lease_{guard_, "bias"};
+  MatrixType input_, output_, grad_input_, staging_;
   Index cached_rows_ = -1;  // n of the last training forward, -1 when backward is not possible
 };
 
@@ -134,6 +161,10 @@ Linear<Scalar>::Linear(const Eigen::MatrixBase<DerivedW>& W, VectorType b, bool 
 
 template <class Scalar>
 void Linear<Scalar>::set_trainable(bool weight, bool bias) {
+  // Parameter lists made before this call must not write a tensor whose trainability changed.
+  if (weight != weight_trainable_) weight_lease_.retire();
+  if ((bias && has_bias_) != bias_trainable_) bias_lease_.retire();
+  ++guard_->version;
   weight_trainable_ = weight;
   bias_trainable_ = bias && has_bias_;
   if (weight_trainable_)
@@ -154,7 +185,8 @@ void Linear<Scalar>::set_weight(const Eigen::MatrixBase<Derived>& W) {
   detail::require_shape(where, "weight", W, weight_.rows(), weight_.cols());
   MatrixType w = W.template cast<Scalar>();
   detail::require_finite(where, "weight", w);
-  weight_ = std::move(w);
+  weight_ = w;  // in place: views stay valid
+  ++guard_->version;
 }
 
 template <class Scalar>
@@ -163,6 +195,7 @@ void Linear<Scalar>::set_bias(const Eigen::MatrixBase<Derived>& b) {
   constexpr const char* where = "Linear::set_bias";
   if (!has_bias_) detail::fail(where, "the layer was built without a bias");
   bias_ = to_bias(where, b, weight_.rows());
+  ++guard_->version;
 }
 
 template <class Scalar>
@@ -176,10 +209,20 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::forward(const Input& 
   constexpr const char* where = "Linear::forward";
   detail::require_cols(where, "input", X, in_features(), "in_features");
   if (X.rows() == 0) detail::fail(where, "input has 0 rows");
-  output_.resize(X.rows(), out_features());
-  output_.noalias() = X * weight_.transpose();
+  // X may be a view of this layer's own output (forward(forward(X)) on a square layer): read it from a copy.
+  const bool alias = detail::overlaps(X.data(), X.size(), output_.data(), output_.size());
+  if (alias) {
+    detail::resize_workspace(staging_, X.rows(), X.cols());
+    staging_ = X;
+  }
+  const Input x = alias ? Input(staging_) : X;
+  if (this->training_ && weight_trainable_) {  // dW needs X; dX and db do not
+    detail::resize_workspace(input_, x.rows(), x.cols());
+    input_ = x;
+  }
+  detail::resize_workspace(output_, x.rows(), out_features());
+  output_.noalias() = x * weight_.transpose();
   if (has_bias_) output_.rowwise() += bias_.transpose();
-  if (this->training_ && weight_trainable_) input_ = X;  // dW needs X; dX and db do not
   cached_rows_ = this->training_ ? X.rows() : -1;
   return output_;
 }
@@ -189,21 +232,41 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input&
   constexpr const char* where = "Linear::backward";
   if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
   detail::require_shape(where, "grad_output", dY, cached_rows_, out_features());
-  if (weight_trainable_) grad_weight_.noalias() += dY.transpose() * input_;
-  if (bias_trainable_) grad_bias_.noalias() += dY.colwise().sum().transpose();
-  grad_input_.resize(dY.rows(), in_features());
-  grad_input_.noalias() = dY * weight_;
+  const bool alias = detail::overlaps(dY.data(), dY.size(), grad_input_.data(), grad_input_.size());
+  if (alias) {
+    detail::resize_workspace(staging_, dY.rows(), dY.cols());
+    staging_ = dY;
+  }
+  const Input dy = alias ? Input(staging_) : dY;
+  if (weight_trainable_) grad_weight_.noalias() += dy.transpose() * input_;
+  if (bias_trainable_) grad_bias_.noalias() += dy.colwise().sum().transpose();
+  detail::resize_workspace(grad_input_, dy.rows(), in_features());
+  grad_input_.noalias() = dy * weight_;
   return grad_input_;
+}
+
+template <class Scalar>
+const typename Linear<Scalar>::MatrixType& Linear<Scalar>::infer(const Input& X, InferenceContext<Scalar>& ctx) const {
+  constexpr const char* where = "Linear::infer";
+  detail::require_cols(where, "input", X, in_features(), "in_features");
+  if (X.rows() == 0) detail::fail(where, "input has 0 rows");
+  ModuleWorkspace<Scalar>& ws = ctx.next_workspace();
+  const Input x = lora::detail::unaliased<Scalar>(X, ws.output, ws.staging);
+  lora::detail::resize_workspace(ws.output, x.rows(), out_features());
+  using ColMajorMap = Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>>;
+  lora::detail::gemm_rows(ws.base.forward, x, ColMajorMap(weight_.data(), in_features(), out_features()), ws.output);
+  if (has_bias_) ws.output.rowwise() += bias_.transpose();
+  return ws.output;
 }
 
 template <class Scalar>
 void Linear<Scalar>::collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) {
   if (weight_trainable_)
     out.push_back({prefix + "weight", ParameterRole::weight, detail::parameter_view(weight_),
-                   detail::parameter_view(grad_weight_)});
+                   detail::parameter_view(grad_weight_), weight_lease_.guard()});
   if (bias_trainable_)
     out.push_back({prefix + "bias", ParameterRole::bias, detail::parameter_view(bias_),
-                   detail::parameter_view(grad_bias_)});
+                   detail::parameter_view(grad_bias_), bias_lease_.guard()});
 }
 
 }  // namespace lora::nn

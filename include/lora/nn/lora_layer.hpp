@@ -3,6 +3,7 @@
 
 #include <lora/config.hpp>
 #include <lora/linear.hpp>
+#include <lora/nn/inference.hpp>
 #include <lora/nn/module.hpp>
 
 #include <memory>
@@ -25,10 +26,22 @@ class LoraLayer final : public Module<Scalar> {
   template <class DerivedW, class DerivedB>
   LoraLayer(const Eigen::MatrixBase<DerivedW>& W0, const Eigen::MatrixBase<DerivedB>& bias, const LoraConfig& config)
       : layer_(W0, bias, config), layer_config_(config) {}
+  // Over a base that other layers or models may share: nothing is copied.
+  LoraLayer(typename LoraLinear<Scalar>::BasePtr base, const LoraConfig& config)
+      : layer_(std::move(base), config), layer_config_(config) {}
 
   // forward / backward: LoraLinear's (see include/lora/linear.hpp).
   const MatrixType& forward(const Input& X) override { return layer_.forward(X); }
   const MatrixType& backward(const Input& dY) override { return layer_.backward(dY); }
+  const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
+    ModuleWorkspace<Scalar>& ws = ctx.next_workspace();
+    switch (ctx.mode()) {
+      case InferenceContext<Scalar>::Adapters::named: return layer_.infer(X, ws.lora, ctx.adapter_names(), true);
+      case InferenceContext<Scalar>::Adapters::per_row:
+        return ws.mixed.forward(layer_, X, ctx.plan(), MixedBatchForward<Scalar>::Missing::base);
+      default: return layer_.infer(X, ws.lora);
+    }
+  }
   void zero_grad() override { layer_.zero_grad(); }
   void train(bool on = true) override {
     Module<Scalar>::train(on);
@@ -38,19 +51,29 @@ class LoraLayer final : public Module<Scalar> {
   LoraLinear<Scalar>& lora() { return layer_; }
   const LoraLinear<Scalar>& lora() const { return layer_; }
 
-  // Replaces the frozen W0 (and the bias, when given), keeping every adapter (values, scales, which are
-  // active). The layer must not be merged. Shapes must match.
+  // Replaces the frozen W0 with a copy of these values (a new base of this layer's own), or the bias
+  // values; every adapter is kept (values, scales, which are active). Unmerged layers only; shapes must match.
   template <class DerivedW>
   void set_base_weight(const Eigen::MatrixBase<DerivedW>& W0) {
-    if (layer_.has_bias())
-      rebuild("LoraLayer::set_base_weight", W0, layer_.bias());
-    else
-      rebuild("LoraLayer::set_base_weight", W0, VectorType());
+    constexpr const char* where = "LoraLayer::set_base_weight";
+    detail::require_shape(where, "W0", W0, layer_.out_features(), layer_.in_features());
+    if (layer_.merged()) detail::fail(where, "the layer is merged; call unmerge() first");
+    try {
+      if (layer_.base().has_bias())
+        layer_.set_base(make_base<Scalar>(W0, layer_.bias()));
+      else
+        layer_.set_base(make_base<Scalar>(W0));
+    } catch (const std::invalid_argument& e) {
+      detail::fail(where, e.what());
+    }
   }
   template <class DerivedB>
   void set_base_bias(const Eigen::MatrixBase<DerivedB>& bias) {
-    if (!layer_.has_bias()) detail::fail("LoraLayer::set_base_bias", "the layer was built without a bias");
-    rebuild("LoraLayer::set_base_bias", MatrixType(layer_.base_weight()), bias);
+    try {
+      layer_.set_bias(bias);
+    } catch (const std::invalid_argument& e) {
+      detail::fail("LoraLayer::set_base_bias", e.what());
+    }
   }
 
   // "lora_A.<adapter>.weight", "lora_B.<adapter>.weight" per active adapter, "bias" when it trains.
@@ -75,40 +98,8 @@ class LoraLayer final : public Module<Scalar> {
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<LoraLayer>(*this); }
 
  private:
-  template <class DerivedW, class DerivedB>
-  void rebuild(const char* where, const Eigen::MatrixBase<DerivedW>& W0, const Eigen::MatrixBase<DerivedB>& bias);
-
   LoraLinear<Scalar> layer_;
   LoraConfig layer_config_;  // the per-layer fields (bias mode, keep_original_weight) it was built with
 };
-
-template <class Scalar>
-template <class DerivedW, class DerivedB>
-void LoraLayer<Scalar>::rebuild(const char* where, const Eigen::MatrixBase<DerivedW>& W0,
-                                const Eigen::MatrixBase<DerivedB>& bias) {
-  if (layer_.merged()) detail::fail(where, "the layer is merged; call unmerge() first");
-  detail::require_shape(where, "W0", W0, layer_.out_features(), layer_.in_features());
-  const std::vector<std::string> names = layer_.adapter_names();
-  const std::string default_name = LoraLinear<Scalar>::default_adapter;
-  const bool has_default = layer_.has_adapter(default_name);
-  // LoraLinear always starts with an adapter named "default": build with that adapter's config (or the
-  // first one's), add the others, then drop "default" if this layer no longer has one.
-  LoraConfig first = has_default ? layer_.adapter_config(default_name)
-                                 : (names.empty() ? layer_config_ : layer_.adapter_config(names.front()));
-  first.bias = layer_config_.bias;
-  first.keep_original_weight = layer_config_.keep_original_weight;
-  auto fresh = layer_.has_bias() ? LoraLinear<Scalar>(W0, bias, first) : LoraLinear<Scalar>(W0, first);
-  for (const std::string& name : names)
-    if (name != default_name) fresh.add_adapter(name, layer_.adapter_config(name));
-  if (!has_default) fresh.delete_adapter(default_name);
-  for (const std::string& name : names) {
-    fresh.A(name) = layer_.A(name);
-    fresh.B(name) = layer_.B(name);
-    fresh.set_adapter_scale(name, layer_.adapter_scale(name));
-  }
-  fresh.set_active_adapters(layer_.active_adapters());
-  fresh.train(layer_.training());
-  layer_ = std::move(fresh);
-}
 
 }  // namespace lora::nn

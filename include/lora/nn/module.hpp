@@ -9,6 +9,9 @@
 
 namespace lora::nn {
 
+template <class Scalar>
+class InferenceContext;
+
 // One step of a model: forward, backward, its trainable parameters under dotted names.
 //
 // forward(X)
@@ -33,6 +36,16 @@ class Module {
   virtual ~Module() = default;
 
   virtual const MatrixType& forward(const Input& X) = 0;
+  // infer(X, ctx)
+  //   requires: X as for forward().
+  //   ensures:  returns what forward() returns in eval mode, in a buffer of `ctx` (valid until ctx's next
+  //             use), without changing the module: const, so threads with a context each may run one model
+  //             at once. The context also says which adapters LoRA layers apply (nn/inference.hpp).
+  virtual const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const {
+    (void)X;
+    (void)ctx;
+    detail::fail("Module::infer", type_name(), " has no const inference path");
+  }
   virtual const MatrixType& backward(const Input& dY) = 0;
   virtual void zero_grad() {}
 

@@ -4,11 +4,13 @@
 // by name (to save and reload a pretrained base).
 #pragma once
 
+#include <lora/adapters.hpp>
 #include <lora/common.hpp>
 #include <lora/linear.hpp>
 #include <lora/nn/config.hpp>
 #include <lora/nn/linear.hpp>
 #include <lora/nn/lora_layer.hpp>
+#include <lora/nn/inference.hpp>
 #include <lora/nn/module.hpp>
 
 #include <algorithm>
@@ -80,6 +82,17 @@ class Sequential final : public Module<Scalar> {
   // Like backward(), but stops at the lowest module that has trainable parameters: every parameter
   // gradient is accumulated, dL/dX of the model input is not computed. Cheaper when the bottom is frozen.
   void backward_parameters(const Input& dY);
+  // The children's infer() in order (see Module::infer and nn/inference.hpp).
+  const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
+    if (children_.empty()) detail::fail("Sequential::infer", "the model has no modules");
+    const Index in = in_features();
+    if (in >= 0 && X.cols() != in)
+      detail::fail("Sequential::infer", "input has ", X.cols(), " columns, expected in_features = ", in,
+                   " (of the first layer)");
+    const MatrixType* h = &children_.front().module->infer(X, ctx);
+    for (std::size_t i = 1; i < children_.size(); ++i) h = &children_[i].module->infer(*h, ctx);
+    return *h;
+  }
   void zero_grad() override {
     for (Child& c : children_) c.module->zero_grad();
   }
@@ -140,8 +153,9 @@ class Sequential final : public Module<Scalar> {
   // The config inject_lora used, or nullptr if LoRA was not injected.
   const LoraInjectConfig* lora_config() const { return lora_config_ ? &*lora_config_ : nullptr; }
 
-  // Merges every LoRA layer (see LoraLinear::merge); if one fails, the ones already merged are
-  // unmerged again and the error is rethrown. unmerge() undoes merge().
+  // Merges the active adapters of every LoRA layer, all or none (see merge_adapters in lora/adapters.hpp:
+  // layers without an active adapter are left as they are; on a throw no weight has changed).
+  // unmerge() undoes merge().
   void merge();
   void unmerge();
   bool merged() const;
@@ -195,6 +209,7 @@ class Sequential final : public Module<Scalar> {
   }
 
   std::string known_paths() const;
+  LoraModelView<Scalar> lora_view(const char* where);
 
   std::string name_;
   std::vector<Child> children_;
@@ -369,27 +384,24 @@ std::vector<std::pair<std::string, const Linear<Scalar>*>> Sequential<Scalar>::s
 }
 
 template <class Scalar>
+LoraModelView<Scalar> Sequential<Scalar>::lora_view(const char* where) {
+  LoraModelView<Scalar> view;
+  for (const auto& [path, layer] : lora_layers()) view.lora_modules.push_back({path, layer});
+  if (view.lora_modules.empty()) detail::fail(where, "the model has no LoRA layer");
+  return view;
+}
+
+template <class Scalar>
 void Sequential<Scalar>::merge() {
-  constexpr const char* where = "Sequential::merge";
-  auto layers = lora_layers();
-  if (layers.empty()) detail::fail(where, "the model has no LoRA layer");
-  std::size_t done = 0;
-  try {
-    for (; done < layers.size(); ++done) layers[done].second->merge();
-  } catch (const std::invalid_argument& e) {
-    for (std::size_t i = 0; i < done; ++i) layers[i].second->unmerge();
-    detail::fail(where, layers[done].first, ": ", e.what());
-  }
+  merge_adapters(lora_view("Sequential::merge"), "Sequential::merge");
 }
 
 template <class Scalar>
 void Sequential<Scalar>::unmerge() {
   constexpr const char* where = "Sequential::unmerge";
-  auto layers = lora_layers();
-  if (layers.empty()) detail::fail(where, "the model has no LoRA layer");
+  const LoraModelView<Scalar> view = lora_view(where);
   if (!merged()) detail::fail(where, "the model is not merged");
-  for (auto& [path, layer] : layers)
-    if (layer->merged()) layer->unmerge();
+  unmerge_adapters(view, where);
 }
 
 template <class Scalar>

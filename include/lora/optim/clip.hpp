@@ -15,6 +15,7 @@ namespace lora::optim {
 // gradient holds one.
 template <class Scalar>
 double grad_norm(const ParameterList<Scalar>& params) {
+  lora::detail::require_live_parameters("grad_norm", params, false);
   double sum = 0;
   for (const Parameter<Scalar>& p : params) sum += p.grad.template cast<double>().squaredNorm();
   if (std::isfinite(sum) || std::isnan(sum)) return std::sqrt(sum);
@@ -39,6 +40,7 @@ template <class Scalar>
 double clip_grad_norm(ParameterList<Scalar>& params, double max_norm, bool error_if_nonfinite = true) {
   constexpr const char* where = "clip_grad_norm";
   if (std::isnan(max_norm) || max_norm <= 0) lora::detail::fail(where, "max_norm must be > 0, got ", max_norm);
+  lora::detail::require_live_parameters(where, params, false);
   const double total = grad_norm(params);
   if (!std::isfinite(total)) {
     if (!error_if_nonfinite) return total;
@@ -56,6 +58,7 @@ double clip_grad_norm(ParameterList<Scalar>& params, double max_norm, bool error
 // Sets every gradient of `params` to zero (for models whose own zero_grad() is out of reach).
 template <class Scalar>
 void zero_grad(ParameterList<Scalar>& params) {
+  lora::detail::require_live_parameters("zero_grad", params, false);
   for (Parameter<Scalar>& p : params) p.grad.setZero();
 }
 

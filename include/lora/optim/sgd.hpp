@@ -59,6 +59,7 @@ class SGD {
     const auto& entries = state_.resolve("SGD::step", params);
     const detail::GroupRules rules = group_rules();
     for (std::size_t i = 0; i < params.size(); ++i) update(params[i], *entries[i], rules);
+    lora::detail::touch_parameters(params);
   }
 
   // Accepts 0 (schedules reach it at the start of warmup and the end of decay); the constructor does not.

@@ -65,6 +65,7 @@ class StateStore {
   // made for. Returns the entries in list order (new names get an empty entry). On a throw, nothing
   // has changed.
   const std::vector<Entry*>& resolve(const char* where, const ParameterList<Scalar>& params) {
+    lora::detail::require_live_parameters(where, params, true);
     ++calls_;
     resolved_.clear();
     try {
