@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -58,6 +59,14 @@ namespace detail {
 
 inline constexpr std::uint64_t safetensors_max_header = 100'000'000;  // the reference implementation's cap
 inline constexpr std::uint64_t safetensors_max_dim = std::uint64_t{1} << 48;
+
+// product(shape) x dtype size in bytes, or false if it does not fit in 64 bits (nor the element count).
+inline bool checked_byte_size(Dtype dtype, const std::vector<std::uint64_t>& shape, std::uint64_t& bytes) {
+  std::uint64_t count = 1;
+  for (std::uint64_t d : shape)
+    if (__builtin_mul_overflow(count, d, &count)) return false;
+  return !__builtin_mul_overflow(count, static_cast<std::uint64_t>(dtype_size(dtype)), &bytes);
+}
 
 // Builds the tensor list from the header's JSON events; any deviation stops the parse with a message.
 class SafetensorsHeaderParser : public nlohmann::json_sax<nlohmann::json> {
@@ -402,17 +411,18 @@ class SafetensorsReader {
     data_start_ = 8 + n;
     const std::uint64_t data_size = size_ - data_start_;
     for (const TensorInfo& t : sax.tensors) {
-      std::uint64_t count = 1;
-      for (std::uint64_t d : t.shape) {
+      for (std::uint64_t d : t.shape)
         if (d > detail::safetensors_max_dim)
           detail::io_fail(where, label_, t.name, "dimension ", d, " in shape ", shape_string(t.shape),
                           " is larger than 2^48");
-        if (__builtin_mul_overflow(count, d, &count))
-          detail::io_fail(where, label_, t.name, "the element count of shape ", shape_string(t.shape), " overflows");
-      }
       std::uint64_t bytes = 0;
-      if (__builtin_mul_overflow(count, static_cast<std::uint64_t>(dtype_size(t.dtype)), &bytes))
-        detail::io_fail(where, label_, t.name, "the byte size of shape ", shape_string(t.shape), " overflows");
+      if (!detail::checked_byte_size(t.dtype, t.shape, bytes))
+        detail::io_fail(where, label_, t.name, "shape ", shape_string(t.shape), " x ", to_string(t.dtype), " (",
+                        dtype_size(t.dtype), " bytes): the byte count overflows 64 bits");
+      if constexpr (sizeof(std::size_t) < sizeof(std::uint64_t))
+        if (bytes > std::numeric_limits<std::size_t>::max())
+          detail::io_fail(where, label_, t.name, "shape ", shape_string(t.shape), " x ", to_string(t.dtype), " needs ",
+                          bytes, " bytes, more than this platform can address");
       if (t.end < t.begin)
         detail::io_fail(where, label_, t.name, "data_offsets [", t.begin, ", ", t.end, "] end before they begin");
       if (t.end - t.begin != bytes)
@@ -477,12 +487,10 @@ class SafetensorsWriter {
   // Stored bytes of any dtype and shape (byte count checked against the shape).
   void add_raw(const std::string& name, Dtype dtype, std::vector<std::uint64_t> shape, std::vector<unsigned char> bytes) {
     constexpr const char* where = "SafetensorsWriter::add_raw";
-    std::uint64_t count = 1;
-    for (std::uint64_t d : shape)
-      if (__builtin_mul_overflow(count, d, &count)) detail::fail(where, "tensor '", name, "': shape overflows");
-    if (count * dtype_size(dtype) != bytes.size())
+    const std::uint64_t needed = checked_size(where, name, dtype, shape);
+    if (needed != bytes.size())
       detail::fail(where, "tensor '", name, "': ", bytes.size(), " bytes given, shape ", shape_string(shape), " x ",
-                   to_string(dtype), " needs ", count * dtype_size(dtype));
+                   to_string(dtype), " needs ", needed);
     push(where, {name, dtype, std::move(shape), std::move(bytes)});
   }
 
@@ -566,13 +574,33 @@ class SafetensorsWriter {
     static_assert(is_supported_scalar_v<Scalar>, "SafetensorsWriter::add takes float or double matrices");
     if (!is_convertible(dtype))
       detail::fail(where, "tensor '", name, "': dtype ", to_string(dtype), " is not one of F64, F32, F16, BF16");
+    const std::uint64_t needed = checked_size(where, name, dtype, shape);
     const Matrix<Scalar> values = m;  // row-major, evaluated
     if (!values.allFinite()) detail::fail(where, "tensor '", name, "' contains NaN or Inf");
-    std::vector<unsigned char> bytes(static_cast<std::size_t>(values.size()) * dtype_size(dtype));
+    std::vector<unsigned char> bytes(static_cast<std::size_t>(needed));
     if (!detail::encode(dtype, values.data(), static_cast<std::size_t>(values.size()), bytes.data()))
       detail::fail(where, "tensor '", name, "' has values beyond the range of ", to_string(dtype),
                    " (max |x| = ", values.cwiseAbs().maxCoeff(), ")");
     push(where, {name, dtype, std::move(shape), std::move(bytes)});
+  }
+
+  // The byte size of a tensor to be written; the limits are the reader's, so that every file written
+  // here reads back.
+  static std::uint64_t checked_size(const char* where, const std::string& name, Dtype dtype,
+                                    const std::vector<std::uint64_t>& shape) {
+    for (std::uint64_t d : shape)
+      if (d > detail::safetensors_max_dim)
+        detail::fail(where, "tensor '", name, "': dimension ", d, " in shape ", shape_string(shape),
+                     " is larger than 2^48");
+    std::uint64_t bytes = 0;
+    if (!detail::checked_byte_size(dtype, shape, bytes))
+      detail::fail(where, "tensor '", name, "': shape ", shape_string(shape), " x ", to_string(dtype), " (",
+                   dtype_size(dtype), " bytes): the byte count overflows 64 bits");
+    if constexpr (sizeof(std::size_t) < sizeof(std::uint64_t))
+      if (bytes > std::numeric_limits<std::size_t>::max())
+        detail::fail(where, "tensor '", name, "': shape ", shape_string(shape), " x ", to_string(dtype), " needs ",
+                     bytes, " bytes, more than this platform can address");
+    return bytes;
   }
 
   void push(const char* where, Entry e) {
