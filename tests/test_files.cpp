@@ -1,5 +1,5 @@
 // Files on disk: adapter directories replaced as a pair (a kill and an exception at every step of a
-// save), and byte counts that overflow.
+// save), byte counts that overflow, and float8.
 #include <lora/io.hpp>
 
 #include <catch2/catch.hpp>
@@ -518,3 +518,26 @@ TEST_CASE("shapes whose byte count overflows 64 bits are refused by the writer a
   }
 }
 
+// ---- float8 -------------------------------------------------------------------------------------------
+
+TEST_CASE("float8 decodes exactly", "[files][dtype]") {
+  // E5M2 is the upper byte of an IEEE half.
+  for (int b = 0; b < 256; ++b) {
+    const float expected = static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(static_cast<std::uint16_t>(b << 8)));
+    const float got = lora::detail::decode_f8_e5m2(static_cast<unsigned char>(b));
+    INFO("E5M2 byte " << b);
+    CHECK(((std::isnan(expected) && std::isnan(got)) || got == expected));
+    if (got == 0) CHECK(std::signbit(got) == std::signbit(expected));
+  }
+  // E4M3 "fn": the table's corners.
+  using lora::detail::decode_f8_e4m3;
+  CHECK(decode_f8_e4m3(0x38) == 1.0f);
+  CHECK(decode_f8_e4m3(0x7e) == 448.0f);    // the largest
+  CHECK(decode_f8_e4m3(0x01) == 0x1p-9f);   // the smallest subnormal
+  CHECK(decode_f8_e4m3(0x08) == 0x1p-6f);   // the smallest normal
+  CHECK(decode_f8_e4m3(0xae) == -0.4375f);  // 1.75 x 2^-2
+  CHECK(decode_f8_e4m3(0x78) == 256.0f);    // exponent 15 is finite in the fn variant
+  CHECK(std::isnan(decode_f8_e4m3(0x7f)));
+  CHECK(std::isnan(decode_f8_e4m3(0xff)));
+  CHECK(std::signbit(decode_f8_e4m3(0x80)));
+}

@@ -11,6 +11,10 @@
 // section, overlapping, leaving holes or not covering the data section to its end; duplicate names.
 // The header is parsed with a SAX handler (no document tree), so its memory is bounded by N; tensor
 // buffers are allocated only after their size has been checked against the file's size.
+//
+// Converted to float / double on read: F64, F32, F16, BF16, F8_E4M3, F8_E5M2 (the integer and BOOL
+// tensors are listed and their bytes readable with read_bytes, but not converted). Written: F64, F32,
+// F16, BF16.
 #pragma once
 
 #include <lora/common.hpp>
@@ -59,6 +63,24 @@ namespace detail {
 
 inline constexpr std::uint64_t safetensors_max_header = 100'000'000;  // the reference implementation's cap
 inline constexpr std::uint64_t safetensors_max_dim = std::uint64_t{1} << 48;
+
+// OCP float8, exact in float: E4M3 "fn" (bias 7, no Inf, S.1111.111 is NaN) and E5M2 (bias 15, Inf and
+// NaN as in IEEE half, of which it is the upper byte).
+inline float decode_f8_e4m3(unsigned char b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  if (e == 15 && m == 7) return std::numeric_limits<float>::quiet_NaN();
+  const float magnitude =
+      e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(static_cast<float>(8 + m), e - 10);
+  return (b & 0x80) ? -magnitude : magnitude;
+}
+inline float decode_f8_e5m2(unsigned char b) {
+  const int e = (b >> 2) & 31, m = b & 3;
+  if (e == 31 && m != 0) return std::numeric_limits<float>::quiet_NaN();
+  const float magnitude = e == 31  ? std::numeric_limits<float>::infinity()
+                          : e == 0 ? std::ldexp(static_cast<float>(m), -16)
+                                   : std::ldexp(static_cast<float>(4 + m), e - 17);
+  return (b & 0x80) ? -magnitude : magnitude;
+}
 
 // product(shape) x dtype size in bytes, or false if it does not fit in 64 bits (nor the element count).
 inline bool checked_byte_size(Dtype dtype, const std::vector<std::uint64_t>& shape, std::uint64_t& bytes) {
@@ -296,8 +318,11 @@ class SafetensorsReader {
     read_range(data_start_ + t.begin, dst, static_cast<std::size_t>(t.end - t.begin), where, t.name);
   }
 
+  // The dtypes values(), matrix() and vector() convert to float / double.
+  static bool can_convert(Dtype d) { return is_convertible(d) || d == Dtype::F8_E4M3 || d == Dtype::F8_E5M2; }
+
   // All elements of a tensor of any shape, converted to Scalar, in row-major order. Throws if the dtype
-  // is not F64/F32/F16/BF16 or a value is not finite in Scalar (NaN, Inf, or an F64 beyond float's range).
+  // is not one of can_convert() or a value is not finite in Scalar (NaN, Inf, or an F64 beyond float's range).
   template <class Scalar>
   std::vector<Scalar> values(const std::string& name, const char* where = "SafetensorsReader::values") const {
     const TensorInfo& t = at(name, where);
@@ -364,9 +389,10 @@ class SafetensorsReader {
   template <class Scalar>
   void convert_into(const TensorInfo& t, Scalar* dst, const char* where) const {
     static_assert(is_supported_scalar_v<Scalar>, "SafetensorsReader converts to float or double only");
-    if (!is_convertible(t.dtype))
+    if (!can_convert(t.dtype))
       detail::io_fail(where, label_, t.name, "dtype ", to_string(t.dtype),
-                      " cannot be converted to a floating-point matrix (supported: F64, F32, F16, BF16)");
+                      " cannot be converted to floating point (supported: F64, F32, F16, BF16, F8_E4M3, F8_E5M2;"
+                      " read_bytes() gives the stored bytes)");
     const std::size_t esize = dtype_size(t.dtype);
     const std::size_t total = static_cast<std::size_t>(t.num_elements());
     constexpr std::size_t chunk_elems = std::size_t{1} << 16;
@@ -374,7 +400,14 @@ class SafetensorsReader {
     for (std::size_t done = 0; done < total;) {
       const std::size_t n = std::min(chunk_elems, total - done);
       read_range(data_start_ + t.begin + done * esize, buffer.data(), n * esize, where, t.name);
-      detail::decode(t.dtype, buffer.data(), n, dst + done);
+      if (t.dtype == Dtype::F8_E4M3 || t.dtype == Dtype::F8_E5M2) {
+        const bool e4m3 = t.dtype == Dtype::F8_E4M3;
+        for (std::size_t i = 0; i < n; ++i)
+          dst[done + i] =
+              static_cast<Scalar>(e4m3 ? detail::decode_f8_e4m3(buffer[i]) : detail::decode_f8_e5m2(buffer[i]));
+      } else {
+        detail::decode(t.dtype, buffer.data(), n, dst + done);
+      }
       for (std::size_t i = 0; i < n; ++i)
         if (!std::isfinite(dst[done + i]))
           detail::io_fail(where, label_, t.name, "element ", done + i, " is NaN or Inf",
