@@ -1,5 +1,5 @@
 // Files on disk: adapter directories replaced as a pair (a kill and an exception at every step of a
-// save), byte counts that overflow, and float8.
+// save), byte counts that overflow, float8, and safetensors files written by other software.
 #include <lora/io.hpp>
 
 #include <catch2/catch.hpp>
@@ -540,4 +540,256 @@ TEST_CASE("float8 decodes exactly", "[files][dtype]") {
   CHECK(std::isnan(decode_f8_e4m3(0x7f)));
   CHECK(std::isnan(decode_f8_e4m3(0xff)));
   CHECK(std::signbit(decode_f8_e4m3(0x80)));
+}
+
+// ---- safetensors files written by other software ---------------------------------------------------------
+
+namespace {
+
+const fs::path interop_dir = fs::path(LORA_INTEROP_DIR) / "safetensors";
+
+bool have_interop() {
+  if (fs::is_directory(interop_dir)) return true;
+  WARN("skipped: " << interop_dir.string() << " is absent (interoperability files from other writers)");
+  return false;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const io_error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+// The stored integer values of an integer or BOOL tensor, decoded here from its little-endian bytes.
+std::vector<std::int64_t> stored_integers(const lora::SafetensorsReader& r, const lora::TensorInfo& t) {
+  std::vector<unsigned char> bytes(t.end - t.begin);
+  r.read_bytes(t, bytes.data());
+  const std::size_t size = lora::dtype_size(t.dtype);
+  std::vector<std::int64_t> out;
+  for (std::size_t i = 0; i < bytes.size(); i += size) {
+    std::uint64_t u = 0;
+    for (std::size_t b = 0; b < size; ++b) u |= std::uint64_t{bytes[i + b]} << (8 * b);
+    const bool is_signed =
+        t.dtype == Dtype::I8 || t.dtype == Dtype::I16 || t.dtype == Dtype::I32 || t.dtype == Dtype::I64;
+    if (is_signed && size < 8 && (u >> (8 * size - 1))) u |= ~std::uint64_t{0} << (8 * size);  // sign extension
+    out.push_back(static_cast<std::int64_t>(u));
+  }
+  return out;
+}
+
+// Every tensor: converted (and finite) if the dtype is one the reader converts, else refused naming it.
+void check_every_tensor_reads_or_is_refused(const lora::SafetensorsReader& r) {
+  for (const auto& t : r.tensors()) {
+    INFO(r.path() << ": " << t.name << " " << lora::to_string(t.dtype));
+    CHECK(t.end - t.begin == t.num_elements() * lora::dtype_size(t.dtype));
+    if (lora::SafetensorsReader::can_convert(t.dtype)) {
+      CHECK(r.values<double>(t.name).size() == t.num_elements());
+      CHECK(r.values<float>(t.name).size() == t.num_elements());
+    } else {
+      const std::string message = error_of([&] { (void)r.values<double>(t.name); });
+      CHECK_THAT(message, Contains(std::string("dtype ") + lora::to_string(t.dtype) + " cannot be converted") &&
+                              Contains(t.name));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("safetensors files of the official library and of other writers", "[files][interop]") {
+  if (!have_interop()) return;
+
+  SECTION("SafeTensors.jl and numpy: every dtype, shapes [3], [3, 5], [3, 5, 7]") {
+    const fs::path d = interop_dir / "fluxml_safetensors_jl_non_sharded";
+    const auto julia = lora::SafetensorsReader::open((d / "model.safetensors").string());
+    const auto with_meta = lora::SafetensorsReader::open((d / "model.with_metadata.safetensors").string());
+    const auto numpy = lora::SafetensorsReader::open((d / "model.numpy.safetensors").string());
+    const std::map<std::string, Dtype> prefixes = {
+        {"bfloat16", Dtype::BF16},       {"bool", Dtype::BOOL},   {"float16", Dtype::F16},
+        {"float32", Dtype::F32},         {"float64", Dtype::F64}, {"float8_e4m3fn", Dtype::F8_E4M3},
+        {"float8_e5m2", Dtype::F8_E5M2}, {"int16", Dtype::I16},   {"int32", Dtype::I32},
+        {"int64", Dtype::I64},           {"int8", Dtype::I8},     {"uint8", Dtype::U8}};
+    const std::map<std::string, std::vector<std::uint64_t>> shapes = {{"3", {3}}, {"35", {3, 5}}, {"357", {3, 5, 7}}};
+    CHECK(julia.tensors().size() == prefixes.size() * 3);
+    CHECK(numpy.tensors().size() == 27);  // numpy has no bfloat16 or float8
+    for (const auto* r : {&julia, &numpy}) {
+      for (const auto& t : r->tensors()) {
+        INFO(r->path() << ": " << t.name);
+        const auto cut = t.name.rfind('_');
+        REQUIRE(prefixes.count(t.name.substr(0, cut)));
+        CHECK(t.dtype == prefixes.at(t.name.substr(0, cut)));
+        CHECK(t.shape == shapes.at(t.name.substr(cut + 1)));
+      }
+      check_every_tensor_reads_or_is_refused(*r);
+    }
+    // numpy's file holds arange(n) in every dtype (BOOL: n % 2), row-major.
+    for (const auto& t : numpy.tensors()) {
+      INFO(t.name);
+      if (lora::SafetensorsReader::can_convert(t.dtype)) {
+        const auto v = numpy.values<double>(t.name);
+        for (std::size_t i = 0; i < v.size(); ++i) CHECK(v[i] == static_cast<double>(i));
+      } else {
+        const auto v = stored_integers(numpy, t);
+        for (std::size_t i = 0; i < v.size(); ++i)
+          CHECK(v[i] == static_cast<std::int64_t>(t.dtype == Dtype::BOOL ? i % 2 : i));
+      }
+    }
+    // Julia's random values, checked against Python's struct module (and a float8 table for F8).
+    CHECK(julia.values<double>("float64_3") ==
+          std::vector<double>{0.09568845342543757, -0.09626170885828042, -0.7743970759206625});
+    CHECK(julia.values<float>("float32_3") ==
+          std::vector<float>{0.01330372504889965f, 0.581986665725708f, 0.4747563302516937f});
+    CHECK(julia.values<double>("float16_3") == std::vector<double>{0.123779296875, 1.6435546875, 0.454833984375});
+    CHECK(julia.values<double>("bfloat16_3") == std::vector<double>{-0.82421875, -0.373046875, 0.84375});
+    CHECK(julia.values<double>("float8_e4m3fn_3") == std::vector<double>{-0.4375, -0.28125, -1.0});
+    CHECK(julia.values<double>("float8_e5m2_3") == std::vector<double>{-0.75, -0.1875, -0.75});
+    const auto e4m3 = julia.values<double>("float8_e4m3fn_357");
+    CHECK(std::vector<double>(e4m3.begin(), e4m3.begin() + 4) == std::vector<double>{-0.625, 1.0, 0.3125, -0.375});
+    CHECK(stored_integers(julia, julia.at("int32_3")) == std::vector<std::int64_t>{42, 13, 59});
+    // The file with metadata holds the same tensors.
+    CHECK(with_meta.metadata_value("test") == std::string("metadata"));
+    CHECK(with_meta.metadata_value("version") == std::string("2.2"));
+    CHECK(julia.metadata().empty());
+    for (const auto& t : julia.tensors()) {
+      INFO(t.name);
+      const lora::TensorInfo& u = with_meta.at(t.name);
+      CHECK(u.dtype == t.dtype);
+      CHECK(u.shape == t.shape);
+      CHECK(stored_integers(with_meta, u).size() == t.num_elements());
+      std::vector<unsigned char> x(t.end - t.begin), y(u.end - u.begin);
+      julia.read_bytes(t, x.data());
+      with_meta.read_bytes(u, y.data());
+      CHECK(x == y);
+    }
+  }
+
+  SECTION("a sharded checkpoint and its index") {
+    const fs::path d = interop_dir / "fluxml_safetensors_jl_sharded";
+    const auto sharded = lora::ShardedSafetensorsReader::open((d / "model.safetensors.index.json").string());
+    const auto whole = lora::SafetensorsReader::open(
+        (interop_dir / "fluxml_safetensors_jl_non_sharded" / "model.safetensors").string());
+    CHECK(sharded.shards().size() == 6);
+    CHECK(sharded.weight_map().size() == whole.tensors().size());
+    std::uint64_t bytes = 0;
+    for (const auto& t : whole.tensors()) {
+      INFO(t.name);
+      const lora::TensorInfo& s = sharded.at(t.name);
+      CHECK(s.dtype == t.dtype);
+      CHECK(s.shape == t.shape);
+      std::vector<unsigned char> x(t.end - t.begin), y(s.end - s.begin);
+      whole.read_bytes(t, x.data());
+      sharded.shard_of(t.name).read_bytes(s, y.data());
+      CHECK(x == y);
+      if (lora::SafetensorsReader::can_convert(t.dtype))
+        CHECK(sharded.values<double>(t.name) == whole.values<double>(t.name));
+      bytes += s.end - s.begin;
+    }
+    CHECK(sharded.total_size() == bytes);
+    CHECK(sharded.shard_of("bool_357").path() == (d / "model-00003-of-00006.safetensors").string());
+    for (const auto& shard : sharded.shards()) {
+      CHECK(shard.second.metadata_value("format") == std::string("pt"));
+      check_every_tensor_reads_or_is_refused(shard.second);
+    }
+    CHECK_THAT(error_of([&] { (void)sharded.at("nope"); }),
+               Contains("'nope'") && Contains("no such tensor in the index"));
+  }
+
+  SECTION("the safetensors PR 84 samples: headers not aligned to 8 bytes, one dtype a file") {
+    const fs::path d = interop_dir / "hf_safetensors_pr84_samples";
+    const std::map<std::string, Dtype> files = {{"B", Dtype::U8},  {"H", Dtype::U16}, {"I", Dtype::U32},
+                                                {"b", Dtype::I8},  {"d", Dtype::F64}, {"e", Dtype::F16},
+                                                {"f", Dtype::F32}, {"h", Dtype::I16}, {"i", Dtype::I32}};
+    const auto overall = lora::SafetensorsReader::open((d / "overall.safetensors").string());
+    CHECK(overall.tensors().size() == files.size());
+    for (const auto& kv : files) {
+      INFO(kv.first);
+      const auto r = lora::SafetensorsReader::open((d / (kv.first + ".safetensors")).string());
+      REQUIRE(r.tensors().size() == 1);
+      const lora::TensorInfo& t = r.tensors().front();
+      CHECK(t.name == kv.first);
+      CHECK(t.dtype == kv.second);
+      CHECK(t.shape == std::vector<std::uint64_t>{6});
+      CHECK(r.metadata_value("test") == std::string("a"));
+      CHECK(overall.at(kv.first).dtype == kv.second);
+      // Each holds -3 .. 2 (the unsigned ones wrapped).
+      const std::uint64_t size = lora::dtype_size(t.dtype);
+      const bool is_unsigned = t.dtype == Dtype::U8 || t.dtype == Dtype::U16 || t.dtype == Dtype::U32;
+      for (const auto* file : {&r, &overall}) {
+        if (lora::SafetensorsReader::can_convert(t.dtype)) {
+          CHECK(file->values<double>(kv.first) == std::vector<double>{-3, -2, -1, 0, 1, 2});
+          CHECK(file->values<float>(kv.first) == std::vector<float>{-3, -2, -1, 0, 1, 2});
+        } else {
+          const auto v = stored_integers(*file, file->at(kv.first));
+          for (int i = 0; i < 6; ++i)
+            CHECK(v[i] ==
+                  (is_unsigned && i < 3 ? static_cast<std::int64_t>((std::uint64_t{1} << (8 * size)) - 3 + i) : i - 3));
+          CHECK_THAT(error_of([&] { (void)file->values<float>(kv.first); }),
+                     Contains(std::string("dtype ") + lora::to_string(t.dtype) + " cannot be converted"));
+        }
+      }
+    }
+  }
+
+  SECTION("IREE's files: no tensors at all (header {}), one and several F32") {
+    const fs::path d = interop_dir / "iree_testdata";
+    const auto empty = lora::SafetensorsReader::open((d / "empty.safetensors").string());
+    CHECK(empty.tensors().empty());
+    CHECK(empty.metadata().empty());
+    const auto single = lora::SafetensorsReader::open((d / "single.safetensors").string());
+    REQUIRE(single.tensors().size() == 1);
+    CHECK(single.matrix<float>("tensor0", 2, 2) == lora::Matrix<float>::Zero(2, 2));
+    const auto multiple = lora::SafetensorsReader::open((d / "multiple.safetensors").string());
+    CHECK(multiple.tensors().size() == 3);
+    CHECK(multiple.matrix<double>("tensor1").rows() == 1);
+    CHECK(multiple.matrix<double>("tensor2").cols() == 3);
+    check_every_tensor_reads_or_is_refused(multiple);
+  }
+
+  SECTION("candle's examples: I64 and U8 tensors") {
+    const fs::path d = interop_dir / "candle_examples";
+    const auto codes = lora::SafetensorsReader::open((d / "jfk-codes.safetensors").string());
+    CHECK(codes.at("codes").dtype == Dtype::I64);
+    CHECK(codes.at("codes").shape == std::vector<std::uint64_t>{1, 2, 828});
+    const auto voices = lora::SafetensorsReader::open((d / "voices.safetensors").string());
+    CHECK(voices.at("tokens").shape == std::vector<std::uint64_t>{1, 982, 33});
+    CHECK(voices.at("mask").dtype == Dtype::U8);
+    for (std::int64_t m : stored_integers(voices, voices.at("mask"))) CHECK((m == 0 || m == 1));
+    check_every_tensor_reads_or_is_refused(codes);
+    check_every_tensor_reads_or_is_refused(voices);
+  }
+}
+
+TEST_CASE("a sharded index is checked against its shards", "[files][safetensors]") {
+  TempDir d;
+  lora::SafetensorsWriter a, b;
+  a.add("x", lora::Matrix<float>::Ones(2, 3));
+  b.add("y", lora::Matrix<float>::Ones(1, 2));
+  b.add("z", lora::Matrix<float>::Ones(1, 1));
+  a.save(d / "s1.safetensors");
+  b.save(d / "s2.safetensors");
+  auto index = [&](const std::string& map) {
+    write_file(d / "index.json", R"({"metadata": {"total_size": 36}, "weight_map": )" + map + "}");
+    return d / "index.json";
+  };
+  const auto ok = lora::ShardedSafetensorsReader::open(
+      index(R"({"x": "s1.safetensors", "y": "s2.safetensors", "z": "s2.safetensors"})"));
+  CHECK(ok.values<float>("y") == std::vector<float>{1, 1});
+  CHECK(ok.total_size() == 36u);
+  auto fault = [&](const std::string& map) {
+    return error_of([&] { (void)lora::ShardedSafetensorsReader::open(index(map)); });
+  };
+  CHECK_THAT(fault(R"({"x": "s1.safetensors", "y": "s2.safetensors"})"),
+             Contains("ShardedSafetensorsReader::open") && Contains("'z'") && Contains("does not list it"));
+  CHECK_THAT(fault(R"({"x": "s1.safetensors", "y": "s2.safetensors", "z": "s1.safetensors"})"),
+             Contains("'z'") && Contains("not in it"));
+  CHECK_THAT(fault(R"({"x": "s1.safetensors", "y": "s2.safetensors", "z": "s3.safetensors"})"),
+             Contains("s3.safetensors") && Contains("cannot open"));
+  CHECK_THAT(fault(R"({"x": "../s1.safetensors"})"), Contains("not a file name in the index's directory"));
+  CHECK_THAT(fault(R"({"x": 1})"), Contains("'x'") && Contains("not a string"));
+  CHECK_THAT(fault(R"([])"), Contains("weight_map"));
+  write_file(d / "index.json", "{\"weight_map\": ");
+  CHECK_THAT(error_of([&] { (void)lora::ShardedSafetensorsReader::open(d / "index.json"); }),
+             Contains("not valid JSON"));
 }

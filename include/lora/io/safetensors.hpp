@@ -14,7 +14,7 @@
 //
 // Converted to float / double on read: F64, F32, F16, BF16, F8_E4M3, F8_E5M2 (the integer and BOOL
 // tensors are listed and their bytes readable with read_bytes, but not converted). Written: F64, F32,
-// F16, BF16.
+// F16, BF16. ShardedSafetensorsReader opens a checkpoint split into shards by its index file.
 #pragma once
 
 #include <lora/common.hpp>
@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <memory>
@@ -62,6 +63,7 @@ inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
 namespace detail {
 
 inline constexpr std::uint64_t safetensors_max_header = 100'000'000;  // the reference implementation's cap
+inline constexpr std::uint64_t safetensors_max_index = 100'000'000;   // model.safetensors.index.json
 inline constexpr std::uint64_t safetensors_max_dim = std::uint64_t{1} << 48;
 
 // OCP float8, exact in float: E4M3 "fn" (bias 7, no Inf, S.1111.111 is NaN) and E5M2 (bias 15, Inf and
@@ -646,6 +648,85 @@ class SafetensorsWriter {
 
   std::vector<Entry> entries_;
   std::vector<std::pair<std::string, std::string>> metadata_;
+};
+
+// A checkpoint split into shards, as transformers and huggingface_hub write it: the index file
+// (model.safetensors.index.json: {"metadata": {"total_size": bytes, ...}, "weight_map": {tensor: shard}})
+// beside the shard files. open() reads the index and opens every shard it names (each validated as by
+// SafetensorsReader); it throws io_error for a shard name that is not a plain file name of that
+// directory, a missing shard, a mapped tensor absent from its shard, or a shard holding a tensor the map
+// does not send to it.
+class ShardedSafetensorsReader {
+ public:
+  static ShardedSafetensorsReader open(const std::string& index_path) {
+    constexpr const char* where = "ShardedSafetensorsReader::open";
+    const std::string text = detail::read_small_file(index_path, detail::safetensors_max_index, where);
+    nlohmann::json index;
+    try {
+      index = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      detail::io_fail(where, index_path, "", "not valid JSON: ", e.what());
+    }
+    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+      detail::io_fail(where, index_path, "", "expected an object with a \"weight_map\" object");
+    ShardedSafetensorsReader r;
+    r.path_ = index_path;
+    if (index.contains("metadata")) {
+      const nlohmann::json& meta = index["metadata"];
+      if (!meta.is_object()) detail::io_fail(where, index_path, "", "\"metadata\" is not an object");
+      if (meta.contains("total_size")) {
+        if (!meta["total_size"].is_number_unsigned())
+          detail::io_fail(where, index_path, "", "metadata.total_size is not a non-negative integer");
+        r.total_size_ = meta["total_size"].get<std::uint64_t>();
+      }
+    }
+    const std::filesystem::path dir = std::filesystem::path(index_path).parent_path();
+    for (const auto& kv : index["weight_map"].items()) {
+      if (!kv.value().is_string()) detail::io_fail(where, index_path, kv.key(), "the shard name is not a string");
+      const std::string shard = kv.value().get<std::string>();
+      // A plain name: the index must not send the reader outside its directory.
+      if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos)
+        detail::io_fail(where, index_path, kv.key(), "shard '", shard, "' is not a file name in the index's directory");
+      r.weight_map_.emplace(kv.key(), shard);
+      if (!r.shards_.count(shard)) r.shards_.emplace(shard, SafetensorsReader::open((dir / shard).string()));
+    }
+    for (const auto& kv : r.weight_map_)
+      if (!r.shards_.at(kv.second).contains(kv.first))
+        detail::io_fail(where, r.shards_.at(kv.second).path(), kv.first, "mapped to this shard by ", index_path,
+                        ", but not in it");
+    for (const auto& shard : r.shards_)
+      for (const TensorInfo& t : shard.second.tensors()) {
+        const auto it = r.weight_map_.find(t.name);
+        if (it == r.weight_map_.end() || it->second != shard.first)
+          detail::io_fail(where, shard.second.path(), t.name, "in this shard, but ", index_path,
+                          it == r.weight_map_.end() ? " does not list it" : " maps it to " + it->second);
+      }
+    return r;
+  }
+
+  const std::string& path() const { return path_; }                                     // the index file
+  const std::map<std::string, std::string>& weight_map() const { return weight_map_; }  // tensor -> shard
+  const std::map<std::string, SafetensorsReader>& shards() const { return shards_; }    // shard -> reader
+  std::optional<std::uint64_t> total_size() const { return total_size_; }               // as the index states it
+
+  // The shard holding `tensor`.
+  const SafetensorsReader& shard_of(const std::string& tensor,
+                                    const char* where = "ShardedSafetensorsReader::shard_of") const {
+    const auto it = weight_map_.find(tensor);
+    if (it == weight_map_.end()) detail::io_fail(where, path_, tensor, "no such tensor in the index");
+    return shards_.at(it->second);
+  }
+  const TensorInfo& at(const std::string& tensor) const { return shard_of(tensor).at(tensor); }
+  template <class Scalar>
+  std::vector<Scalar> values(const std::string& tensor) const {
+    return shard_of(tensor).template values<Scalar>(tensor);
+  }
+
+ private:
+  std::string path_;
+  std::map<std::string, std::string> weight_map_;
+  std::map<std::string, SafetensorsReader> shards_;
+  std::optional<std::uint64_t> total_size_;
 };
 
 }  // namespace lora
