@@ -1,5 +1,5 @@
 // libFuzzer target for the file parsers. Each input is read three ways:
-//   1. as a safetensors file: header validation, then every convertible tensor converted to float;
+//   1. as a safetensors file: header validation, then every convertible tensor (F8 included) to float;
 //   2. as an adapter's weights, loaded against a fixed toy model (shape and key checks);
 //   3. as adapter_config.json, with its patterns evaluated.
 // Only lora::io_error may leave the library on bad input; anything else (another exception type, a
@@ -16,7 +16,7 @@ namespace {
 void as_safetensors(const std::uint8_t* data, std::size_t size) {
   const auto file = lora::SafetensorsReader::from_memory(data, size, "fuzz-input");
   for (const auto& t : file.tensors())
-    if (lora::is_convertible(t.dtype)) (void)file.values<float>(t.name);
+    if (lora::SafetensorsReader::can_convert(t.dtype)) (void)file.values<float>(t.name);
 
   // A toy model: two LoRA layers (6 -> 8 -> 7) and a head in modules_to_save.
   lora::LoraConfig c;

@@ -765,15 +765,17 @@ TEST_CASE("a writer killed midway leaves the previous adapter intact and loadabl
   char c = 0;
   REQUIRE(::read(fds[0], &c, 1) == 1);  // the child is inside the write
   ::close(fds[0]);
-  std::vector<std::string> during = listing(ad);
+  const std::vector<std::string> during = listing(ad), during_parent = listing(dir.path);
   REQUIRE(::kill(pid, SIGKILL) == 0);
   int status = 0;
   REQUIRE(::waitpid(pid, &status, 0) == pid);
   CHECK(WIFSIGNALED(status));
   CHECK(WTERMSIG(status) == SIGKILL);
 
-  // The temporary files were there (one holding part of the new weights); the real ones are the old.
-  CHECK(during.size() == 4);
+  // The new files were being written beside the directory, which still held the old ones.
+  CHECK(during == std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors"});
+  REQUIRE(during_parent.size() == 2);
+  CHECK(during_parent[0].rfind(".adapter.lora-new.", 0) == 0);
   CHECK(read_file(ad + "/adapter_model.safetensors") == old_weights);
   CHECK(read_file(ad + "/adapter_config.json") == old_config);
   lora::LoraLinearf fresh(W, random_config<float>(1, 1, 3));
@@ -781,8 +783,10 @@ TEST_CASE("a writer killed midway leaves the previous adapter intact and loadabl
   lora::load_adapter(ad, fresh_view, "restored");
   CHECK(fresh.A("restored") == old_layer.A());
   CHECK(fresh.B("restored") == old_layer.B());
-  // A killed process leaves its temporaries (named .<file>.tmp.*); they do not disturb loading or saving.
+  // A killed process leaves its sibling directory (.adapter.lora-new.*); it does not disturb loading, and
+  // the next save removes it.
   lora::save_adapter(ad, big_view);
+  CHECK(listing(dir.path) == std::vector<std::string>{"adapter"});
   lora::LoraLinearf big_again(lora::Matrix<float>::Zero(1024, 1024), random_config<float>(1, 1, 3));
   lora::LoraModelView<float> big_again_view{{{"fc", &big_again}}, {}};
   lora::load_adapter(ad, big_again_view, "big_one");
@@ -803,6 +807,7 @@ TEST_CASE("a save that fails midway leaves the old files and no temporary file",
     CHECK_THROWS_WITH(lora::save_adapter(ad, big_view), "simulated write failure");
   }
   CHECK(listing(ad) == std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors"});
+  CHECK(listing(dir.path) == std::vector<std::string>{"adapter"});
   CHECK(read_file(ad + "/adapter_model.safetensors") == before);
   // Values that cannot be written fail before any file is touched.
   big.B().set(0, 0, NAN);

@@ -10,9 +10,13 @@
 // no tensor without a module and no targeted module without its tensors. Any fault is an io_error
 // naming the file, the tensor and the problem, with the model unchanged.
 //
-// Saving writes both files to temporary files in the directory, fsyncs them, then renames them into
-// place (weights first, then config) and fsyncs the directory: a crash before the renames leaves the
-// previous adapter intact.
+// Saving replaces the two files as a pair (detail::replace_files_together in io/file.hpp): both are
+// written into a new sibling directory with hard links to every other entry of the directory (a README,
+// tokenizer files, other adapters in subdirectories), which is swapped in by one renameat2
+// RENAME_EXCHANGE. A crash at any point leaves the old pair or the new pair, never new weights with the
+// old config, and every other entry unchanged. Where the exchange is missing (NFS, CIFS) the directory is
+// renamed aside, then the new one in (a crash between the two leaves it absent, restored by the next
+// save); where no sibling can be used (read-only parent, a mount point) the files are renamed one by one.
 #pragma once
 
 #include <lora/adapters.hpp>
@@ -291,9 +295,11 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
 }  // namespace detail
 
 // Writes adapter `adapter` of every LoRA module that has it, and the model's modules_to_save, as a PEFT
-// adapter directory (created if missing). Throws std::invalid_argument for what cannot be written
-// (no module has the adapter, NaN/Inf, values beyond an F16/BF16 range, mixed rsLoRA or dropout) and
-// io_error for file-system failures; in both cases the previous files are untouched.
+// adapter directory (created if missing), replacing adapter_model.safetensors and adapter_config.json
+// as a pair and keeping every other entry of the directory (see the top of this file). Throws
+// std::invalid_argument for what cannot be written (no module has the adapter, NaN/Inf, values beyond an
+// F16/BF16 range, mixed rsLoRA or dropout) and io_error for file-system failures; in both cases the
+// directory is left as it was.
 template <class Scalar>
 void save_adapter(const std::string& dir, const LoraModelView<Scalar>& model, const std::string& adapter = "default",
                   const AdapterSaveOptions& options = {}) {
@@ -324,18 +330,11 @@ void save_adapter(const std::string& dir, const LoraModelView<Scalar>& model, co
   }
   const std::string text = config.dump();
 
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) detail::io_fail(where, dir, "", "cannot create the directory: ", ec.message());
-  const std::string weights_path = (std::filesystem::path(dir) / adapter_weights_file).string();
-  const std::string config_path = (std::filesystem::path(dir) / adapter_config_file).string();
-  detail::AtomicFileWriter weights_file(weights_path, where), config_file(config_path, where);
-  writer.write_to(weights_file);
-  config_file.write(text.data(), text.size());
-  weights_file.finish();
-  config_file.finish();
-  weights_file.publish();
-  config_file.publish();
+  detail::replace_files_together(
+      dir,
+      {{adapter_weights_file, [&](detail::AtomicFileWriter& file) { writer.write_to(file); }},
+       {adapter_config_file, [&](detail::AtomicFileWriter& file) { file.write(text.data(), text.size()); }}},
+      where);
 }
 
 // Reads an adapter directory's config (adapter_config.json). Throws io_error.

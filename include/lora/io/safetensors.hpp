@@ -11,6 +11,10 @@
 // section, overlapping, leaving holes or not covering the data section to its end; duplicate names.
 // The header is parsed with a SAX handler (no document tree), so its memory is bounded by N; tensor
 // buffers are allocated only after their size has been checked against the file's size.
+//
+// Converted to float / double on read: F64, F32, F16, BF16, F8_E4M3, F8_E5M2 (the integer and BOOL
+// tensors are listed and their bytes readable with read_bytes, but not converted). Written: F64, F32,
+// F16, BF16. ShardedSafetensorsReader opens a checkpoint split into shards by its index file.
 #pragma once
 
 #include <lora/common.hpp>
@@ -24,6 +28,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -57,7 +63,34 @@ inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
 namespace detail {
 
 inline constexpr std::uint64_t safetensors_max_header = 100'000'000;  // the reference implementation's cap
+inline constexpr std::uint64_t safetensors_max_index = 100'000'000;   // model.safetensors.index.json
 inline constexpr std::uint64_t safetensors_max_dim = std::uint64_t{1} << 48;
+
+// OCP float8, exact in float: E4M3 "fn" (bias 7, no Inf, S.1111.111 is NaN) and E5M2 (bias 15, Inf and
+// NaN as in IEEE half, of which it is the upper byte).
+inline float decode_f8_e4m3(unsigned char b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  if (e == 15 && m == 7) return std::numeric_limits<float>::quiet_NaN();
+  const float magnitude =
+      e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(static_cast<float>(8 + m), e - 10);
+  return (b & 0x80) ? -magnitude : magnitude;
+}
+inline float decode_f8_e5m2(unsigned char b) {
+  const int e = (b >> 2) & 31, m = b & 3;
+  if (e == 31 && m != 0) return std::numeric_limits<float>::quiet_NaN();
+  const float magnitude = e == 31  ? std::numeric_limits<float>::infinity()
+                          : e == 0 ? std::ldexp(static_cast<float>(m), -16)
+                                   : std::ldexp(static_cast<float>(4 + m), e - 17);
+  return (b & 0x80) ? -magnitude : magnitude;
+}
+
+// product(shape) x dtype size in bytes, or false if it does not fit in 64 bits (nor the element count).
+inline bool checked_byte_size(Dtype dtype, const std::vector<std::uint64_t>& shape, std::uint64_t& bytes) {
+  std::uint64_t count = 1;
+  for (std::uint64_t d : shape)
+    if (__builtin_mul_overflow(count, d, &count)) return false;
+  return !__builtin_mul_overflow(count, static_cast<std::uint64_t>(dtype_size(dtype)), &bytes);
+}
 
 // Builds the tensor list from the header's JSON events; any deviation stops the parse with a message.
 class SafetensorsHeaderParser : public nlohmann::json_sax<nlohmann::json> {
@@ -287,8 +320,11 @@ class SafetensorsReader {
     read_range(data_start_ + t.begin, dst, static_cast<std::size_t>(t.end - t.begin), where, t.name);
   }
 
+  // The dtypes values(), matrix() and vector() convert to float / double.
+  static bool can_convert(Dtype d) { return is_convertible(d) || d == Dtype::F8_E4M3 || d == Dtype::F8_E5M2; }
+
   // All elements of a tensor of any shape, converted to Scalar, in row-major order. Throws if the dtype
-  // is not F64/F32/F16/BF16 or a value is not finite in Scalar (NaN, Inf, or an F64 beyond float's range).
+  // is not one of can_convert() or a value is not finite in Scalar (NaN, Inf, or an F64 beyond float's range).
   template <class Scalar>
   std::vector<Scalar> values(const std::string& name, const char* where = "SafetensorsReader::values") const {
     const TensorInfo& t = at(name, where);
@@ -355,9 +391,10 @@ class SafetensorsReader {
   template <class Scalar>
   void convert_into(const TensorInfo& t, Scalar* dst, const char* where) const {
     static_assert(is_supported_scalar_v<Scalar>, "SafetensorsReader converts to float or double only");
-    if (!is_convertible(t.dtype))
+    if (!can_convert(t.dtype))
       detail::io_fail(where, label_, t.name, "dtype ", to_string(t.dtype),
-                      " cannot be converted to a floating-point matrix (supported: F64, F32, F16, BF16)");
+                      " cannot be converted to floating point (supported: F64, F32, F16, BF16, F8_E4M3, F8_E5M2;"
+                      " read_bytes() gives the stored bytes)");
     const std::size_t esize = dtype_size(t.dtype);
     const std::size_t total = static_cast<std::size_t>(t.num_elements());
     constexpr std::size_t chunk_elems = std::size_t{1} << 16;
@@ -365,7 +402,14 @@ class SafetensorsReader {
     for (std::size_t done = 0; done < total;) {
       const std::size_t n = std::min(chunk_elems, total - done);
       read_range(data_start_ + t.begin + done * esize, buffer.data(), n * esize, where, t.name);
-      detail::decode(t.dtype, buffer.data(), n, dst + done);
+      if (t.dtype == Dtype::F8_E4M3 || t.dtype == Dtype::F8_E5M2) {
+        const bool e4m3 = t.dtype == Dtype::F8_E4M3;
+        for (std::size_t i = 0; i < n; ++i)
+          dst[done + i] =
+              static_cast<Scalar>(e4m3 ? detail::decode_f8_e4m3(buffer[i]) : detail::decode_f8_e5m2(buffer[i]));
+      } else {
+        detail::decode(t.dtype, buffer.data(), n, dst + done);
+      }
       for (std::size_t i = 0; i < n; ++i)
         if (!std::isfinite(dst[done + i]))
           detail::io_fail(where, label_, t.name, "element ", done + i, " is NaN or Inf",
@@ -402,17 +446,18 @@ class SafetensorsReader {
     data_start_ = 8 + n;
     const std::uint64_t data_size = size_ - data_start_;
     for (const TensorInfo& t : sax.tensors) {
-      std::uint64_t count = 1;
-      for (std::uint64_t d : t.shape) {
+      for (std::uint64_t d : t.shape)
         if (d > detail::safetensors_max_dim)
           detail::io_fail(where, label_, t.name, "dimension ", d, " in shape ", shape_string(t.shape),
                           " is larger than 2^48");
-        if (__builtin_mul_overflow(count, d, &count))
-          detail::io_fail(where, label_, t.name, "the element count of shape ", shape_string(t.shape), " overflows");
-      }
       std::uint64_t bytes = 0;
-      if (__builtin_mul_overflow(count, static_cast<std::uint64_t>(dtype_size(t.dtype)), &bytes))
-        detail::io_fail(where, label_, t.name, "the byte size of shape ", shape_string(t.shape), " overflows");
+      if (!detail::checked_byte_size(t.dtype, t.shape, bytes))
+        detail::io_fail(where, label_, t.name, "shape ", shape_string(t.shape), " x ", to_string(t.dtype), " (",
+                        dtype_size(t.dtype), " bytes): the byte count overflows 64 bits");
+      if constexpr (sizeof(std::size_t) < sizeof(std::uint64_t))
+        if (bytes > std::numeric_limits<std::size_t>::max())
+          detail::io_fail(where, label_, t.name, "shape ", shape_string(t.shape), " x ", to_string(t.dtype), " needs ",
+                          bytes, " bytes, more than this platform can address");
       if (t.end < t.begin)
         detail::io_fail(where, label_, t.name, "data_offsets [", t.begin, ", ", t.end, "] end before they begin");
       if (t.end - t.begin != bytes)
@@ -477,12 +522,10 @@ class SafetensorsWriter {
   // Stored bytes of any dtype and shape (byte count checked against the shape).
   void add_raw(const std::string& name, Dtype dtype, std::vector<std::uint64_t> shape, std::vector<unsigned char> bytes) {
     constexpr const char* where = "SafetensorsWriter::add_raw";
-    std::uint64_t count = 1;
-    for (std::uint64_t d : shape)
-      if (__builtin_mul_overflow(count, d, &count)) detail::fail(where, "tensor '", name, "': shape overflows");
-    if (count * dtype_size(dtype) != bytes.size())
+    const std::uint64_t needed = checked_size(where, name, dtype, shape);
+    if (needed != bytes.size())
       detail::fail(where, "tensor '", name, "': ", bytes.size(), " bytes given, shape ", shape_string(shape), " x ",
-                   to_string(dtype), " needs ", count * dtype_size(dtype));
+                   to_string(dtype), " needs ", needed);
     push(where, {name, dtype, std::move(shape), std::move(bytes)});
   }
 
@@ -566,13 +609,33 @@ class SafetensorsWriter {
     static_assert(is_supported_scalar_v<Scalar>, "SafetensorsWriter::add takes float or double matrices");
     if (!is_convertible(dtype))
       detail::fail(where, "tensor '", name, "': dtype ", to_string(dtype), " is not one of F64, F32, F16, BF16");
+    const std::uint64_t needed = checked_size(where, name, dtype, shape);
     const Matrix<Scalar> values = m;  // row-major, evaluated
     if (!values.allFinite()) detail::fail(where, "tensor '", name, "' contains NaN or Inf");
-    std::vector<unsigned char> bytes(static_cast<std::size_t>(values.size()) * dtype_size(dtype));
+    std::vector<unsigned char> bytes(static_cast<std::size_t>(needed));
     if (!detail::encode(dtype, values.data(), static_cast<std::size_t>(values.size()), bytes.data()))
       detail::fail(where, "tensor '", name, "' has values beyond the range of ", to_string(dtype),
                    " (max |x| = ", values.cwiseAbs().maxCoeff(), ")");
     push(where, {name, dtype, std::move(shape), std::move(bytes)});
+  }
+
+  // The byte size of a tensor to be written; the limits are the reader's, so that every file written
+  // here reads back.
+  static std::uint64_t checked_size(const char* where, const std::string& name, Dtype dtype,
+                                    const std::vector<std::uint64_t>& shape) {
+    for (std::uint64_t d : shape)
+      if (d > detail::safetensors_max_dim)
+        detail::fail(where, "tensor '", name, "': dimension ", d, " in shape ", shape_string(shape),
+                     " is larger than 2^48");
+    std::uint64_t bytes = 0;
+    if (!detail::checked_byte_size(dtype, shape, bytes))
+      detail::fail(where, "tensor '", name, "': shape ", shape_string(shape), " x ", to_string(dtype), " (",
+                   dtype_size(dtype), " bytes): the byte count overflows 64 bits");
+    if constexpr (sizeof(std::size_t) < sizeof(std::uint64_t))
+      if (bytes > std::numeric_limits<std::size_t>::max())
+        detail::fail(where, "tensor '", name, "': shape ", shape_string(shape), " x ", to_string(dtype), " needs ",
+                     bytes, " bytes, more than this platform can address");
+    return bytes;
   }
 
   void push(const char* where, Entry e) {
@@ -585,6 +648,85 @@ class SafetensorsWriter {
 
   std::vector<Entry> entries_;
   std::vector<std::pair<std::string, std::string>> metadata_;
+};
+
+// A checkpoint split into shards, as transformers and huggingface_hub write it: the index file
+// (model.safetensors.index.json: {"metadata": {"total_size": bytes, ...}, "weight_map": {tensor: shard}})
+// beside the shard files. open() reads the index and opens every shard it names (each validated as by
+// SafetensorsReader); it throws io_error for a shard name that is not a plain file name of that
+// directory, a missing shard, a mapped tensor absent from its shard, or a shard holding a tensor the map
+// does not send to it.
+class ShardedSafetensorsReader {
+ public:
+  static ShardedSafetensorsReader open(const std::string& index_path) {
+    constexpr const char* where = "ShardedSafetensorsReader::open";
+    const std::string text = detail::read_small_file(index_path, detail::safetensors_max_index, where);
+    nlohmann::json index;
+    try {
+      index = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      detail::io_fail(where, index_path, "", "not valid JSON: ", e.what());
+    }
+    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+      detail::io_fail(where, index_path, "", "expected an object with a \"weight_map\" object");
+    ShardedSafetensorsReader r;
+    r.path_ = index_path;
+    if (index.contains("metadata")) {
+      const nlohmann::json& meta = index["metadata"];
+      if (!meta.is_object()) detail::io_fail(where, index_path, "", "\"metadata\" is not an object");
+      if (meta.contains("total_size")) {
+        if (!meta["total_size"].is_number_unsigned())
+          detail::io_fail(where, index_path, "", "metadata.total_size is not a non-negative integer");
+        r.total_size_ = meta["total_size"].get<std::uint64_t>();
+      }
+    }
+    const std::filesystem::path dir = std::filesystem::path(index_path).parent_path();
+    for (const auto& kv : index["weight_map"].items()) {
+      if (!kv.value().is_string()) detail::io_fail(where, index_path, kv.key(), "the shard name is not a string");
+      const std::string shard = kv.value().get<std::string>();
+      // A plain name: the index must not send the reader outside its directory.
+      if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos)
+        detail::io_fail(where, index_path, kv.key(), "shard '", shard, "' is not a file name in the index's directory");
+      r.weight_map_.emplace(kv.key(), shard);
+      if (!r.shards_.count(shard)) r.shards_.emplace(shard, SafetensorsReader::open((dir / shard).string()));
+    }
+    for (const auto& kv : r.weight_map_)
+      if (!r.shards_.at(kv.second).contains(kv.first))
+        detail::io_fail(where, r.shards_.at(kv.second).path(), kv.first, "mapped to this shard by ", index_path,
+                        ", but not in it");
+    for (const auto& shard : r.shards_)
+      for (const TensorInfo& t : shard.second.tensors()) {
+        const auto it = r.weight_map_.find(t.name);
+        if (it == r.weight_map_.end() || it->second != shard.first)
+          detail::io_fail(where, shard.second.path(), t.name, "in this shard, but ", index_path,
+                          it == r.weight_map_.end() ? " does not list it" : " maps it to " + it->second);
+      }
+    return r;
+  }
+
+  const std::string& path() const { return path_; }                                     // the index file
+  const std::map<std::string, std::string>& weight_map() const { return weight_map_; }  // tensor -> shard
+  const std::map<std::string, SafetensorsReader>& shards() const { return shards_; }    // shard -> reader
+  std::optional<std::uint64_t> total_size() const { return total_size_; }               // as the index states it
+
+  // The shard holding `tensor`.
+  const SafetensorsReader& shard_of(const std::string& tensor,
+                                    const char* where = "ShardedSafetensorsReader::shard_of") const {
+    const auto it = weight_map_.find(tensor);
+    if (it == weight_map_.end()) detail::io_fail(where, path_, tensor, "no such tensor in the index");
+    return shards_.at(it->second);
+  }
+  const TensorInfo& at(const std::string& tensor) const { return shard_of(tensor).at(tensor); }
+  template <class Scalar>
+  std::vector<Scalar> values(const std::string& tensor) const {
+    return shard_of(tensor).template values<Scalar>(tensor);
+  }
+
+ private:
+  std::string path_;
+  std::map<std::string, std::string> weight_map_;
+  std::map<std::string, SafetensorsReader> shards_;
+  std::optional<std::uint64_t> total_size_;
 };
 
 }  // namespace lora
