@@ -2,9 +2,9 @@
 #pragma once
 
 #include <lora/config.hpp>
+#include <lora/detail/pattern.hpp>
 #include <lora/io/error.hpp>
 #include <lora/io/file.hpp>
-#include <lora/io/pattern.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -18,7 +18,7 @@ namespace lora {
 
 // The fields of PEFT's LoraConfig this library reads and writes (PEFT's defaults). Unknown fields are
 // ignored on load. Loading rejects what it cannot honour: peft_type other than LORA, use_dora,
-// lora_bias, and regular expressions outside the supported subset (see io/pattern.hpp).
+// lora_bias, and regular expressions outside the supported subset (see detail/pattern.hpp).
 struct PeftLoraConfig {
   std::string peft_type = "LORA";
   int r = 8;
