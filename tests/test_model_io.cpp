@@ -3,7 +3,16 @@
 
 #include <catch2/catch.hpp>
 
+#include <nlohmann/json.hpp>
+
+#include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+using lora::Index;
 
 namespace {
 
@@ -61,5 +70,180 @@ TEST_CASE("a model's base and adapter reload to the same outputs", "[io][model]"
     CHECK(std::string(e.what()).find("layers.0.weight") != std::string::npos);
   }
   CHECK(other.base_tensor("layers.0.weight") == before);
+  std::filesystem::remove_all(dir);
+}
+
+// ---- PEFT's selection rules, read from files ---------------------------------------------------------
+
+namespace {
+
+void write_text(const std::filesystem::path& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary);
+  f << text;
+}
+
+// Writes an adapter for small_mlp: layers.0 at rank r0, layers.2 at rank r2, and `config`.
+void write_mlp_adapter(const std::filesystem::path& dir, Index r0, Index r2, const std::string& config) {
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  lora::SafetensorsWriter w;
+  w.add("base_model.model.layers.0.lora_A.weight", lora::Matrix<double>::Random(r0, 6), lora::Dtype::F64);
+  w.add("base_model.model.layers.0.lora_B.weight", lora::Matrix<double>::Random(8, r0), lora::Dtype::F64);
+  w.add("base_model.model.layers.2.lora_A.weight", lora::Matrix<double>::Random(r2, 8), lora::Dtype::F64);
+  w.add("base_model.model.layers.2.lora_B.weight", lora::Matrix<double>::Random(3, r2), lora::Dtype::F64);
+  w.save((dir / "adapter_model.safetensors").string());
+  write_text(dir / "adapter_config.json", config);
+}
+
+// A transformer's block layout: model.layers.{0,1,2}.{q,v} (4 -> 4) and model.layers.1.experts.0.w.
+lora::nn::Sequential<double> blocks_model() {
+  lora::nn::Sequential<double> layers;
+  for (int i = 0; i < 3; ++i) {
+    lora::nn::Sequential<double> block;
+    block.add("q", lora::nn::Linear<double>(4, 4, true, static_cast<std::uint64_t>(i)));
+    block.add("v", lora::nn::Linear<double>(4, 4, true, static_cast<std::uint64_t>(i) + 10));
+    if (i == 1) {
+      lora::nn::Sequential<double> expert, experts;
+      expert.add("w", lora::nn::Linear<double>(4, 4, true, 20));
+      experts.add("0", std::move(expert));
+      block.add("experts", std::move(experts));
+    }
+    layers.add(std::to_string(i), std::move(block));
+  }
+  lora::nn::Sequential<double> model("model");
+  model.add("layers", std::move(layers));
+  return model;
+}
+
+// An adapter for blocks_model: rank-r weights for each listed module, and `config`.
+void write_blocks_adapter(const std::filesystem::path& dir, const std::vector<std::pair<std::string, Index>>& modules,
+                          const std::string& config) {
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  lora::SafetensorsWriter w;
+  for (const auto& [path, r] : modules) {
+    w.add("base_model.model." + path + ".lora_A.weight", lora::Matrix<double>::Random(r, 4), lora::Dtype::F64);
+    w.add("base_model.model." + path + ".lora_B.weight", lora::Matrix<double>::Random(4, r), lora::Dtype::F64);
+  }
+  w.save((dir / "adapter_model.safetensors").string());
+  write_text(dir / "adapter_config.json", config);
+}
+
+std::vector<std::string> lora_paths(const lora::nn::Sequential<double>& model) {
+  std::vector<std::string> paths;
+  for (const auto& entry : model.lora_layers()) paths.push_back(entry.first);
+  return paths;
+}
+
+}  // namespace
+
+TEST_CASE("from_pretrained and load_adapter read rank_pattern in file order, keys as regexes", "[io][model]") {
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_pattern_order";
+  struct Case {
+    const char* name;
+    Index r0, r2;
+    double scaling0, scaling2;
+    std::string config;
+  };
+  const std::vector<Case> cases = {
+      // In file order "layers.2" (rank 2) comes first for layers.2 and "layers.0" (alpha 1) for layers.0;
+      // in alphabetical order "2" (rank 5, more than layers.2's min(in, out) = 3) and "0" would.
+      {"file order", 3, 2, 1.0 / 3.0, 3.0,
+       R"({"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": ["layers.0", "layers.2"],
+           "rank_pattern": {"layers.2": 2, "2": 5}, "alpha_pattern": {"layers.0": 1, "0": 5}})"},
+      // Keys are regular expressions matched against a trailing run of the path's components.
+      {"regex keys", 3, 2, 2.0, 3.0,
+       R"({"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": ["layers.0", "layers.2"],
+           "rank_pattern": {"layers\\.[2-9]": 2}})"},
+  };
+  for (const Case& k : cases) DYNAMIC_SECTION(k.name) {
+    write_mlp_adapter(dir, k.r0, k.r2, k.config);
+    auto injected = small_mlp(1);
+    lora::nn::LoraInjectConfig c;
+    c.target_modules = {"layers.0", "layers.2"};
+    c.rank = 1;
+    lora::nn::inject_lora(injected, c);
+    lora::load_adapter(dir.string(), injected, "default", lora::AdapterLoadMode::replace);
+    auto pretrained = small_mlp(1);
+    REQUIRE_NOTHROW(lora::from_pretrained(pretrained, dir.string()));
+    for (auto* model : {&injected, &pretrained}) {
+      const auto layers = model->lora_layers();
+      REQUIRE(layers.size() == 2);
+      CHECK(layers[0].second->rank() == k.r0);
+      CHECK(layers[0].second->scaling() == Approx(k.scaling0));
+      CHECK(layers[1].second->rank() == k.r2);
+      CHECK(layers[1].second->scaling() == Approx(k.scaling2));
+    }
+    // The configuration the model records resolves as the file does.
+    REQUIRE(pretrained.lora_config() != nullptr);
+    CHECK(pretrained.lora_config()->layer_config("layers.0", 0).scaling() == Approx(k.scaling0));
+    CHECK(pretrained.lora_config()->layer_config("layers.2", 1).rank == k.r2);
+    const lora::Matrix<double> X = lora::Matrix<double>::Random(4, 6);
+    injected.eval();
+    pretrained.eval();
+    CHECK(pretrained.forward(X) == injected.forward(X));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("from_pretrained and load_adapter honour exclude_modules and layers_to_transform", "[io][model]") {
+  using Paths = std::vector<std::string>;
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_layer_selection";
+  const std::string config =
+      R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q", "v"],
+          "layers_to_transform": [0, 2], "layers_pattern": "layers", "exclude_modules": ["2.v"]})";
+  write_blocks_adapter(dir, {{"model.layers.0.q", 2}, {"model.layers.0.v", 2}, {"model.layers.2.q", 2}}, config);
+
+  // Injection takes exactly the modules PEFT would have adapted, and the weights fit.
+  auto pretrained = blocks_model();
+  lora::from_pretrained(pretrained, dir.string());
+  CHECK(lora_paths(pretrained) == Paths{"model.layers.0.q", "model.layers.0.v", "model.layers.2.q"});
+  // The same weights through load_adapter, on a model with LoRA everywhere.
+  auto everywhere = blocks_model();
+  lora::nn::LoraInjectConfig c;
+  c.target_modules = {"q", "v", "w"};
+  c.rank = 1;
+  lora::nn::inject_lora(everywhere, c);
+  lora::load_adapter(dir.string(), everywhere, "file");
+  lora::set_active_adapters(lora::model_view(everywhere), {"file"});
+  const lora::Matrix<double> X = lora::Matrix<double>::Random(3, 4);
+  pretrained.eval();
+  everywhere.eval();
+  CHECK(pretrained.forward(X) == everywhere.forward(X));
+
+  // A module the config targets whose weights are missing is the file's fault, now that the loader
+  // knows which modules PEFT targeted.
+  write_blocks_adapter(dir, {{"model.layers.0.q", 2}, {"model.layers.2.q", 2}}, config);
+  auto model = blocks_model();
+  lora::nn::inject_lora(model, c);
+  try {
+    lora::load_adapter(dir.string(), model, "file");
+    FAIL("no exception");
+  } catch (const lora::io_error& e) {
+    CHECK(e.tensor() == "base_model.model.model.layers.0.v.lora_A.weight");
+    CHECK_THAT(e.what(), Catch::Contains("matched by target_modules but the file has no LoRA weights"));
+  }
+
+  // model.layers.1.experts.0.w is in layer 1 or 0 depending on PEFT's version: refused, naming the field.
+  write_blocks_adapter(dir, {{"model.layers.0.q", 2}},
+                       R"({"peft_type": "LORA", "r": 2, "target_modules": ["q", "w"], "layers_to_transform": 0})");
+  auto ambiguous = blocks_model();
+  try {
+    lora::from_pretrained(ambiguous, dir.string());
+    FAIL("no exception");
+  } catch (const lora::io_error& e) {
+    CHECK(e.file() == (dir / "adapter_config.json").string());
+    CHECK_THAT(e.what(), Catch::Contains("layers_to_transform: the layer index of 'model.layers.1.experts.0.w' is "
+                                         "ambiguous"));
+  }
+  CHECK(ambiguous.lora_layers().empty());
+  model = blocks_model();
+  lora::nn::inject_lora(model, c);
+  try {
+    lora::load_adapter(dir.string(), model, "file");
+    FAIL("no exception");
+  } catch (const lora::io_error& e) {
+    CHECK_THAT(e.what(), Catch::Contains("layers_to_transform: the layer index of 'model.layers.1.experts.0.w'"));
+  }
   std::filesystem::remove_all(dir);
 }

@@ -176,13 +176,23 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
   std::set<std::string> used;
   std::vector<PlannedLora<Scalar>> lora;
   std::vector<PlannedSaved<Scalar>> saved;
+  const nn::LoraInjectConfig rules = config.to_inject_config();  // rank and alpha per module
+  // exclude_modules and layers_to_transform included; a layer index PEFT versions read differently is
+  // the file's fault.
+  auto targeted = [&](const std::string& path) {
+    try {
+      return config.targets(path).value_or(false);
+    } catch (const std::invalid_argument& e) {
+      io_fail(where, file, "", e.what());
+    }
+  };
 
   for (const auto& m : model.lora_modules) {
     const std::string kA = prefix + m.path + ".lora_A.weight", kB = prefix + m.path + ".lora_B.weight";
     const TensorInfo* tA = weights.find(kA);
     const TensorInfo* tB = weights.find(kB);
     if (!tA && !tB) {
-      if (!config.restricts_layers && config.targets(m.path).value_or(false) && kind != LoadKind::hot_swap)
+      if (kind != LoadKind::hot_swap && targeted(m.path))
         io_fail(where, file, kA, "missing: module '", m.path,
                 "' is matched by target_modules but the file has no LoRA weights for it");
       if (kind == LoadKind::hot_swap && m.layer->has_adapter(name))
@@ -193,13 +203,13 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
     if (!tA) io_fail(where, file, kA, "missing, while ", kB, " is present");
     if (!tB) io_fail(where, file, kB, "missing, while ", kA, " is present");
     const LoraLinear<Scalar>& layer = *m.layer;
-    LoraConfig lc = config.lora_config_for(m.path);
+    LoraConfig lc = rules.layer_config(m.path, 0);
     const auto r = static_cast<std::uint64_t>(lc.rank);
     const auto in = static_cast<std::uint64_t>(layer.in_features());
     const auto out = static_cast<std::uint64_t>(layer.out_features());
     if (tA->shape.size() != 2 || tA->shape[1] != in || tA->shape[0] != r)
       io_fail(where, file, kA, "shape ", shape_string(tA->shape), " does not match module '", m.path, "': expected [",
-              r, ", ", in, "] (rank ", r, " from the config's ", config.rank_for(m.path) != config.r ? "rank_pattern" : "r",
+              r, ", ", in, "] (rank ", r, " from the config's ", lc.rank != config.r ? "rank_pattern" : "r",
               ", in_features ", in, ")");
     if (tB->shape.size() != 2 || tB->shape[0] != out || tB->shape[1] != r)
       io_fail(where, file, kB, "shape ", shape_string(tB->shape), " does not match module '", m.path, "': expected [",
