@@ -247,3 +247,80 @@ TEST_CASE("from_pretrained and load_adapter honour exclude_modules and layers_to
   }
   std::filesystem::remove_all(dir);
 }
+
+// ---- PEFT's own regression cases -------------------------------------------------------------------
+
+namespace {
+
+const std::string interop_dir = LORA_INTEROP_DIR;
+
+// PEFT's regression MLP: lin0 = Linear(10, 20), ReLU, lin1 = Linear(20, 2); LogSoftmax is applied by the caller.
+lora::nn::Sequential<double> peft_mlp() {
+  lora::nn::Sequential<double> m("");
+  m.add("lin0", lora::nn::Linear<double>(10, 20));
+  m.add(lora::nn::ReLU<double>());
+  m.add("lin1", lora::nn::Linear<double>(20, 2));
+  return m;
+}
+
+lora::Matrix<double> log_softmax(const lora::Matrix<double>& Z) {
+  lora::Matrix<double> out(Z.rows(), Z.cols());
+  for (Index i = 0; i < Z.rows(); ++i) {
+    const double m = Z.row(i).maxCoeff();
+    const double lse = m + std::log((Z.row(i).array() - m).exp().sum());
+    out.row(i) = Z.row(i).array() - lse;
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("PEFT 0.6.1's own regression cases give PEFT's outputs", "[io][model][interop]") {
+  const std::filesystem::path root = std::filesystem::path(interop_dir) / "peft_regression";
+  if (!std::filesystem::is_directory(root)) {
+    WARN("skipped: " << root.string() << " is absent (the shared interop files are not beside this checkout)");
+    return;
+  }
+  lora::Matrix<double> X(9, 10);
+  for (Index i = 0; i < X.size(); ++i) X.data()[i] = static_cast<double>(i);  // torch.arange(90).reshape(9, 10)
+  for (const char* name : {"lora_mlp", "lora_mlp_modules_to_save"}) {
+    INFO(name);
+    const std::filesystem::path dir = root / name;
+    auto model = peft_mlp();
+    lora::load_base_weights((dir / "base.safetensors").string(), model);
+    const lora::PeftLoraConfig config = lora::from_pretrained(model, dir.string());
+    CHECK(config.r == 8);
+    REQUIRE(model.lora_layers().size() == 1);
+    CHECK(model.lora_layers().front().first == "lin0");
+    CHECK(model.saved_modules().size() == (std::string(name) == "lora_mlp" ? 0u : 1u));
+    std::ifstream f(dir / "output.json");
+    const nlohmann::json expected_json = nlohmann::json::parse(f);
+    const auto rows = expected_json.at("output").get<std::vector<std::vector<double>>>();
+    REQUIRE(rows.size() == 9);
+    model.eval();
+    const lora::Matrix<double> Y = log_softmax(model.forward(X));
+    double max_error = 0;
+    for (Index i = 0; i < 9; ++i)
+      for (Index j = 0; j < 2; ++j) {
+        const double want = rows[static_cast<std::size_t>(i)].at(static_cast<std::size_t>(j));
+        const double err = std::abs(Y(i, j) - want);
+        CHECK(err <= 1e-4 + 1e-4 * std::abs(want));  // torch.allclose(atol = rtol = 1e-4), PEFT's check
+        max_error = std::max(max_error, err);
+      }
+    CHECK(max_error < 1e-4);
+  }
+
+  // Embedding and Conv1D LoRA are not implemented: the error says so, and the model is left as it was.
+  const std::filesystem::path emb = root / "lora_emb_conv1d";
+  lora::nn::Sequential<double> model("");
+  model.add("lin0", lora::nn::Linear<double>(10, 2));
+  try {
+    lora::from_pretrained(model, emb.string());
+    FAIL("no exception");
+  } catch (const lora::io_error& e) {
+    CHECK_THAT(e.what(),
+               Catch::Contains(".lora_embedding_") && Catch::Contains("LoRA on embedding layers is not supported"));
+  }
+  CHECK(model.lora_layers().empty());
+  CHECK(model.num_trainable_parameters() == model.num_parameters());
+}

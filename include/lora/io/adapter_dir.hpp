@@ -164,6 +164,16 @@ struct PlannedSaved {
 
 enum class LoadKind { add, replace, hot_swap };
 
+// Refuses the tensors of LoRA variants this library does not implement, naming the first one.
+inline void require_supported_tensors(const char* where, const SafetensorsReader& weights) {
+  for (const TensorInfo& t : weights.tensors()) {
+    if (t.name.find(".lora_magnitude_vector") != std::string::npos)
+      io_fail(where, weights.path(), t.name, "a DoRA magnitude vector: DoRA adapters are not supported");
+    if (t.name.find(".lora_embedding_A") != std::string::npos || t.name.find(".lora_embedding_B") != std::string::npos)
+      io_fail(where, weights.path(), t.name, "an Embedding LoRA tensor: LoRA on embedding layers is not supported");
+  }
+}
+
 // Reads and checks everything, then applies. `file` names the weights in messages.
 template <class Scalar>
 void apply_adapter(const char* where, const SafetensorsReader& weights, const PeftLoraConfig& config,
@@ -176,6 +186,7 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
   std::set<std::string> used;
   std::vector<PlannedLora<Scalar>> lora;
   std::vector<PlannedSaved<Scalar>> saved;
+  require_supported_tensors(where, weights);
   const nn::LoraInjectConfig rules = config.to_inject_config();  // rank and alpha per module
   // exclude_modules and layers_to_transform included; a layer index PEFT versions read differently is
   // the file's fault.
@@ -263,9 +274,6 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
     if (used.count(t.name)) continue;
     if (t.name.compare(0, prefix.size(), prefix) != 0)
       io_fail(where, file, t.name, "unexpected tensor: names in an adapter file start with '", prefix, "'");
-    for (const char* unsupported : {".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"})
-      if (t.name.find(unsupported) != std::string::npos)
-        io_fail(where, file, t.name, "not supported (DoRA and embedding adapters are not implemented)");
     io_fail(where, file, t.name, "unexpected tensor: no LoRA module or module to save of the model takes it");
   }
 

@@ -43,9 +43,9 @@ PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& mode
 // adapter_config.json says (config.to_inject_config(), with PEFT's leniency: names and pattern keys
 // that match nothing are allowed, as long as some module is targeted) and loads
 // adapter_model.safetensors as adapter "default" (and the modules_to_save weights). Throws
-// std::invalid_argument if the model already has LoRA, io_error for a config that does not fit the
-// model: these leave the model unchanged. A fault found while loading the weights leaves the model
-// injected but unloaded.
+// std::invalid_argument if the model already has LoRA, io_error for a file that does not fit the model
+// or that holds what this library does not implement (embedding or DoRA tensors): these leave the model
+// unchanged. A fault found while loading the weights leaves the model injected but unloaded.
 template <class Scalar>
 PeftLoraConfig from_pretrained(nn::Sequential<Scalar>& model, const std::string& dir) {
   constexpr const char* where = "from_pretrained";
@@ -53,6 +53,7 @@ PeftLoraConfig from_pretrained(nn::Sequential<Scalar>& model, const std::string&
   const PeftLoraConfig config = read_adapter_config(dir);
   const SafetensorsReader weights =
       SafetensorsReader::open((std::filesystem::path(dir) / adapter_weights_file).string());
+  detail::require_supported_tensors(where, weights);
   try {
     detail::inject_lora("inject_lora", model, config.to_inject_config(), detail::SelectionCheck::peft);
   } catch (const std::invalid_argument& e) {
