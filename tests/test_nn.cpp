@@ -655,11 +655,11 @@ TEST_CASE("inject_lora errors list what exists and leave the model unchanged", "
   m = message_of([&] { inject_lora(model, c); });
   CHECK(contains(m, "rank must be >= 1, got 0"));
 
-  // A rank too large for the second target: checked before anything changes.
-  c.rank = 5;
-  c.target_modules = {"layers.0", "layers.6"};
+  // A fault in the second target: checked before anything changes.
+  c.rank = 2;
+  c.target_modules = {"layers.0", "layers.1"};
   m = message_of([&] { inject_lora(model, c); });
-  CHECK(contains(m, "inject_lora: layers.6: LoraLinear::LoraLinear: rank must be <= min(in_features, out_features) = 4"));
+  CHECK(contains(m, "inject_lora: target 'layers.1' is Tanh"));
   CHECK(model.lora_layers().empty());
   CHECK(model.num_trainable_parameters() == model.num_parameters());
 

@@ -225,8 +225,6 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
     if (tB->shape.size() != 2 || tB->shape[0] != out || tB->shape[1] != r)
       io_fail(where, file, kB, "shape ", shape_string(tB->shape), " does not match module '", m.path, "': expected [",
               out, ", ", r, "] (out_features ", out, ", rank ", r, ")");
-    if (lc.rank > std::min(layer.in_features(), layer.out_features()))
-      io_fail(where, file, kA, "rank ", r, " exceeds min(in_features, out_features) of module '", m.path, "'");
     const bool exists = layer.has_adapter(name);
     if (kind == LoadKind::add && exists)
       fail(where, "module '", m.path, "' already has an adapter named '", name,
