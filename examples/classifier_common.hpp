@@ -125,8 +125,8 @@ inline lora::nn::LoraInjectConfig lora_config(int rank) {
   config.rank = rank;
   config.alpha = 2.0 * rank;
   if (rank > 32) {
-    config.rank_pattern["layers.0"] = 32;
-    config.alpha_pattern["layers.0"] = 64;
+    config.rank_pattern = {{"layers.0", 32}};
+    config.alpha_pattern = {{"layers.0", 64}};
   }
   config.init = lora::InitMethod::kaiming_uniform;
   config.seed = 5;

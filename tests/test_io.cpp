@@ -463,6 +463,57 @@ TEST_CASE("adapter_config.json: fields, defaults and faults", "[io][config]") {
   }
 }
 
+TEST_CASE("adapter_config.json: PEFT's layer selection fields", "[io][config]") {
+  using Names = std::vector<std::string>;
+  const auto a = lora::PeftLoraConfig::parse(
+      R"({"target_modules": ["q", "v"], "layers_to_transform": 1, "layers_pattern": "h", "exclude_modules": ["v"]})");
+  CHECK(a.layers_to_transform == std::vector<int>{1});
+  CHECK(a.layers_pattern == Names{"h"});
+  CHECK(a.exclude_modules == Names{"v"});
+  CHECK(a.targets("t.h.1.q") == true);
+  CHECK(a.targets("t.h.1.v") == false);  // excluded
+  CHECK(a.targets("t.h.2.q") == false);  // another layer
+  CHECK(a.targets("t.blocks.1.q") == false);  // no "h" component before the index
+  const auto b = lora::PeftLoraConfig::parse(
+      R"({"target_modules": ["q"], "layers_to_transform": [0, 2], "layers_pattern": ["layers", "h"],
+          "exclude_modules": ".*\\.2\\.q"})");
+  CHECK(b.layers_to_transform == std::vector<int>{0, 2});
+  CHECK(b.exclude_modules_regex == std::string(R"(.*\.2\.q)"));
+  CHECK(b.targets("m.layers.0.q") == true);
+  CHECK(b.targets("m.h.0.q") == true);
+  CHECK(b.targets("m.layers.2.q") == false);
+  CHECK(b.targets("m.layers.1.q") == false);
+  // PEFT writes nulls and empty lists for "unused".
+  const auto c = lora::PeftLoraConfig::parse(
+      R"({"target_modules": ["q"], "layers_to_transform": [], "layers_pattern": [], "exclude_modules": null})");
+  CHECK(c.layers_to_transform.empty());
+  CHECK(c.targets("q") == true);
+  // They survive a round trip through our writer and the conversion to the model-level settings.
+  CHECK(lora::PeftLoraConfig::parse(b.dump()).to_json() == b.to_json());
+  const lora::nn::LoraInjectConfig inject = b.to_inject_config();
+  CHECK(inject.layers_pattern == Names{"layers", "h"});
+  CHECK(inject.exclude_regex == R"(.*\.2\.q)");
+  CHECK(lora::PeftLoraConfig::from_inject_config(inject).to_json() == b.to_json());
+
+  const std::vector<std::pair<std::string, std::string>> faults = {
+      {R"({"target_modules": ["q"], "layers_to_transform": "1"})", "field 'layers_to_transform'"},
+      {R"({"target_modules": ["q"], "layers_to_transform": [1.5]})", "field 'layers_to_transform'"},
+      {R"({"target_modules": ["q"], "layers_to_transform": [-1]})", "field 'layers_to_transform'"},
+      {R"({"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": 3})", "field 'layers_pattern'"},
+      {R"j({"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": "(?P<x>h)"})j", "layers_pattern"},
+      {R"({"target_modules": ["q"], "exclude_modules": 3})", "field 'exclude_modules'"},
+      {R"j({"target_modules": ["q"], "exclude_modules": "(?!x)"})j", "exclude_modules"},
+      {R"({"target_modules": ".*q", "layers_to_transform": [0]})", "layers_to_transform cannot be used with a string"},
+      {R"({"target_modules": ".*q", "layers_to_transform": [0], "layers_pattern": "h"})", "layers_to_transform"},
+      {R"({"target_modules": ".*q", "layers_pattern": "h"})", "layers_pattern cannot be used with a string"},
+  };
+  for (const auto& [text, words] : faults) {
+    INFO(text);
+    CHECK_THAT(io_error_of([&] { lora::PeftLoraConfig::parse(text, "cfg.json"); }),
+               Catch::Contains("cfg.json") && Catch::Contains(words));
+  }
+}
+
 // ---- adapter directories ---------------------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("an adapter directory round-trips exactly, per-module ranks and alphas included", "[io][adapter]",

@@ -6,7 +6,9 @@
 
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -64,6 +66,33 @@ Sequential<Scalar> small_mlp(bool bias = true) {
   model.add(ReLU<Scalar>());
   model.add(Linear<Scalar>(8, 4, bias, 4));
   return model;
+}
+
+// A transformer's block layout: model.layers.{0,1,2}.{q,v}, and model.layers.1.experts.0.w (an index
+// inside a layer).
+Sequential<double> blocks_model() {
+  Sequential<double> layers;
+  for (int i = 0; i < 3; ++i) {
+    Sequential<double> block;
+    block.add("q", Linear<double>(4, 4, true, static_cast<std::uint64_t>(i)));
+    block.add("v", Linear<double>(4, 4, true, static_cast<std::uint64_t>(i) + 10));
+    if (i == 1) {
+      Sequential<double> expert, experts;
+      expert.add("w", Linear<double>(4, 4, true, 20));
+      experts.add("0", std::move(expert));
+      block.add("experts", std::move(experts));
+    }
+    layers.add(std::to_string(i), std::move(block));
+  }
+  Sequential<double> model("model");
+  model.add("layers", std::move(layers));
+  return model;
+}
+
+std::vector<std::string> lora_paths(const Sequential<double>& model) {
+  std::vector<std::string> paths;
+  for (const auto& entry : model.lora_layers()) paths.push_back(entry.first);
+  return paths;
 }
 
 std::vector<std::string> names_of(const lora::ParameterList<double>& params) {
@@ -362,6 +391,142 @@ TEST_CASE("inject_lora selects targets by name, suffix, regex and all-linear", "
   CHECK_THROWS_WITH(targets(c), Catch::Contains("target_regex '\\.2' matches no Linear module"));
 }
 
+TEST_CASE("target_regex is matched in linear time, as re.fullmatch", "[nn][inject]") {
+  // (.|\w)* doubles a backtracking engine's work with every word character: std::regex took seconds
+  // on this 27-character path. A linear-time matcher answers in microseconds.
+  const std::string path = "layers_of_the_encoder_block";
+  REQUIRE(path.size() == 27);
+  Sequential<double> model("");
+  model.add(path, Linear<double>(4, 4));
+  model.add("proj_x", Linear<double>(4, 4));
+  LoraInjectConfig c;
+  c.target_regex = R"((.|\w)*x)";
+  c.rank = 2;
+  const auto start = std::chrono::steady_clock::now();
+  inject_lora(model, c);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const auto layers = model.lora_layers();
+  REQUIRE(layers.size() == 1);
+  CHECK(layers.front().first == "proj_x");
+  CHECK(seconds < 0.5);
+}
+
+TEST_CASE("exclude_modules, layers_to_transform and layers_pattern select as PEFT does", "[nn][inject]") {
+  using Paths = std::vector<std::string>;
+  auto targets = [](LoraInjectConfig c) {
+    Sequential<double> model = blocks_model();
+    c.rank = 2;
+    inject_lora(model, c);
+    return lora_paths(model);
+  };
+  REQUIRE(blocks_model().module_names() == Paths{"model.layers.0.q", "model.layers.0.v", "model.layers.1.q",
+                                                 "model.layers.1.v", "model.layers.1.experts.0.w",
+                                                 "model.layers.2.q", "model.layers.2.v"});
+  LoraInjectConfig c;
+  c.target_modules = {"q", "v"};
+  c.exclude_modules = {"1.v", "model.layers.2.q"};  // the list rule: equal, or a suffix after '.'
+  CHECK(targets(c) == Paths{"model.layers.0.q", "model.layers.0.v", "model.layers.1.q", "model.layers.2.v"});
+  c.exclude_modules.clear();
+  c.exclude_regex = R"(.*\.[01]\.v)";  // re.fullmatch
+  CHECK(targets(c) == Paths{"model.layers.0.q", "model.layers.1.q", "model.layers.2.q", "model.layers.2.v"});
+  c.exclude_regex = "v";  // not a full match of any path: excludes nothing
+  CHECK(targets(c).size() == 6);
+  c.exclude_regex.clear();
+
+  // The layer index: the number after any component, or after a layers_pattern component.
+  c.layers_to_transform = {0, 2};
+  CHECK(targets(c) == Paths{"model.layers.0.q", "model.layers.0.v", "model.layers.2.q", "model.layers.2.v"});
+  c.layers_pattern = {"layers"};
+  CHECK(targets(c) == Paths{"model.layers.0.q", "model.layers.0.v", "model.layers.2.q", "model.layers.2.v"});
+  c.layers_pattern = {"blocks", "lay.rs"};  // tried in order; a regex
+  CHECK(targets(c) == Paths{"model.layers.0.q", "model.layers.0.v", "model.layers.2.q", "model.layers.2.v"});
+  c.layers_pattern = {"blocks"};
+  std::string m = message_of([&] { targets(c); });
+  CHECK(contains(m, "inject_lora: target_modules 'q', 'v' match no module that exclude_modules and "
+                    "layers_to_transform leave in; the model has: model.layers.0.q (Linear)"));
+  // A module named in full is taken whatever its layer, as PEFT does.
+  c.layers_pattern.clear();
+  c.layers_to_transform = {1};
+  c.target_modules = {"q", "model.layers.0.v"};
+  CHECK(targets(c) == Paths{"model.layers.0.v", "model.layers.1.q"});
+  // "all-linear" goes through the same filters.
+  c.target_modules = {"all-linear"};
+  c.exclude_modules = {"experts.0.w"};
+  CHECK(targets(c) == Paths{"model.layers.1.q", "model.layers.1.v"});
+  c.exclude_modules.clear();
+
+  // model.layers.1.experts.0.w: PEFT's greedy reading (before) says layer 0, its lazy one (now) layer 1.
+  // Where the two disagree on the outcome the selection is refused; layers_pattern settles it.
+  c.target_modules = {"w"};
+  m = message_of([&] { targets(c); });
+  CHECK(contains(m, "inject_lora: layers_to_transform: the layer index of 'model.layers.1.experts.0.w' is "
+                    "ambiguous: 1 after 'layers' or 0 after 'experts'"));
+  c.layers_pattern = {"layers"};
+  CHECK(targets(c) == Paths{"model.layers.1.experts.0.w"});
+  c.layers_pattern = {"experts"};
+  CHECK_THROWS_WITH(targets(c), Catch::Contains("match no module"));
+  c.layers_pattern.clear();
+  c.layers_to_transform = {0, 1};  // both readings agree: in
+  CHECK(targets(c) == Paths{"model.layers.1.experts.0.w"});
+
+  // The rules, without a model. A top-level index has no component before it, a module's own index
+  // none after it: neither is a layer index (PEFT's regex needs both).
+  LoraInjectConfig r;
+  r.target_modules = {"q", "0"};
+  r.layers_to_transform = {0};
+  CHECK(r.targets("model.layers.0.q"));
+  CHECK(r.targets("model.layers.00.x.q"));  // int("00") == 0
+  CHECK_FALSE(r.targets("layers.0.q"));
+  CHECK_FALSE(r.targets("model.layers.0"));
+  CHECK(r.targets("0"));  // named in full
+  r.layers_to_transform = {12};
+  CHECK(r.targets("a.h.12.q"));
+  CHECK_FALSE(r.targets("a.h.123.q"));
+  CHECK_FALSE(r.targets("a.h.99999999999999999999.q"));
+
+  // Combinations PEFT refuses, and regexes outside the supported subset.
+  LoraInjectConfig bad;
+  bad.target_regex = "model.*";
+  bad.layers_to_transform = {0};
+  m = message_of([&] { bad.validate("f"); });
+  CHECK(contains(m, "f: layers_to_transform applies to target_modules names, not to target_regex"));
+  bad.target_regex.clear();
+  bad.target_modules = {"q"};
+  bad.layers_to_transform.clear();
+  bad.layers_pattern = {"layers"};
+  CHECK_THROWS_WITH(bad.validate("f"), Catch::Contains("layers_pattern is set but layers_to_transform is empty"));
+  bad.layers_pattern.clear();
+  bad.exclude_regex = "(?=q)";
+  CHECK_THROWS_WITH(bad.validate("f"), Catch::Contains("exclude_regex '(?=q)' is not a valid regular expression"));
+  bad.exclude_modules = {"q"};
+  CHECK_THROWS_WITH(bad.validate("f"), Catch::Contains("set either exclude_modules or exclude_regex, not both"));
+  bad.exclude_regex.clear();
+  bad.exclude_modules = {""};
+  CHECK_THROWS_WITH(bad.validate("f"), Catch::Contains("exclude_modules contains an empty name"));
+}
+
+TEST_CASE("rank_pattern keys are regexes tried in order, the first match wins", "[nn][inject]") {
+  Sequential<double> model = blocks_model();
+  LoraInjectConfig c;
+  c.target_modules = {"q", "v"};
+  c.rank = 4;
+  c.rank_pattern = {{"layers\\.[12]\\.q", 2}, {"q", 3}, {"1.q", 1}};  // "1.q" is shadowed
+  c.alpha_pattern = {{"v", 2.0}, {"0.v", 1.0}};                         // "0.v" is shadowed
+  CHECK(c.rank_for("model.layers.1.q") == 2);
+  CHECK(c.rank_for("model.layers.0.q") == 3);
+  CHECK(c.rank_for("model.layers.0.v") == 4);
+  CHECK(c.rank_for("model.layers.0.xq") == 4);  // a key matches whole components
+  CHECK(c.alpha_for("model.layers.0.v") == 2.0);
+  inject_lora(model, c);
+  REQUIRE(model.lora_config() != nullptr);
+  CHECK(model.lora_config()->rank_pattern.front().first == "layers\\.[12]\\.q");  // recorded in order
+  std::vector<Index> ranks;
+  for (const auto& entry : model.lora_layers()) ranks.push_back(entry.second->rank());
+  CHECK(ranks == std::vector<Index>{3, 4, 2, 4, 2, 4});
+  c.rank_pattern = {{"(?<=x)q", 2}};
+  CHECK_THROWS_WITH(c.validate("f"), Catch::Contains("rank_pattern key '(?<=x)q' is not a valid regular expression"));
+}
+
 TEST_CASE("rank_pattern and alpha_pattern override rank and alpha per module", "[nn][inject]") {
   Sequential<double> model = small_mlp<double>();
   LoraInjectConfig c;
@@ -489,6 +654,12 @@ TEST_CASE("inject_lora errors list what exists and leave the model unchanged", "
   c.rank = 0;
   m = message_of([&] { inject_lora(model, c); });
   CHECK(contains(m, "rank must be >= 1, got 0"));
+
+  // A fault in the second target: checked before anything changes.
+  c.rank = 2;
+  c.target_modules = {"layers.0", "layers.1"};
+  m = message_of([&] { inject_lora(model, c); });
+  CHECK(contains(m, "inject_lora: target 'layers.1' is Tanh"));
   CHECK(model.lora_layers().empty());
   CHECK(model.num_trainable_parameters() == model.num_parameters());
 

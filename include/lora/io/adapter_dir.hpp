@@ -168,6 +168,16 @@ struct PlannedSaved {
 
 enum class LoadKind { add, replace, hot_swap };
 
+// Refuses the tensors of LoRA variants this library does not implement, naming the first one.
+inline void require_supported_tensors(const char* where, const SafetensorsReader& weights) {
+  for (const TensorInfo& t : weights.tensors()) {
+    if (t.name.find(".lora_magnitude_vector") != std::string::npos)
+      io_fail(where, weights.path(), t.name, "a DoRA magnitude vector: DoRA adapters are not supported");
+    if (t.name.find(".lora_embedding_A") != std::string::npos || t.name.find(".lora_embedding_B") != std::string::npos)
+      io_fail(where, weights.path(), t.name, "an Embedding LoRA tensor: LoRA on embedding layers is not supported");
+  }
+}
+
 // Reads and checks everything, then applies. `file` names the weights in messages.
 template <class Scalar>
 void apply_adapter(const char* where, const SafetensorsReader& weights, const PeftLoraConfig& config,
@@ -180,13 +190,24 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
   std::set<std::string> used;
   std::vector<PlannedLora<Scalar>> lora;
   std::vector<PlannedSaved<Scalar>> saved;
+  require_supported_tensors(where, weights);
+  const nn::LoraInjectConfig rules = config.to_inject_config();  // rank and alpha per module
+  // exclude_modules and layers_to_transform included; a layer index PEFT versions read differently is
+  // the file's fault.
+  auto targeted = [&](const std::string& path) {
+    try {
+      return config.targets(path).value_or(false);
+    } catch (const std::invalid_argument& e) {
+      io_fail(where, file, "", e.what());
+    }
+  };
 
   for (const auto& m : model.lora_modules) {
     const std::string kA = prefix + m.path + ".lora_A.weight", kB = prefix + m.path + ".lora_B.weight";
     const TensorInfo* tA = weights.find(kA);
     const TensorInfo* tB = weights.find(kB);
     if (!tA && !tB) {
-      if (!config.restricts_layers && config.targets(m.path).value_or(false) && kind != LoadKind::hot_swap)
+      if (kind != LoadKind::hot_swap && targeted(m.path))
         io_fail(where, file, kA, "missing: module '", m.path,
                 "' is matched by target_modules but the file has no LoRA weights for it");
       if (kind == LoadKind::hot_swap && m.layer->has_adapter(name))
@@ -197,13 +218,13 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
     if (!tA) io_fail(where, file, kA, "missing, while ", kB, " is present");
     if (!tB) io_fail(where, file, kB, "missing, while ", kA, " is present");
     const LoraLinear<Scalar>& layer = *m.layer;
-    LoraConfig lc = config.lora_config_for(m.path);
+    LoraConfig lc = rules.layer_config(m.path, 0);
     const auto r = static_cast<std::uint64_t>(lc.rank);
     const auto in = static_cast<std::uint64_t>(layer.in_features());
     const auto out = static_cast<std::uint64_t>(layer.out_features());
     if (tA->shape.size() != 2 || tA->shape[1] != in || tA->shape[0] != r)
       io_fail(where, file, kA, "shape ", shape_string(tA->shape), " does not match module '", m.path, "': expected [",
-              r, ", ", in, "] (rank ", r, " from the config's ", config.rank_for(m.path) != config.r ? "rank_pattern" : "r",
+              r, ", ", in, "] (rank ", r, " from the config's ", lc.rank != config.r ? "rank_pattern" : "r",
               ", in_features ", in, ")");
     if (tB->shape.size() != 2 || tB->shape[0] != out || tB->shape[1] != r)
       io_fail(where, file, kB, "shape ", shape_string(tB->shape), " does not match module '", m.path, "': expected [",
@@ -255,9 +276,6 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
     if (used.count(t.name)) continue;
     if (t.name.compare(0, prefix.size(), prefix) != 0)
       io_fail(where, file, t.name, "unexpected tensor: names in an adapter file start with '", prefix, "'");
-    for (const char* unsupported : {".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"})
-      if (t.name.find(unsupported) != std::string::npos)
-        io_fail(where, file, t.name, "not supported (DoRA and embedding adapters are not implemented)");
     io_fail(where, file, t.name, "unexpected tensor: no LoRA module or module to save of the model takes it");
   }
 

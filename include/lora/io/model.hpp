@@ -10,6 +10,7 @@
 #include <lora/nn/inject.hpp>
 #include <lora/nn/sequential.hpp>
 
+#include <filesystem>
 #include <set>
 #include <string>
 
@@ -39,33 +40,28 @@ PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& mode
   return load_adapter(dir, model_view(model), name, mode);
 }
 
-// The LoRA injection a PEFT config describes (targets, rank and alpha with their patterns, dropout,
-// rsLoRA, bias mode, modules_to_save). A fresh adapter: its weights come from the file afterwards.
-inline nn::LoraInjectConfig inject_config_from(const PeftLoraConfig& peft) {
-  constexpr const char* where = "inject_config_from";
-  nn::LoraInjectConfig c;
-  if (peft.target_modules) c.target_modules = *peft.target_modules;
-  if (peft.target_modules_regex) c.target_regex = *peft.target_modules_regex;
-  if (c.target_modules.empty() && c.target_regex.empty()) detail::fail(where, "the config names no target_modules");
-  c.rank = peft.r;
-  c.alpha = peft.lora_alpha;
-  c.dropout = peft.lora_dropout;
-  c.use_rslora = peft.use_rslora;
-  for (const auto& [key, rank] : peft.rank_pattern) c.rank_pattern.emplace(key, rank);
-  for (const auto& [key, alpha] : peft.alpha_pattern) c.alpha_pattern.emplace(key, alpha);
-  c.bias = peft.bias == "all" ? BiasMode::all : peft.bias == "lora_only" ? BiasMode::lora_only : BiasMode::none;
-  if (peft.modules_to_save) c.modules_to_save = *peft.modules_to_save;
-  return c;
-}
-
 // PEFT's PeftModel.from_pretrained on a base model without LoRA: injects LoRA as dir's
-// adapter_config.json says and loads adapter_model.safetensors as adapter "default" (and the
-// modules_to_save weights). Validation errors leave the weights unloaded; the model is injected first.
+// adapter_config.json says (config.to_inject_config(), with PEFT's leniency: names and pattern keys
+// that match nothing are allowed, as long as some module is targeted) and loads
+// adapter_model.safetensors as adapter "default" (and the modules_to_save weights). Throws
+// std::invalid_argument if the model already has LoRA, io_error for a file that does not fit the model
+// or that holds what this library does not implement (embedding or DoRA tensors): these leave the model
+// unchanged. A fault found while loading the weights leaves the model injected but unloaded.
 template <class Scalar>
 PeftLoraConfig from_pretrained(nn::Sequential<Scalar>& model, const std::string& dir) {
+  constexpr const char* where = "from_pretrained";
+  if (!model.lora_layers().empty()) detail::fail(where, "the model already has LoRA layers; a model is injected once");
   const PeftLoraConfig config = read_adapter_config(dir);
-  nn::inject_lora(model, inject_config_from(config));
-  return load_adapter(dir, model_view(model), "default", AdapterLoadMode::replace);
+  const SafetensorsReader weights =
+      SafetensorsReader::open((std::filesystem::path(dir) / adapter_weights_file).string());
+  detail::require_supported_tensors(where, weights);
+  try {
+    detail::inject_lora("inject_lora", model, config.to_inject_config(), detail::SelectionCheck::peft);
+  } catch (const std::invalid_argument& e) {
+    detail::io_fail(where, (std::filesystem::path(dir) / adapter_config_file).string(), "", e.what());
+  }
+  load_adapter(weights, config, model_view(model), "default", AdapterLoadMode::replace);
+  return config;
 }
 
 // The base (pretrained) tensors under plain names, "<path>.weight" and "<path>.bias" (W0 and its bias

@@ -2,9 +2,10 @@
 #pragma once
 
 #include <lora/config.hpp>
+#include <lora/detail/pattern.hpp>
 #include <lora/io/error.hpp>
 #include <lora/io/file.hpp>
-#include <lora/io/pattern.hpp>
+#include <lora/nn/config.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -16,9 +17,11 @@
 
 namespace lora {
 
-// The fields of PEFT's LoraConfig this library reads and writes (PEFT's defaults). Unknown fields are
-// ignored on load. Loading rejects what it cannot honour: peft_type other than LORA, use_dora,
-// lora_bias, and regular expressions outside the supported subset (see io/pattern.hpp).
+// The fields of PEFT's LoraConfig this library reads and writes (PEFT's defaults), as the file spells
+// them. What they mean is nn::LoraInjectConfig's business: to_inject_config() / from_inject_config() are
+// the one conversion, and the lookups below go through it. Unknown fields are ignored on load. Loading
+// rejects what it cannot honour: peft_type other than LORA, use_dora, lora_bias, combinations PEFT
+// refuses, and regular expressions outside the supported subset (see detail/pattern.hpp).
 struct PeftLoraConfig {
   std::string peft_type = "LORA";
   int r = 8;
@@ -28,55 +31,96 @@ struct PeftLoraConfig {
   std::string bias = "none";  // none | all | lora_only
   bool fan_in_fan_out = false;
   bool inference_mode = true;
-  // PEFT accepts a list of module-name suffixes or one regular expression (re.fullmatch).
+  // PEFT accepts a list of module-name suffixes or one regular expression (re.fullmatch); the string
+  // "all-linear" is PEFT's shorthand for every Linear but the output layer.
   std::optional<std::vector<std::string>> target_modules;
   std::optional<std::string> target_modules_regex;
+  // The same two forms for the modules never adapted.
+  std::optional<std::vector<std::string>> exclude_modules;
+  std::optional<std::string> exclude_modules_regex;
+  // Only these layer indices (an int or a list in the file; empty: every layer), read after a component
+  // matching one of layers_pattern (a string or a list in the file; empty: any component).
+  std::vector<int> layers_to_transform;
+  std::vector<std::string> layers_pattern;
   std::optional<std::vector<std::string>> modules_to_save;
   // Per-module overrides, in file order (the first matching key wins, as in PEFT).
   std::vector<std::pair<std::string, int>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
   std::optional<std::string> base_model_name_or_path, task_type;
-  bool restricts_layers = false;  // layers_to_transform or exclude_modules present: targeting is not checked
 
-  // PEFT's lookup: the first rank_pattern / alpha_pattern key matching the module (see Pattern::peft_key).
-  int rank_for(const std::string& module) const {
-    for (const auto& kv : rank_pattern)
-      if (detail::Pattern::peft_key(kv.first).matches(module)) return kv.second;
-    return r;
-  }
-  double alpha_for(const std::string& module) const {
-    for (const auto& kv : alpha_pattern)
-      if (detail::Pattern::peft_key(kv.first).matches(module)) return kv.second;
-    return lora_alpha;
-  }
-  // The LoraConfig of one module: rank and alpha after the patterns, dropout, rsLoRA.
-  LoraConfig lora_config_for(const std::string& module) const {
-    LoraConfig c;
-    c.rank = rank_for(module);
-    c.alpha = alpha_for(module);
+  // The model-level LoRA settings this file describes: targets, exclusions, layers, rank and alpha with
+  // their patterns, dropout, rsLoRA, bias mode, modules_to_save. The adapter's initialisation fields keep
+  // LoraConfig's defaults: its weights come from the file.
+  nn::LoraInjectConfig to_inject_config() const {
+    nn::LoraInjectConfig c;
+    if (target_modules) c.target_modules = *target_modules;
+    if (target_modules_regex) {
+      if (is_all_linear(*target_modules_regex)) c.target_modules = {"all-linear"};
+      else c.target_regex = *target_modules_regex;
+    }
+    if (exclude_modules) c.exclude_modules = *exclude_modules;
+    if (exclude_modules_regex) c.exclude_regex = *exclude_modules_regex;
+    c.layers_to_transform = layers_to_transform;
+    if (!layers_to_transform.empty()) c.layers_pattern = layers_pattern;  // PEFT ignores it alone
+    c.rank = r;
+    c.alpha = lora_alpha;
     c.dropout = lora_dropout;
     c.use_rslora = use_rslora;
     c.bias = bias == "all" ? BiasMode::all : bias == "lora_only" ? BiasMode::lora_only : BiasMode::none;
+    c.rank_pattern = rank_pattern;
+    c.alpha_pattern = alpha_pattern;
+    if (modules_to_save) c.modules_to_save = *modules_to_save;
     return c;
   }
-  // Whether PEFT would put a LoRA layer on this module: name == t or name ends with "." + t for a list,
-  // re.fullmatch for a string. Unknown (nullopt) without target_modules.
-  std::optional<bool> targets(const std::string& module) const {
-    if (target_modules_regex) return detail::Pattern::full(*target_modules_regex).matches(module);
-    if (!target_modules) return std::nullopt;
-    for (const std::string& t : *target_modules)
-      if (module == t || (module.size() > t.size() && module.compare(module.size() - t.size(), t.size(), t) == 0 &&
-                          module[module.size() - t.size() - 1] == '.'))
-        return true;
-    return false;
+
+  // The PEFT config of an injection (the fields a PEFT file has; init, seed and keep_original_weight
+  // are not among them).
+  static PeftLoraConfig from_inject_config(const nn::LoraInjectConfig& c) {
+    PeftLoraConfig p;
+    if (c.target_modules.size() == 1 && c.target_modules.front() == "all-linear")
+      p.target_modules_regex = "all-linear";  // PEFT's shorthand is the string form
+    else if (!c.target_regex.empty())
+      p.target_modules_regex = c.target_regex;
+    else if (!c.target_modules.empty())
+      p.target_modules = c.target_modules;
+    if (!c.exclude_regex.empty()) p.exclude_modules_regex = c.exclude_regex;
+    else if (!c.exclude_modules.empty()) p.exclude_modules = c.exclude_modules;
+    p.layers_to_transform = c.layers_to_transform;
+    p.layers_pattern = c.layers_pattern;
+    p.r = c.rank;
+    p.lora_alpha = c.alpha;
+    p.lora_dropout = c.dropout;
+    p.use_rslora = c.use_rslora;
+    p.bias = to_string(c.bias);
+    p.rank_pattern = c.rank_pattern;
+    p.alpha_pattern = c.alpha_pattern;
+    if (!c.modules_to_save.empty()) p.modules_to_save = c.modules_to_save;
+    return p;
   }
-  bool saves_module(const std::string& module) const {
-    if (!modules_to_save) return false;
-    for (const std::string& t : *modules_to_save)
-      if (module == t || (module.size() > t.size() && module.compare(module.size() - t.size(), t.size(), t) == 0 &&
-                          module[module.size() - t.size() - 1] == '.'))
-        return true;
-    return false;
+
+  // PEFT's lookup: the first rank_pattern / alpha_pattern key matching the module (the rule of
+  // nn::LoraInjectConfig::rank_for, without building one).
+  int rank_for(const std::string& module) const { return detail::pattern_lookup(rank_pattern, module, r); }
+  double alpha_for(const std::string& module) const {
+    return detail::pattern_lookup(alpha_pattern, module, lora_alpha);
+  }
+  // The LoraConfig of one module: rank and alpha after the patterns, dropout, rsLoRA.
+  LoraConfig lora_config_for(const std::string& module) const { return to_inject_config().layer_config(module, 0); }
+  // Whether PEFT would put a LoRA layer on this module (check_target_module_exists: exclude_modules,
+  // target_modules, layers_to_transform). Unknown (nullopt) without target_modules, and for
+  // "all-linear", which depends on the module's type. Throws std::invalid_argument where PEFT's
+  // readings of the layer index disagree.
+  std::optional<bool> targets(const std::string& module) const {
+    if (!target_modules && !target_modules_regex) return std::nullopt;
+    if (target_modules_regex && is_all_linear(*target_modules_regex)) return std::nullopt;
+    return to_inject_config().targets(module, "PeftLoraConfig::targets");
+  }
+  bool saves_module(const std::string& module) const { return to_inject_config().saves(module); }
+
+  static bool is_all_linear(const std::string& s) {
+    std::string lower;
+    for (char ch : s) lower += static_cast<char>(ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch);
+    return lower == "all-linear";
   }
 
   nlohmann::ordered_json to_json() const {
@@ -98,6 +142,11 @@ struct PeftLoraConfig {
     else if (target_modules) j["target_modules"] = *target_modules;
     else j["target_modules"] = nullptr;
     j["modules_to_save"] = modules_to_save ? nlohmann::ordered_json(*modules_to_save) : nlohmann::ordered_json();
+    // The layer selection fields only when set, so that files without them stay as they were.
+    if (exclude_modules_regex) j["exclude_modules"] = *exclude_modules_regex;
+    else if (exclude_modules) j["exclude_modules"] = *exclude_modules;
+    if (!layers_to_transform.empty()) j["layers_to_transform"] = layers_to_transform;
+    if (!layers_pattern.empty()) j["layers_pattern"] = layers_pattern;
     j["rank_pattern"] = nlohmann::ordered_json::object();
     for (const auto& kv : rank_pattern) j["rank_pattern"][kv.first] = kv.second;
     j["alpha_pattern"] = nlohmann::ordered_json::object();
@@ -192,6 +241,45 @@ struct PeftLoraConfig {
       }
     }
     if (has("modules_to_save")) c.modules_to_save = string_list("modules_to_save");
+    if (has("exclude_modules")) {
+      if (j["exclude_modules"].is_string()) {
+        c.exclude_modules_regex = j["exclude_modules"].get<std::string>();
+        check_pattern("exclude_modules", *c.exclude_modules_regex, false);
+      } else {
+        if (!j["exclude_modules"].is_array()) bad("exclude_modules", "a string or a list of strings");
+        c.exclude_modules = string_list("exclude_modules");
+      }
+    }
+    if (has("layers_to_transform")) {
+      const auto& v = j["layers_to_transform"];
+      auto layer = [&](const nlohmann::ordered_json& x) {
+        if (!x.is_number_integer() || x.get<long long>() < 0 || x.get<long long>() > (1 << 30))
+          bad("layers_to_transform", "a layer index (an integer >= 0) or a list of them");
+        return x.get<int>();
+      };
+      if (v.is_array()) {
+        for (const auto& x : v) c.layers_to_transform.push_back(layer(x));
+      } else {
+        c.layers_to_transform.push_back(layer(v));
+      }
+    }
+    if (has("layers_pattern")) {
+      const auto& v = j["layers_pattern"];
+      if (v.is_string()) {
+        if (!v.get<std::string>().empty()) c.layers_pattern.push_back(v.get<std::string>());
+      } else {
+        if (!v.is_array()) bad("layers_pattern", "a string or a list of strings");
+        c.layers_pattern = string_list("layers_pattern");
+      }
+      for (const std::string& p : c.layers_pattern) check_pattern("layers_pattern", p, false);
+    }
+    // PEFT's LoraConfig refuses these combinations: layer indices apply to module names only.
+    if (c.target_modules_regex && !c.layers_to_transform.empty())
+      detail::io_fail(where, file, "", "layers_to_transform cannot be used with a string (regular expression) "
+                      "target_modules, as in PEFT");
+    if (c.target_modules_regex && !c.layers_pattern.empty())
+      detail::io_fail(where, file, "", "layers_pattern cannot be used with a string (regular expression) "
+                      "target_modules, as in PEFT");
     if (has("rank_pattern")) {
       if (!j["rank_pattern"].is_object()) bad("rank_pattern", "an object");
       for (const auto& kv : j["rank_pattern"].items()) {
@@ -220,7 +308,6 @@ struct PeftLoraConfig {
     };
     opt_string("base_model_name_or_path", c.base_model_name_or_path);
     opt_string("task_type", c.task_type);
-    c.restricts_layers = has("layers_to_transform") || has("exclude_modules");
     return c;
   }
 

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,7 +19,7 @@ namespace lora::nn {
 
 // PEFT's rule for a name in target_modules / modules_to_save: the path equals it or ends with "." + it.
 inline bool matches_target(const std::string& path, const std::string& target) {
-  return LoraInjectConfig::path_matches(path, target);
+  return lora::detail::name_matches(path, target);
 }
 
 // Trainable parameters r (in + out) of one adapter on an [out x in] weight: the analytic count.
@@ -28,28 +27,42 @@ inline Index lora_parameter_count(Index in_features, Index out_features, Index r
   return rank * (in_features + out_features);
 }
 
-namespace detail_inject {
+}  // namespace lora::nn
+
+namespace lora::detail {
+
+// How strictly a module selection is checked. every_name: every target_modules and modules_to_save entry
+// and every rank_pattern / alpha_pattern key must match something, which catches the typos of a config
+// written in code. peft: PEFT's leniency, for configs read from adapter files: only the targets as a
+// whole must be non-empty.
+enum class SelectionCheck { every_name, peft };
 
 template <class Scalar>
-std::string describe_modules(const Sequential<Scalar>& model) {
+std::string describe_modules(const nn::Sequential<Scalar>& model) {
   std::string known;
   for (const auto& [path, m] : model.named_modules())
-    known += detail::concat(known.empty() ? "" : ", ", path, " (", m->type_name(), ")");
+    known += concat(known.empty() ? "" : ", ", path, " (", m->type_name(), ")");
   return known.empty() ? std::string("none") : known;
 }
 
-// The paths selected by a list of names (each must match something), in model order.
+inline std::string join_names(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& n : names) out += (out.empty() ? "'" : ", '") + n + "'";
+  return out;
+}
+
+// The paths matched by a list of names, in model order.
 template <class Scalar>
-std::vector<std::string> select(const char* where, const char* what, const Sequential<Scalar>& model,
-                                const std::vector<std::string>& names) {
+std::vector<std::string> select_by_name(const char* where, const char* what, const nn::Sequential<Scalar>& model,
+                                        const std::vector<std::string>& names, SelectionCheck check) {
   const auto modules = model.named_modules();
   std::vector<bool> chosen(modules.size(), false);
   for (const std::string& name : names) {
     bool found = false;
     for (std::size_t i = 0; i < modules.size(); ++i)
-      if (matches_target(modules[i].first, name)) chosen[i] = found = true;
-    if (!found)
-      detail::fail(where, what, " '", name, "' matches no module; the model has: ", describe_modules(model));
+      if (name_matches(modules[i].first, name)) chosen[i] = found = true;
+    if (!found && check == SelectionCheck::every_name)
+      fail(where, what, " '", name, "' matches no module; the model has: ", describe_modules(model));
   }
   std::vector<std::string> out;
   for (std::size_t i = 0; i < modules.size(); ++i)
@@ -57,45 +70,119 @@ std::vector<std::string> select(const char* where, const char* what, const Seque
   return out;
 }
 
-}  // namespace detail_inject
-
-// The paths of the Linear modules that `config` targets, in model order. Throws, listing the model's
-// modules, when a name matches nothing, when a named module is not a Linear, or when the regex matches
-// no Linear.
 template <class Scalar>
-std::vector<std::string> resolve_targets(const Sequential<Scalar>& model, const LoraInjectConfig& config) {
-  constexpr const char* where = "inject_lora";
+std::vector<std::string> resolve_targets(const char* where, const nn::Sequential<Scalar>& model,
+                                         const nn::LoraInjectConfig& config, SelectionCheck check) {
   config.validate(where);
   std::vector<std::string> targets;
   const auto modules = model.named_modules();
-  auto is_linear = [](const Module<Scalar>* m) { return dynamic_cast<const Linear<Scalar>*>(m) != nullptr; };
+  auto is_linear = [](const nn::Module<Scalar>* m) { return dynamic_cast<const nn::Linear<Scalar>*>(m) != nullptr; };
+  const bool filtered = !config.exclude_modules.empty() || !config.exclude_regex.empty() ||
+                        !config.layers_to_transform.empty();
+  const char* filters = " that exclude_modules and layers_to_transform leave in";
   if (!config.target_regex.empty()) {
-    const std::regex pattern(config.target_regex);
-    for (const auto& [path, m] : modules)
-      if (std::regex_match(path, pattern) && is_linear(m)) targets.push_back(path);
+    const Pattern pattern = Pattern::full(config.target_regex);
+    bool matched = false;
+    for (const auto& [path, m] : modules) {
+      if (!is_linear(m) || !pattern.matches(path)) continue;
+      matched = true;
+      if (config.targets(path, where)) targets.push_back(path);
+    }
     if (targets.empty())
-      detail::fail(where, "target_regex '", config.target_regex, "' matches no Linear module; the model has: ",
-                   detail_inject::describe_modules(model));
+      fail(where, "target_regex '", config.target_regex, "' matches no Linear module", matched ? filters : "",
+           "; the model has: ", describe_modules(model));
     return targets;
   }
   if (config.target_modules.size() == 1 && config.target_modules.front() == "all-linear") {
     for (const auto& [path, m] : modules)
       if (is_linear(m)) targets.push_back(path);
     if (targets.size() < 2)
-      detail::fail(where, "'all-linear' leaves out the output layer, and the model has ", targets.size(),
-                   " Linear module(s); name the targets instead");
+      fail(where, "'all-linear' leaves out the output layer, and the model has ", targets.size(),
+           " Linear module(s); name the targets instead");
     targets.pop_back();
+    targets.erase(std::remove_if(targets.begin(), targets.end(),
+                                 [&](const std::string& path) { return !config.targets(path, where); }),
+                  targets.end());
+    if (targets.empty()) fail(where, "'all-linear' selects no module", filters);
     return targets;
   }
-  targets = detail_inject::select(where, "target", model, config.target_modules);
-  for (const std::string& path : targets) {
-    const Module<Scalar>& m = model.module(path);
-    if (dynamic_cast<const LoraLayer<Scalar>*>(&m))
-      detail::fail(where, "'", path, "' already has LoRA; a model is injected once");
-    if (!is_linear(&m))
-      detail::fail(where, "target '", path, "' is ", m.describe(), "; LoRA adapts Linear modules only");
+  const std::vector<std::string> named = select_by_name(where, "target", model, config.target_modules, check);
+  for (const std::string& path : named) {
+    if (!config.targets(path, where)) continue;
+    const nn::Module<Scalar>& m = model.module(path);
+    if (dynamic_cast<const nn::LoraLayer<Scalar>*>(&m))
+      fail(where, "'", path, "' already has LoRA; a model is injected once");
+    if (!is_linear(&m)) fail(where, "target '", path, "' is ", m.describe(), "; LoRA adapts Linear modules only");
+    targets.push_back(path);
   }
+  if (targets.empty())
+    fail(where, "target_modules ", join_names(config.target_modules), " match no module",
+         !named.empty() && filtered ? filters : "", "; the model has: ", describe_modules(model));
   return targets;
+}
+
+template <class Scalar>
+void inject_lora(const char* where, nn::Sequential<Scalar>& model, const nn::LoraInjectConfig& config,
+                 SelectionCheck check) {
+  if (!model.lora_layers().empty()) fail(where, "the model already has LoRA layers; a model is injected once");
+  const std::vector<std::string> targets = resolve_targets(where, model, config, check);
+  const std::vector<std::string> saved =
+      select_by_name(where, "modules_to_save entry", model, config.modules_to_save, check);
+  for (const std::string& path : saved) {
+    const nn::Module<Scalar>& m = model.module(path);
+    if (std::find(targets.begin(), targets.end(), path) != targets.end())
+      fail(where, "'", path, "' is both a LoRA target and in modules_to_save; choose one");
+    if (!dynamic_cast<const nn::Linear<Scalar>*>(&m))
+      fail(where, "modules_to_save: '", path, "' is ", m.describe(), "; only Linear modules can be saved");
+  }
+
+  auto require_key_matches = [&](const char* what, const std::string& key) {
+    const Pattern pattern = Pattern::peft_key(key);
+    for (const std::string& path : targets)
+      if (pattern.matches(path)) return;
+    std::string known;
+    for (const std::string& path : targets) known += (known.empty() ? "" : ", ") + path;
+    fail(where, what, " key '", key, "' matches no targeted module; the targets are: ", known);
+  };
+  if (check == SelectionCheck::every_name) {
+    for (const auto& entry : config.rank_pattern) require_key_matches("rank_pattern", entry.first);
+    for (const auto& entry : config.alpha_pattern) require_key_matches("alpha_pattern", entry.first);
+  }
+
+  // Build every LoRA layer first, so that a bad rank or shape throws before anything changes.
+  std::vector<std::unique_ptr<nn::Module<Scalar>>> built;
+  for (std::size_t k = 0; k < targets.size(); ++k) {
+    const auto& base = dynamic_cast<const nn::Linear<Scalar>&>(model.module(targets[k]));
+    const LoraConfig layer_config = config.layer_config(targets[k], k);
+    try {
+      if (base.has_bias())
+        built.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.weight(), base.bias(), layer_config));
+      else
+        built.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.weight(), layer_config));
+    } catch (const std::invalid_argument& e) {
+      fail(where, targets[k], ": ", e.what());
+    }
+  }
+
+  for (const auto& [path, m] : model.named_modules())
+    if (auto* linear = dynamic_cast<nn::Linear<Scalar>*>(m)) {
+      const bool save = std::find(saved.begin(), saved.end(), path) != saved.end();
+      linear->set_trainable(save, save || config.bias == BiasMode::all);
+    }
+  for (std::size_t k = 0; k < targets.size(); ++k) model.replace_module(targets[k], std::move(built[k]));
+  model.set_lora_record(config, saved);
+}
+
+}  // namespace lora::detail
+
+namespace lora::nn {
+
+// The paths of the Linear modules that `config` targets, in model order (see LoraInjectConfig). Throws,
+// listing the model's modules, when a name matches nothing, when a named module is not a Linear, or when
+// nothing is left to target.
+template <class Scalar>
+std::vector<std::string> resolve_targets(const Sequential<Scalar>& model, const LoraInjectConfig& config) {
+  return lora::detail::resolve_targets("inject_lora", model, config, lora::detail::SelectionCheck::every_name);
 }
 
 // Puts LoRA into `model`, the PEFT way:
@@ -104,54 +191,11 @@ std::vector<std::string> resolve_targets(const Sequential<Scalar>& model, const 
 //  - every other parameter is frozen, except the biases that config.bias keeps trainable
 //    (all: every bias; lora_only: the adapted layers' biases) and the modules_to_save (weight and bias);
 //  - the config and the saved modules are recorded in the model (lora_config(), saved_modules()).
-// Everything is checked before the model changes: on a throw the model is as it was.
+// Every name and pattern key must match something. Everything is checked before the model changes: on
+// a throw the model is as it was.
 template <class Scalar>
 void inject_lora(Sequential<Scalar>& model, const LoraInjectConfig& config) {
-  constexpr const char* where = "inject_lora";
-  if (!model.lora_layers().empty()) detail::fail(where, "the model already has LoRA layers; a model is injected once");
-  const std::vector<std::string> targets = resolve_targets(model, config);
-  const std::vector<std::string> saved =
-      detail_inject::select(where, "modules_to_save entry", model, config.modules_to_save);
-  for (const std::string& path : saved) {
-    const Module<Scalar>& m = model.module(path);
-    if (std::find(targets.begin(), targets.end(), path) != targets.end())
-      detail::fail(where, "'", path, "' is both a LoRA target and in modules_to_save; choose one");
-    if (!dynamic_cast<const Linear<Scalar>*>(&m))
-      detail::fail(where, "modules_to_save: '", path, "' is ", m.describe(), "; only Linear modules can be saved");
-  }
-
-  auto require_pattern_matches = [&](const char* what, const std::string& key) {
-    for (const std::string& path : targets)
-      if (matches_target(path, key)) return;
-    std::string known;
-    for (const std::string& path : targets) known += (known.empty() ? "" : ", ") + path;
-    detail::fail(where, what, " key '", key, "' matches no targeted module; the targets are: ", known);
-  };
-  for (const auto& entry : config.rank_pattern) require_pattern_matches("rank_pattern", entry.first);
-  for (const auto& entry : config.alpha_pattern) require_pattern_matches("alpha_pattern", entry.first);
-
-  // Build every LoRA layer first, so that a bad rank or shape throws before anything changes.
-  std::vector<std::unique_ptr<Module<Scalar>>> built;
-  for (std::size_t k = 0; k < targets.size(); ++k) {
-    const auto& base = dynamic_cast<const Linear<Scalar>&>(model.module(targets[k]));
-    const LoraConfig layer_config = config.layer_config(targets[k], k);
-    try {
-      if (base.has_bias())
-        built.push_back(std::make_unique<LoraLayer<Scalar>>(base.weight(), base.bias(), layer_config));
-      else
-        built.push_back(std::make_unique<LoraLayer<Scalar>>(base.weight(), layer_config));
-    } catch (const std::invalid_argument& e) {
-      detail::fail(where, targets[k], ": ", e.what());
-    }
-  }
-
-  for (const auto& [path, m] : model.named_modules())
-    if (auto* linear = dynamic_cast<Linear<Scalar>*>(m)) {
-      const bool save = std::find(saved.begin(), saved.end(), path) != saved.end();
-      linear->set_trainable(save, save || config.bias == BiasMode::all);
-    }
-  for (std::size_t k = 0; k < targets.size(); ++k) model.replace_module(targets[k], std::move(built[k]));
-  model.set_lora_record(config, saved);
+  lora::detail::inject_lora("inject_lora", model, config, lora::detail::SelectionCheck::every_name);
 }
 
 // PEFT's merge_and_unload: folds every LoRA layer's active adapters into its weight and puts a plain,

@@ -1,11 +1,11 @@
-// lora.hpp: the regular expressions of PEFT configs (rank_pattern / alpha_pattern keys, a string
-// target_modules), matched in linear time.
+// lora.hpp internal: the regular expressions of PEFT configs (target_modules as a string,
+// exclude_modules, layers_pattern, rank_pattern / alpha_pattern keys), matched in linear time.
 //
-// PEFT evaluates these keys with Python's `re`. std::regex backtracks (exponential time, deep recursion)
-// and a config file is untrusted input, so this is a small Thompson-NFA matcher instead: time
+// PEFT evaluates these with Python's `re`. The standard library's regex engine backtracks (exponential
+// time, deep recursion) and a config file is untrusted input, so this is a small Thompson-NFA matcher instead: time
 // O(pattern x text), no recursion while matching, bounded program size. Supported: literals, '.',
 // classes [a-z0-9_] [^...], escapes \d \w \s \D \W \S \. \\ ..., groups (...) (?:...), alternation |,
-// quantifiers * + ? {m} {m,} {m,n} (a trailing '?' for laziness is accepted: it does not change
+// quantifiers * + ? {m} {m,} {,n} {m,n} (a trailing '?' for laziness is accepted: it does not change
 // whether a full match exists), '^' at the start and '$' at the end. Anything else (back-references,
 // look-arounds, \b, named groups, flags) is rejected with std::invalid_argument. Matching is per byte.
 #pragma once
