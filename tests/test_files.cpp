@@ -330,7 +330,7 @@ TEST_CASE("failed saves: NaN weights, a write error midway, a file in the way", 
 
   // Values that cannot be written fail before anything is created.
   lora::LoraLinearf bad(a.W, adapter_config(16, 2));
-  bad.B()(0, 0) = NAN;
+  bad.B().set(0, 0, NAN);
   const lora::LoraModelView<float> bad_view{{{"fc", &bad}}, {}};
   CHECK_THROWS_WITH(lora::save_adapter(ad, bad_view), Contains("NaN or Inf"));
   CHECK(listing(root.path) == std::vector<std::string>{"adapter"});
