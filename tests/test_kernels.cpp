@@ -6,6 +6,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <limits>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -135,5 +137,18 @@ TEMPLATE_TEST_CASE("rank_update equals base + alpha U V + bias at every split an
   CHECK(work.size() == capacity);
 #ifdef _OPENMP
   omp_set_num_threads(omp_get_num_procs());
+#endif
+}
+
+TEST_CASE("threads_for takes any amount of work", "[kernels][regression]") {
+  // Regression: static_cast<int>(work / 262144) overflowed (undefined behaviour) past ~5.6e14 multiply-adds.
+  const int most = lora::detail::threads_for(1e6 * 262144);
+  CHECK(lora::detail::threads_for(1e300) == most);
+  CHECK(lora::detail::threads_for(std::numeric_limits<double>::infinity()) == most);
+  CHECK(lora::detail::threads_for(std::numeric_limits<double>::quiet_NaN()) == 1);
+  CHECK(lora::detail::threads_for(0) == 1);
+  CHECK(lora::detail::threads_for(-5) == 1);
+#ifdef _OPENMP
+  CHECK(most == omp_get_max_threads());
 #endif
 }

@@ -219,7 +219,7 @@ TEST_CASE("inputs that alias the layer's own buffers give the right values", "[s
   CHECK(relative_error(linear.forward(Y.topRows(16)), twice.topRows(16)) < 1e-13);
 }
 
-TEST_CASE("a forward that throws leaves nothing cached; a failed add_adapter leaves the layer", "[state][exceptions][regression]") {
+TEST_CASE("a forward that throws leaves nothing cached, and a failed add_adapter leaves the layer", "[state][exceptions][regression]") {
   // Regression: forward overwrote its cached input before invalidating the cache, so a throw while reading
   // the input left a half-written input that backward used silently.
   LoraLinear<double> layer(random_matrix<double>(6, 5, 17), trained_adapter(2));

@@ -180,7 +180,7 @@ class MixedBatchForward {
 
   MatrixType X_, Y_;
   InferenceWorkspace<Scalar> main_;
-  const std::vector<std::string> no_adapters_;
+  std::vector<std::string> no_adapters_;  // always empty: the base product alone
   std::vector<Workspace> work_;
   MixedBatchPlan plan_;
 };

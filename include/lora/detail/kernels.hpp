@@ -55,6 +55,8 @@ void parallel_region(int threads, F&& f) {
     f(omp_get_thread_num(), omp_get_num_threads());
     return;
   }
+#else
+  (void)threads;
 #endif
   f(0, 1);
 }
