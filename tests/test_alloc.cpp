@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstddef>
+#include <tuple>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -150,5 +151,59 @@ TEST_CASE("a layer over a shared base allocates its adapter, not a copy of W0", 
     layer->backward(dY);
   }
   CHECK(allocation_count() == during);
+#endif
+}
+
+TEST_CASE("two models train different adapters over one shared base", "[alloc][base]") {
+#ifndef LORA_TEST_COUNTS_MALLOC
+  SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");
+#else
+  using namespace lora::nn;
+  Sequential<float> first;
+  first.add(Linear<float>(512, 512, true, 1));
+  first.add(ReLU<float>());
+  first.add(Linear<float>(512, 512, true, 2));
+  first.add(ReLU<float>());
+  first.add(Linear<float>(512, 10, true, 3));
+  LoraInjectConfig c;
+  c.target_modules = {"layers.0", "layers.2"};
+  c.rank = 4;
+  c.init = lora::InitMethod::random;
+  inject_lora(first, c);
+  const long long before = allocation_bytes();
+  Sequential<float> second = first;  // the LoRA layers share their bases; adapters and the head are copied
+  const long long copied = allocation_bytes() - before;
+  const long long shared_w0 = 2LL * 512 * 512 * static_cast<long long>(sizeof(float));
+  INFO("copying the model allocated " << copied << " bytes; the shared W0s hold " << shared_w0);
+  CHECK(copied < shared_w0 / 10);
+  const auto a = first.lora_layers(), b = second.lora_layers();
+  for (std::size_t i = 0; i < a.size(); ++i) CHECK(a[i].second->base().dense_weight() == b[i].second->base().dense_weight());
+  const Matrix<float> W0 = a[0].second->base_weight();
+
+  // Different adapters: the second model's get other values, then both train on other targets.
+  for (auto& [path, layer] : b) {
+    layer->B().setRandom();
+    layer->B() *= 0.01f;
+  }
+  const Matrix<float> X = Matrix<float>::Random(32, 512);
+  const Matrix<float> target_a = Matrix<float>::Random(32, 10), target_b = Matrix<float>::Random(32, 10);
+  lora::optim::SGDOptions options;
+  options.lr = 1e-4;
+  lora::optim::SGD<float> sgd_a(options), sgd_b(options);
+  for (int step = 0; step < 5; ++step) {
+    for (auto [model, target, sgd] : {std::tuple{&first, &target_a, &sgd_a}, std::tuple{&second, &target_b, &sgd_b}}) {
+      model->zero_grad();
+      const Matrix<float> dY = model->forward(X) - *target;  // gradient of half the squared error
+      model->backward(dY);
+      lora::ParameterList<float> params;
+      model->collect_parameters(params, "");
+      sgd->step(params);
+    }
+  }
+  CHECK(a[0].second->base_weight() == W0);  // training never writes the shared base
+  CHECK(a[0].second->A() != b[0].second->A());
+  first.eval();
+  second.eval();
+  CHECK(first.forward(X) != second.forward(X));
 #endif
 }

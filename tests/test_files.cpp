@@ -2,6 +2,8 @@
 // save), byte counts that overflow, float8, and safetensors files written by other software.
 #include <lora/io.hpp>
 
+#include "temp_files.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <nlohmann/json.hpp>
@@ -25,40 +27,13 @@ using lora::Dtype;
 using lora::io_error;
 using lora::detail::ReplaceStep;
 
+using lora::testing::TempDir;
+using lora::testing::listing;
+using lora::testing::read_file;
+using lora::testing::write_file;
+
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string templ = (fs::temp_directory_path() / "lora_files_XXXXXX").string();
-    REQUIRE(::mkdtemp(templ.data()) != nullptr);
-    path = templ;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string read_file(const fs::path& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-void write_file(const fs::path& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f << bytes;
-}
-
-std::vector<std::string> listing(const fs::path& dir) {
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 ino_t inode_of(const fs::path& p) {
   struct stat st {};

@@ -2,6 +2,8 @@
 // interoperability with fixtures written by an independent writer and a PyTorch reference.
 #include <lora/io.hpp>
 
+#include "temp_files.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <nlohmann/json.hpp>
@@ -21,42 +23,15 @@ namespace fs = std::filesystem;
 using lora::Dtype;
 using lora::io_error;
 
+using lora::testing::TempDir;
+using lora::testing::listing;
+using lora::testing::read_file;
+using lora::testing::write_file;
+
 namespace {
 
 const std::string data_dir = std::string(LORA_TEST_DATA_DIR) + "/io";
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string templ = (fs::temp_directory_path() / "lora_io_XXXXXX").string();
-    REQUIRE(::mkdtemp(templ.data()) != nullptr);
-    path = templ;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-void write_file(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f << bytes;
-}
-
-std::vector<std::string> listing(const fs::path& dir) {
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 // The message of the io_error `f` throws (fails the test if it throws anything else or nothing).
 template <class F>

@@ -137,11 +137,13 @@ class MiniBatches {
 // ===================================================================================================
 // Implementation
 
-namespace detail_data {
+}  // namespace lora::data
+
+namespace lora::detail {
 
 // Orthonormal columns from Gaussian draws by modified Gram-Schmidt (re-drawing a column in the
 // practically impossible case that it is dependent).
-inline Matrix<double> random_orthonormal(Index rows, Index cols, detail::Random& rng) {
+inline Matrix<double> random_orthonormal(Index rows, Index cols, Random& rng) {
   Matrix<double> Q(rows, cols);
   for (Index j = 0; j < cols; ++j) {
     for (;;) {
@@ -157,7 +159,9 @@ inline Matrix<double> random_orthonormal(Index rows, Index cols, detail::Random&
   return Q;
 }
 
-}  // namespace detail_data
+}  // namespace lora::detail
+
+namespace lora::data {
 
 inline ClusterTask ClusterTask::make(const ClusterTaskConfig& c) {
   constexpr const char* where = "ClusterTask::make";
@@ -171,7 +175,7 @@ inline ClusterTask ClusterTask::make(const ClusterTaskConfig& c) {
   ClusterTask t;
   t.config_ = c;
   detail::Random rng(c.seed);
-  t.basis_ = detail_data::random_orthonormal(c.dim, c.dim, rng);
+  t.basis_ = detail::random_orthonormal(c.dim, c.dim, rng);
   const Index clusters = static_cast<Index>(c.num_classes) * c.clusters_per_class;
   Matrix<double> latent(clusters, c.latent_dim);
   for (Index i = 0; i < clusters; ++i)
@@ -201,7 +205,7 @@ inline ClusterTask ClusterTask::shifted(const TaskShift& s) const {
   // Plane i is spanned by u_i (random, inside the subspace) and w_i (basis column p + i, outside it); the
   // planes are mutually orthogonal, so the rotations commute. u_i -> cos u_i + sin w_i.
   const auto inside = basis_.leftCols(p);
-  const Matrix<double> U = inside * detail_data::random_orthonormal(p, p, rng);
+  const Matrix<double> U = inside * detail::random_orthonormal(p, p, rng);
   ClusterTask b = *this;
   const double cs = std::cos(s.angle), sn = std::sin(s.angle);
   for (int plane = 0; plane < s.rotated_planes; ++plane) {

@@ -14,9 +14,7 @@
 #include <unordered_map>
 #include <vector>
 
-namespace lora::optim::detail {
-
-using lora::detail::fail;
+namespace lora::detail {
 
 inline void require_lr(const char* where, double lr) {
   if (!std::isfinite(lr) || lr <= 0) fail(where, "lr must be finite and > 0, got ", lr);
@@ -120,4 +118,4 @@ class StateStore {
   std::uint64_t calls_ = 0;
 };
 
-}  // namespace lora::optim::detail
+}  // namespace lora::detail
