@@ -18,7 +18,7 @@ OPS = ["dense_fwd", "lora_fwd", "merged_fwd", "backward", "train_step", "merge",
 
 def run(binary, case, threads):
     n, i, o, r = case
-    pattern = "^(%s)/f32/n:%d/in:%d/out:%d/r:%d/threads:%d$" % ("|".join(OPS), n, i, o, r, threads)
+    pattern = "^(%s)/f32/n:%d/in:%d/out:%d/r:%d/threads:%d/" % ("|".join(OPS), n, i, o, r, threads)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "OPENBLAS_", "GOMP_"))}
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     out = subprocess.run([binary, "--benchmark_filter=" + pattern, "--benchmark_min_time=0.05",

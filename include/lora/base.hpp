@@ -95,7 +95,7 @@ class DenseBase final : public FrozenBase<Scalar> {
       detail::row_dots(n, out, in, X, in, W_, in, Y, out);
     } else {
       Eigen::Map<MatrixType> Ym(Y, n, out);
-      detail::gemm_rows(work.forward, Eigen::Map<const MatrixType>(X, n, in), ColMajorMap(W_, in, out), Ym);
+      detail::gemm_parallel(work.forward, Eigen::Map<const MatrixType>(X, n, in), ColMajorMap(W_, in, out), Ym);
     }
     if (add_bias && this->has_bias()) Eigen::Map<MatrixType>(Y, n, out).rowwise() += this->bias().transpose();
   }
@@ -103,7 +103,7 @@ class DenseBase final : public FrozenBase<Scalar> {
   void backward_input(const Scalar* dY, Index n, Scalar* dX, BaseWorkspace<Scalar>& work) const override {
     const Index in = this->in_features(), out = this->out_features();
     Eigen::Map<MatrixType> dXm(dX, n, in);
-    detail::gemm_rows(work.backward, Eigen::Map<const MatrixType>(dY, n, out),
+    detail::gemm_parallel(work.backward, Eigen::Map<const MatrixType>(dY, n, out),
                       Eigen::Map<const MatrixType>(W_, out, in), dXm);
   }
 

@@ -1,10 +1,11 @@
 // lora.hpp internals: Eigen's matrix product with packing buffers that outlive the call.
 //
 // `dst.noalias() = lhs * rhs` allocates Eigen's packing buffers on every call once they pass
-// EIGEN_STACK_ALLOCATION_LIMIT (and always for a threaded product). gemm() runs the same Eigen
-// code path (its blocking heuristics, its OpenMP split, or the BLAS with EIGEN_USE_BLAS) with a
-// GemmBlocking that keeps the buffers, so a product of a shape already seen allocates nothing.
-// This reaches into Eigen::internal (3.4's level3_blocking, gemm_functor, parallelize_gemm).
+// EIGEN_STACK_ALLOCATION_LIMIT (and always for a threaded product). gemm() runs Eigen's single-threaded
+// GEMM (its blocking heuristics, or the BLAS with EIGEN_USE_BLAS) with a GemmBlocking that keeps the
+// buffers, and gemm_parallel() splits a product over the threads with one GemmBlocking each, so a
+// product of a shape already seen allocates nothing. This reaches into Eigen::internal (3.4's
+// level3_blocking and gemm_functor).
 #pragma once
 
 #include <lora/common.hpp>
@@ -60,7 +61,7 @@ class GemmBlocking : public Eigen::internal::level3_blocking<Scalar, Scalar> {
 // dst = lhs * rhs for dense row-major dst (no aliasing), Eigen's GEMM with persistent buffers, on the
 // calling thread. Shapes too small for Eigen's GEMM (or vectors) go through Eigen's ordinary product.
 // Eigen's own threaded GEMM is not used: each of its threads allocates a packing buffer on every call once
-// the blocks pass EIGEN_STACK_ALLOCATION_LIMIT (it does on CPUs with a large L2); gemm_rows() threads
+// the blocks pass EIGEN_STACK_ALLOCATION_LIMIT (it does on CPUs with a large L2); gemm_parallel() threads
 // instead.
 template <class Scalar, class Lhs, class Rhs, class Dst>
 void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& dst) {
@@ -80,27 +81,41 @@ void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& d
   Functor(lhs, rhs, dst, Scalar(1), blocking)(0, lhs.rows(), 0, rhs.cols());
 }
 
-// One GemmBlocking per thread of gemm_rows().
+// One GemmBlocking per thread of gemm_parallel().
 template <class Scalar>
 using GemmBuffers = std::vector<GemmBlocking<Scalar>>;
 
-// dst = lhs * rhs with the rows of lhs (and dst) split over the threads, each running gemm() on its rows
-// with its own buffers: no allocation once the buffers have seen the shape.
+// dst = lhs * rhs split over the threads, each running gemm() on its part with its own buffers: no
+// allocation once the buffers have seen the shape. Many rows: the threads take rows of lhs and dst; few
+// rows (dX = dY W0 while decoding): columns of rhs and dst.
 template <class Scalar, class Lhs, class Rhs, class Dst>
-void gemm_rows(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs, Dst& dst) {
-  const Index m = lhs.rows();
-  int threads = threads_for(static_cast<double>(m) * static_cast<double>(lhs.cols()) * static_cast<double>(rhs.cols()));
-  threads = static_cast<int>(std::min<Index>(threads, std::max<Index>(1, m / 16)));
+void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs, Dst& dst) {
+  const Index m = lhs.rows(), p = rhs.cols();
+#ifdef EIGEN_USE_BLAS
+  const int threads = 1;  // the BLAS threads its own products
+#else
+  const int threads =
+      threads_for(static_cast<double>(m) * static_cast<double>(lhs.cols()) * static_cast<double>(p));
+#endif
   if (static_cast<int>(buffers.size()) < threads) buffers.resize(static_cast<std::size_t>(threads));
   if (threads <= 1) {
     gemm(buffers.front(), lhs, rhs, dst);
     return;
   }
+  const bool by_rows = m >= 16 * threads;
   parallel_region(threads, [&](int t, int nt) {
-    const auto rows = split(m, kernel::MR, t, nt);
-    if (rows.first >= rows.second) return;
-    auto d = dst.middleRows(rows.first, rows.second - rows.first);
-    gemm(buffers[static_cast<std::size_t>(t)], lhs.middleRows(rows.first, rows.second - rows.first), rhs, d);
+    GemmBlocking<Scalar>& own = buffers[static_cast<std::size_t>(t)];
+    if (by_rows) {
+      const auto rows = split(m, kernel::MR, t, nt);
+      if (rows.first >= rows.second) return;
+      auto d = dst.middleRows(rows.first, rows.second - rows.first);
+      gemm(own, lhs.middleRows(rows.first, rows.second - rows.first), rhs, d);
+    } else {
+      const auto cols = split(p, 16, t, nt);
+      if (cols.first >= cols.second) return;
+      auto d = dst.middleCols(cols.first, cols.second - cols.first);
+      gemm(own, lhs, rhs.middleCols(cols.first, cols.second - cols.first), d);
+    }
   });
 }
 

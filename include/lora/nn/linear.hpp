@@ -254,7 +254,7 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::infer(const Input& X,
   const Input x = lora::detail::unaliased<Scalar>(X, ws.output, ws.staging);
   lora::detail::resize_workspace(ws.output, x.rows(), out_features());
   using ColMajorMap = Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>>;
-  lora::detail::gemm_rows(ws.base.forward, x, ColMajorMap(weight_.data(), in_features(), out_features()), ws.output);
+  lora::detail::gemm_parallel(ws.base.forward, x, ColMajorMap(weight_.data(), in_features(), out_features()), ws.output);
   if (has_bias_) ws.output.rowwise() += bias_.transpose();
   return ws.output;
 }
