@@ -25,7 +25,7 @@ void as_safetensors(const std::uint8_t* data, std::size_t size) {
   lora::Matrix<float> head = lora::Matrix<float>::Zero(3, 7);
   lora::Vector<float> head_bias = lora::Vector<float>::Zero(3);
   const lora::LoraModelView<float> model{{{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}},
-                                         {{"classifier", &head, &head_bias}}};
+                                         {{"classifier", lora::param_ref(head), lora::param_ref(head_bias)}}};
   lora::PeftLoraConfig config;
   config.r = 4;
   config.rank_pattern = {{"fc2", 2}};
