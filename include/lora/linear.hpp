@@ -237,9 +237,8 @@ class LoraLinear {
     LoraConfig config;
     MatrixType A, B, grad_A, grad_B;
     detail::Random dropout_rng;
-    double scale = 1;              // runtime multiplier
-    double merged_scaling = 0;     // the s used by the last merge, so unmerge subtracts the same
-    bool active = false, merged = false;
+    double scale = 1;  // runtime multiplier
+    bool active = false;
     // training cache of the last forward
     MatrixType dropout_mask;   // 0 or 1 / (1 - p) per input entry
     MatrixType dropped_input;  // X * mask
@@ -271,6 +270,7 @@ class LoraLinear {
   static ConstMap cview(const MatrixType& m) { return ConstMap(m.data(), m.rows(), m.cols()); }
   // Something the cached forward depends on changed: backward() refuses that forward from now on.
   void changed() { ++guard_->version; }
+  bool merged_in_place() const { return merged_ && !merged_copy_; }
   // Whether the layer may write W0 in place (it owns the base alone).
   DenseBase<Scalar>* exclusive_dense_base() const;
   const Scalar* effective_bias() const { return has_bias_ ? bias_.data() : nullptr; }
@@ -292,7 +292,9 @@ class LoraLinear {
   std::unique_ptr<detail::TensorLease> lease_bias_;
 
   // merge state
-  bool merged_ = false, merged_in_place_ = false;
+  // While merged, the active set, the scales and every A and B are frozen (setters and views refuse), so
+  // unmerge subtracts exactly the terms merge added. Merged in place <=> merged_ without a merged_copy_.
+  bool merged_ = false;
   std::shared_ptr<DenseBase<Scalar>> merged_copy_;  // W0' when the base is not written in place
   MatrixType original_;                             // W0 before an in-place merge, with keep_original_weight
   struct PreparedMerge {
@@ -369,9 +371,8 @@ LoraLinear<Scalar>::LoraLinear(const LoraLinear& other)
       keep_original_(other.keep_original_),
       training_(other.training_),
       merged_(other.merged_),
-      merged_in_place_(other.merged_in_place_),
       original_(other.original_) {
-  if (other.merged_ && other.merged_in_place_) {
+  if (other.merged_in_place()) {
     // The merged values live in the other layer's own base: this copy gets a base of its own.
     if (other.base_->has_bias())
       base_ = make_base<Scalar>(other.base_weight(), other.base_->bias());
@@ -404,9 +405,7 @@ void LoraLinear<Scalar>::copy_adapters_from(const LoraLinear& other) {
     a->grad_B = src->grad_B;
     a->dropout_rng = src->dropout_rng;
     a->scale = src->scale;
-    a->merged_scaling = src->merged_scaling;
     a->active = src->active;
-    a->merged = src->merged;
     adapters_.push_back(std::move(a));
   }
 }
@@ -558,7 +557,7 @@ std::string LoraLinear<Scalar>::only_active(const char* where) const {
 
 template <class Scalar>
 typename LoraLinear<Scalar>::BasePtr LoraLinear<Scalar>::shared_base() const {
-  if (merged_ && merged_in_place_)
+  if (merged_in_place())
     detail::fail("LoraLinear::shared_base", "the base holds the merged weight; call unmerge() first");
   return base_;
 }
@@ -888,13 +887,8 @@ void LoraLinear<Scalar>::commit_merge() noexcept {
   const Scalar m = lora_add_delta(target->mutable_weight(), out, in, prepared_.terms, Scalar(1), merge_U_, merge_V_,
                                   merge_pack_);
   target->set_max_abs(m);
-  merged_in_place_ = prepared_.in_place;
   merged_copy_ = std::move(prepared_.copy);
   original_.swap(prepared_.original);
-  for (AdapterPtr& a : adapters_) {
-    a->merged = a->active;
-    a->merged_scaling = a->active ? static_cast<double>(a->effective_scaling()) : 0.0;
-  }
   merged_ = true;
   guard_->locked = "the layer is merged; call unmerge() first";
   changed();
@@ -932,17 +926,12 @@ void LoraLinear<Scalar>::unmerge() {
       original_.resize(0, 0);
     } else {
       std::vector<AdapterTerm<Scalar>> terms;
-      for (const AdapterPtr& a : adapters_)
-        if (a->merged)
-          terms.push_back({a->A.data(), a->B.data(), a->config.rank, static_cast<Scalar>(a->merged_scaling), nullptr,
-                           nullptr});
+      active_terms(terms);  // the terms merge added: nothing they depend on can change while merged
       target->set_max_abs(lora_add_delta(target->mutable_weight(), out_features(), in_features(), terms, Scalar(-1),
                                          merge_U_, merge_V_, merge_pack_));
     }
   }
-  for (AdapterPtr& a : adapters_) a->merged = false;
   merged_ = false;
-  merged_in_place_ = false;
   guard_->locked = nullptr;
   changed();
 }
