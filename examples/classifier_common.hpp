@@ -111,8 +111,8 @@ inline RunResult train_and_evaluate(const std::string& method, Model& model, lor
 
 // Freezes every layer except the one at `trainable_path` (none if empty).
 inline void freeze_all_but(Model& model, const std::string& trainable_path) {
-  for (auto& [path, module] : model.named_modules())
-    if (auto* linear = dynamic_cast<lora::nn::Linear<Scalar>*>(module)) linear->set_trainable(path == trainable_path);
+  model.set_requires_grad(false);
+  if (!trainable_path.empty()) model.set_requires_grad(trainable_path, true);
 }
 
 // LoRA of rank r on the hidden Linear layers, the head fully trainable (modules_to_save), alpha = 2 r

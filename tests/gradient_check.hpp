@@ -3,8 +3,11 @@
 #pragma once
 
 #include <lora/common.hpp>
+#include <lora/parameter.hpp>
 
 #include <Eigen/Core>
+
+#include <catch2/catch.hpp>
 
 #include <cmath>
 #include <cstdlib>
@@ -64,6 +67,27 @@ std::string message_of(Call&& call) {
     return e.what();
   }
   return "(no exception)";
+}
+
+// Checks dL/dX and every trainable parameter's gradient of f = <forward(X), R> against central differences.
+template <class M>
+void check_module_gradients(M& module, Matrix<double> X, unsigned seed) {
+  module.train();
+  const Matrix<double> R = random_matrix<double>(X.rows(), module.forward(X).cols(), seed);
+  auto loss = [&] { return module.forward(X).cwiseProduct(R).sum(); };
+  module.zero_grad();
+  module.forward(X);
+  const Matrix<double> dX = module.backward(R);
+  INFO(module.describe());
+  CHECK(relative_error(dX, numerical_gradient(X, loss)) < 1e-7);
+  lora::ParameterList<double> params;
+  module.collect_parameters(params, "");
+  for (auto& p : params) {
+    INFO(p.name);
+    const Matrix<double> analytic = p.grad;
+    CHECK(analytic.norm() > 0);
+    CHECK(relative_error(analytic, numerical_gradient(p.value, loss)) < 1e-7);
+  }
 }
 
 }  // namespace lora::testing

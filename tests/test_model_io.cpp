@@ -42,7 +42,7 @@ TEST_CASE("a model's base and adapter reload to the same outputs", "[io][model]"
   std::filesystem::create_directories(dir);
   auto trained = small_mlp(1);
   lora::nn::inject_lora(trained, inject_config());
-  trained.saved_modules().front().second->weight().set(0, 0, 0.75);  // a trained head
+  trained.saved_modules().front().second->copy("default").weight().set(0, 0, 0.75);  // a trained head
   lora::save_base_weights((dir / "base.safetensors").string(), trained, lora::Dtype::F64);
   lora::AdapterSaveOptions f64;
   f64.dtype = lora::Dtype::F64;
@@ -70,6 +70,97 @@ TEST_CASE("a model's base and adapter reload to the same outputs", "[io][model]"
     CHECK(std::string(e.what()).find("layers.0.weight") != std::string::npos);
   }
   CHECK(other.base_tensor("layers.0.weight") == before);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a failed from_pretrained leaves the model exactly as it was; a retry works", "[io][model][errors]") {
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_from_pretrained_rollback";
+  std::filesystem::remove_all(dir);
+  auto trained = small_mlp(1);
+  lora::nn::inject_lora(trained, inject_config());
+  lora::AdapterSaveOptions f64;
+  f64.dtype = lora::Dtype::F64;
+  lora::save_adapter((dir / "good").string(), trained, "default", f64);
+  // Faults found only while loading the weights, after the config has been applied: a head weight of
+  // the wrong shape, and a head bias missing.
+  const auto good = lora::SafetensorsReader::open((dir / "good" / "adapter_model.safetensors").string());
+  for (const char* kind : {"bad_shape", "no_bias"}) {
+    std::filesystem::create_directories(dir / kind);
+    std::filesystem::copy_file(dir / "good" / "adapter_config.json", dir / kind / "adapter_config.json");
+    lora::SafetensorsWriter w;
+    for (const lora::TensorInfo& t : good.tensors()) {
+      if (std::string(kind) == "no_bias" && t.name == "base_model.model.layers.2.bias") continue;
+      if (t.shape.size() == 1) {
+        w.add_vector(t.name, good.vector<double>(t.name, static_cast<Index>(t.shape[0]), "test"), lora::Dtype::F64);
+        continue;
+      }
+      lora::Matrix<double> m = good.matrix<double>(t.name, "test");
+      if (std::string(kind) == "bad_shape" && t.name == "base_model.model.layers.2.weight") m.conservativeResize(2, 8);
+      w.add(t.name, m, lora::Dtype::F64);
+    }
+    w.save((dir / kind / "adapter_model.safetensors").string());
+  }
+
+  auto model = small_mlp(1);
+  lora::optim::AdamWOptions no_decay;
+  no_decay.weight_decay = 0;  // with zero gradients, a step leaves the weights as they are
+  lora::optim::AdamWd adam{no_decay};
+  auto params = model.parameters();  // made before: must stay valid after a failed load
+  const std::string before = model.describe();
+  for (const char* kind : {"bad_shape", "no_bias"}) {
+    INFO(kind);
+    CHECK_THROWS(lora::from_pretrained(model, (dir / kind).string()));
+    CHECK(model.lora_layers().empty());
+    CHECK(model.saved_modules().empty());
+    CHECK(model.lora_config() == nullptr);
+    CHECK(model.describe() == before);
+    CHECK(model.parameters().size() == params.size());
+  }
+  adam.step(params);  // the list made before the failed loads still matches the model
+  lora::from_pretrained(model, (dir / "good").string());
+  const lora::Matrix<double> X = lora::Matrix<double>::Random(4, 6);
+  trained.eval();
+  model.eval();
+  CHECK(model.forward(X) == trained.forward(X));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("two adapters, each with its own head, save and reload apart", "[io][model][adapters]") {
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_two_heads";
+  std::filesystem::remove_all(dir);
+  auto model = small_mlp(1);
+  lora::nn::inject_lora(model, inject_config());
+  lora::add_adapter(model, "second", inject_config());
+  model.saved_modules().front().second->copy("default").weight().set(0, 0, 0.5);
+  model.saved_modules().front().second->copy("second").weight().set(0, 0, -0.5);
+  lora::set_active_adapters(model, {"second"});
+  for (auto& [path, layer] : model.lora_layers()) layer->B("second").setRandom();
+  const lora::Matrix<double> X = lora::Matrix<double>::Random(4, 6);
+  model.eval();
+  const lora::Matrix<double> y_second = model.forward(X);
+  lora::set_active_adapters(model, {"default"});
+  const lora::Matrix<double> y_default = model.forward(X);
+  lora::disable_adapters(model);
+  const lora::Matrix<double> y_base = model.forward(X);
+  lora::AdapterSaveOptions f64;
+  f64.dtype = lora::Dtype::F64;
+  lora::save_adapter((dir / "default").string(), model, "default", f64);
+  lora::save_adapter((dir / "second").string(), model, "second", f64);
+
+  auto reloaded = small_mlp(1);
+  lora::from_pretrained(reloaded, (dir / "default").string());
+  lora::load_adapter((dir / "second").string(), reloaded, "second");
+  reloaded.eval();
+  CHECK(reloaded.forward(X) == y_default);
+  lora::set_active_adapters(reloaded, {"second"});
+  CHECK(reloaded.forward(X) == y_second);
+  lora::disable_adapters(reloaded);
+  CHECK(reloaded.forward(X) == y_base);
+  // A load that fails leaves no copy behind.
+  CHECK_THROWS(lora::load_adapter((dir / "second").string(), reloaded, "second"));  // exists already
+  std::filesystem::remove(dir / "second" / "adapter_model.safetensors");
+  CHECK_THROWS(lora::load_adapter((dir / "second").string(), reloaded, "third"));
+  CHECK(reloaded.saved_modules().front().second->adapter_names() == std::vector<std::string>{"default", "second"});
   std::filesystem::remove_all(dir);
 }
 

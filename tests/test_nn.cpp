@@ -24,6 +24,7 @@ using lora::nn::ReLU;
 using lora::nn::Sequential;
 using lora::nn::SoftmaxCrossEntropy;
 using lora::nn::Tanh;
+using lora::testing::check_module_gradients;
 using lora::testing::numerical_gradient;
 using lora::testing::relative_error;
 using lora::testing::tolerance;
@@ -32,27 +33,6 @@ using lora::testing::message_of;
 using lora::testing::random_matrix;
 
 namespace {
-
-// Checks dL/dX and every trainable parameter's gradient of f = <forward(X), R> against central differences.
-template <class M>
-void check_module_gradients(M& module, Matrix<double> X, unsigned seed) {
-  module.train();
-  const Matrix<double> R = random_matrix<double>(X.rows(), module.forward(X).cols(), seed);
-  auto loss = [&] { return module.forward(X).cwiseProduct(R).sum(); };
-  module.zero_grad();
-  module.forward(X);
-  const Matrix<double> dX = module.backward(R);
-  INFO(module.describe());
-  CHECK(relative_error(dX, numerical_gradient(X, loss)) < 1e-7);
-  lora::ParameterList<double> params;
-  module.collect_parameters(params, "");
-  for (auto& p : params) {
-    INFO(p.name);
-    const Matrix<double> analytic = p.grad;
-    CHECK(analytic.norm() > 0);
-    CHECK(relative_error(analytic, numerical_gradient(p.value, loss)) < 1e-7);
-  }
-}
 
 // A small MLP: 6 -> 10 -> 8 -> 4 with the three activations in turn.
 template <class Scalar>
@@ -567,7 +547,8 @@ TEST_CASE("inject_lora freezes the base, keeps modules_to_save, applies the bias
     CHECK(names_of(model.parameters()) ==
           std::vector<std::string>{"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight",
                                    "layers.2.lora_A.default.weight", "layers.2.lora_B.default.weight",
-                                   "layers.6.weight", "layers.6.bias"});
+                                   "layers.6.modules_to_save.default.weight",
+                                   "layers.6.modules_to_save.default.bias"});
     CHECK(model.saved_modules().size() == 1);
     CHECK(model.saved_modules().front().first == "layers.6");
     REQUIRE(model.lora_config() != nullptr);
@@ -585,7 +566,8 @@ TEST_CASE("inject_lora freezes the base, keeps modules_to_save, applies the bias
           std::vector<std::string>{"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight",
                                    "layers.0.bias", "layers.2.lora_A.default.weight",
                                    "layers.2.lora_B.default.weight", "layers.2.bias", "layers.4.bias",
-                                   "layers.6.weight", "layers.6.bias"});
+                                   "layers.6.modules_to_save.default.weight",
+                                   "layers.6.modules_to_save.default.bias"});
   }
   SECTION("bias lora_only") {
     c.bias = lora::BiasMode::lora_only;
@@ -594,8 +576,9 @@ TEST_CASE("inject_lora freezes the base, keeps modules_to_save, applies the bias
     CHECK(names_of(model.parameters()) ==
           std::vector<std::string>{"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight",
                                    "layers.0.bias", "layers.2.lora_A.default.weight",
-                                   "layers.2.lora_B.default.weight", "layers.2.bias", "layers.6.weight",
-                                   "layers.6.bias"});
+                                   "layers.2.lora_B.default.weight", "layers.2.bias",
+                                   "layers.6.modules_to_save.default.weight",
+                                   "layers.6.modules_to_save.default.bias"});
   }
 }
 

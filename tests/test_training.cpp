@@ -24,6 +24,7 @@ using lora::data::TaskShift;
 using lora::testing::contains;
 using lora::testing::message_of;
 using lora::testing::random_matrix;
+using lora::testing::relative_error;
 
 // ---- data -------------------------------------------------------------------------------------------
 
@@ -137,7 +138,7 @@ TEST_CASE("bad data gives clear errors", "[data][errors]") {
   lora::nn::Sequential<float> narrow;
   narrow.add(lora::nn::Linear<float>(32, 4));
   m = message_of([&] { lora::nn::evaluate_accuracy(narrow, data); });
-  CHECK(contains(m, "the dataset has 10 classes, the model has out_features = 4"));
+  CHECK(contains(m, "evaluate_accuracy: the dataset has 10 classes, more than the model's out_features = 4"));
 
   ClusterTaskConfig config;
   config.latent_dim = 40;
@@ -247,4 +248,274 @@ TEST_CASE("a non-positive learning rate is refused", "[training][errors]") {
   sgd.lr = -0.1;
   m = message_of([&] { lora::optim::SGDf optimizer(sgd); });
   CHECK(contains(m, "SGD::SGD: lr must be finite and > 0, got -0.1"));
+}
+
+// ---- the model API: stale lists, freezing, predictions, losses, modules_to_save --------------------
+
+namespace {
+
+using lora::nn::Sequential;
+
+Sequential<double> mlp() {
+  Sequential<double> m;
+  m.add(lora::nn::Linear<double>(6, 8, true, 11));
+  m.add(lora::nn::ReLU<double>());
+  m.add(lora::nn::Linear<double>(8, 8, true, 12));
+  m.add(lora::nn::ReLU<double>());
+  m.add(lora::nn::Linear<double>(8, 4, true, 13));
+  return m;
+}
+
+lora::nn::LoraInjectConfig qv_config() {
+  lora::nn::LoraInjectConfig c;
+  c.target_modules = {"layers.0", "layers.2"};
+  c.modules_to_save = {"layers.4"};
+  c.rank = 2;
+  c.init = lora::InitMethod::random;
+  return c;
+}
+
+std::vector<std::string> names(const lora::ParameterList<double>& params) {
+  std::vector<std::string> out;
+  for (const auto& p : params) out.push_back(p.name);
+  return out;
+}
+
+// One forward/backward so that every gradient is set, then an optimiser step over `params`.
+void step(Sequential<double>& model, lora::optim::AdamWd& adam, lora::ParameterList<double>& params) {
+  const Matrix<double> X = random_matrix<double>(3, 6, 5);
+  model.zero_grad();
+  model.backward(Matrix<double>::Ones(3, model.forward(X).cols()));
+  adam.step(params);
+}
+
+}  // namespace
+
+TEST_CASE("a parameter list made before the model changed throws on use, naming the parameter", "[nn][state][errors]") {
+  lora::optim::AdamWd adam{lora::optim::AdamWOptions{}};
+  Sequential<double> model = mlp();
+  SECTION("inject_lora") {
+    auto params = model.parameters();
+    lora::nn::inject_lora(model, qv_config());
+    CHECK(contains(message_of([&] { step(model, adam, params); }), "AdamW::step: 'layers.0.weight' no longer exists"));
+  }
+  SECTION("set_trainable and set_requires_grad") {
+    auto params = model.parameters();
+    dynamic_cast<lora::nn::Linear<double>&>(model[2]).set_trainable(false);
+    CHECK(contains(message_of([&] { step(model, adam, params); }), "'layers.2.weight' no longer exists"));
+    params = model.parameters();
+    model.set_requires_grad("layers.4", false);
+    CHECK(contains(message_of([&] { step(model, adam, params); }), "'layers.4.weight' no longer exists"));
+    params = model.parameters();
+    step(model, adam, params);  // a fresh list works
+  }
+  SECTION("replace_module") {
+    auto params = model.parameters();
+    model.replace_module("layers.4", std::make_unique<lora::nn::Linear<double>>(8, 4, true, 99));
+    CHECK(contains(message_of([&] { step(model, adam, params); }), "'layers.4.weight' no longer exists"));
+  }
+  SECTION("adapters: activate, delete, merge") {
+    lora::nn::LoraInjectConfig c = qv_config();
+    c.modules_to_save.clear();  // two active adapters may not both have a copy of a saved module
+    lora::nn::inject_lora(model, c);
+    auto params = model.parameters();
+    step(model, adam, params);
+    lora::add_adapter(model, "other", c);
+    step(model, adam, params);  // an inactive adapter changes no trainable set
+    lora::set_active_adapters(model, {"default", "other"});
+    std::string m = message_of([&] { step(model, adam, params); });
+    CHECK(contains(m, "AdamW::step: parameter 'layers.0.lora_A.default.weight': the trainable parameters of its layer "
+                      "changed after this list was made"));
+    lora::set_active_adapters(model, {"default"});
+    params = model.parameters();
+    lora::set_active_adapters(model, {"other"});
+    lora::delete_adapter(model, "default");
+    CHECK(contains(message_of([&] { step(model, adam, params); }), "'layers.0.lora_A.default.weight' no longer exists"));
+    params = model.parameters();
+    model.merge();
+    CHECK(contains(message_of([&] { adam.step(params); }), "cannot be written: "));
+    model.unmerge();
+    step(model, adam, params);
+    lora::disable_adapters(model);
+    CHECK_THROWS(step(model, adam, params));
+  }
+}
+
+TEST_CASE("set_requires_grad freezes a model, a sub-tree or a LoRA layer", "[nn]") {
+  Sequential<double> model;
+  model.add("embed", lora::nn::Linear<double>(6, 8, true, 1));
+  Sequential<double> block("unused");
+  block.add(lora::nn::Linear<double>(8, 8, true, 2));
+  block.add(lora::nn::Tanh<double>());
+  block.add(lora::nn::Linear<double>(8, 8, true, 3));
+  model.add("block", std::move(block));
+  model.add("head", lora::nn::Linear<double>(8, 3, true, 4));
+  model.set_requires_grad("layers.block", false);
+  CHECK(names(model.parameters()) ==
+        std::vector<std::string>{"layers.embed.weight", "layers.embed.bias", "layers.head.weight", "layers.head.bias"});
+  model.set_requires_grad(false);
+  CHECK(model.parameters().empty());
+  CHECK(model.num_trainable_parameters() == 0);
+  model.set_requires_grad("layers.block.2", true);
+  CHECK(names(model.parameters()) == std::vector<std::string>{"layers.block.2.weight", "layers.block.2.bias"});
+  CHECK(contains(message_of([&] { model.set_requires_grad("layers.blok", true); }),
+                 "Sequential::set_requires_grad: no module or sub-tree named 'layers.blok'"));
+
+  Sequential<double> adapted = mlp();
+  lora::nn::LoraInjectConfig c = qv_config();
+  c.bias = lora::BiasMode::lora_only;
+  lora::nn::inject_lora(adapted, c);
+  const Index total = adapted.num_parameters();
+  adapted.set_requires_grad("layers.0", false);
+  CHECK(names(adapted.parameters()) ==
+        std::vector<std::string>{"layers.2.lora_A.default.weight", "layers.2.lora_B.default.weight", "layers.2.bias",
+                                 "layers.4.modules_to_save.default.weight", "layers.4.modules_to_save.default.bias"});
+  CHECK(adapted.num_parameters() == total);
+  // A frozen adapter still applies and passes gradients through.
+  const Matrix<double> X = random_matrix<double>(4, 6, 3);
+  adapted.eval();
+  const Matrix<double> y = adapted.forward(X);
+  adapted.set_requires_grad(true);
+  CHECK(adapted.forward(X) == y);
+  CHECK(names(adapted.parameters()).size() == 8);
+  adapted.train();
+  for (auto& [path, layer] : adapted.lora_layers()) layer->B().setRandom();
+  adapted.set_requires_grad("layers.2", false);
+  lora::testing::check_module_gradients(adapted, X, 17);
+}
+
+TEST_CASE("predictions: classes, logits and probabilities; a NaN output is an error", "[nn][errors]") {
+  Sequential<double> model = mlp();
+  const Matrix<double> X = random_matrix<double>(9, 6, 21);
+  Matrix<double> logits, probabilities;
+  lora::nn::predict_logits(model, X, logits, 4);  // batches of 4, 4 and 1
+  model.eval();
+  CHECK(relative_error(logits, model.forward(X)) < 1e-15);
+  lora::nn::predict_proba(model, X, probabilities);
+  CHECK((probabilities.rowwise().sum().array() - 1).abs().maxCoeff() < 1e-15);
+  CHECK((probabilities.array() > 0).all());
+  std::vector<int> classes;
+  lora::nn::predict(model, X, classes);
+  for (Index i = 0; i < X.rows(); ++i) {
+    Index best = 0;
+    logits.row(i).maxCoeff(&best);
+    CHECK(classes[static_cast<std::size_t>(i)] == best);
+  }
+  Matrix<double> bad = X;
+  bad(6, 2) = std::numeric_limits<double>::quiet_NaN();
+  model.train();
+  const std::string m = message_of([&] { lora::nn::predict(model, bad, classes, 4); });
+  CHECK(contains(m, "predict: the model's output for row 6 is not finite (NaN or Inf)"));
+  CHECK(model.training());  // the mode is restored on a throw too
+  CHECK_THROWS(lora::nn::predict_proba(model, bad, probabilities));
+}
+
+TEST_CASE("train_epoch takes any loss; evaluate gives the held-out loss; a head may be wider than the classes",
+          "[training]") {
+  ClusterTaskConfig config;
+  config.num_classes = 3;
+  config.dim = 6;
+  config.latent_dim = 3;
+  config.clusters_per_class = 2;
+  config.noise = 0.3;
+  config.spread = 2;
+  const ClusterTask task = ClusterTask::make(config);
+  const Dataset<double> train = task.sample<double>(300, 1), test = task.sample<double>(300, 2);
+  Sequential<double> model = mlp();  // 4 outputs for 3 classes
+  // Squared error against one-hot targets, mean over the batch.
+  auto squared_error = [](const Matrix<double>& out, const MiniBatches<double>::Batch& batch, Matrix<double>& grad) {
+    grad = out;
+    for (Index i = 0; i < out.rows(); ++i) grad(i, batch.y[static_cast<std::size_t>(i)]) -= 1;
+    const double loss = 0.5 * grad.squaredNorm() / static_cast<double>(out.rows());
+    grad /= static_cast<double>(out.rows());
+    return loss;
+  };
+  const auto before = lora::nn::evaluate(model, test, squared_error);
+  lora::optim::AdamWOptions options;
+  options.lr = 1e-2;
+  lora::optim::AdamWd adam(options);
+  auto params = model.parameters();
+  MiniBatches<double> batches(train, 30, 4);
+  lora::nn::EpochStats last;
+  for (int epoch = 0; epoch < 30; ++epoch) {
+    batches.shuffle();
+    last = lora::nn::train_epoch(model, batches, squared_error, [&] { adam.step(params); });
+  }
+  const auto after = lora::nn::evaluate(model, test, squared_error);
+  INFO("held-out squared error " << before.loss << " -> " << after.loss << ", accuracy " << after.accuracy);
+  CHECK(after.loss < 0.2 * before.loss);
+  CHECK(after.accuracy > 0.95);
+  CHECK(after.samples == 300);
+  CHECK(std::abs(last.loss - after.loss) < after.loss);  // training and held-out losses agree roughly
+  const auto ce = lora::nn::evaluate(model, test);
+  CHECK(ce.accuracy == after.accuracy);
+  CHECK(ce.loss > 0);
+  auto nan_loss = [](const Matrix<double>& out, const MiniBatches<double>::Batch&, Matrix<double>& grad) {
+    grad = out;
+    return std::numeric_limits<double>::quiet_NaN();
+  };
+  CHECK(contains(message_of([&] { lora::nn::train_epoch(model, batches, nan_loss, [] {}); }),
+                 "train_epoch: the loss of batch 0 is nan"));
+}
+
+TEST_CASE("modules_to_save: the original stays, each adapter trains its own copy, as in PEFT", "[nn][adapters]") {
+  Sequential<double> model = mlp();
+  const Matrix<double> X = random_matrix<double>(5, 6, 31);
+  model.eval();
+  const Matrix<double> base = model.forward(X);
+  lora::nn::inject_lora(model, qv_config());
+  const auto& wrapper = *model.saved_modules().front().second;
+  CHECK(wrapper.adapter_names() == std::vector<std::string>{"default"});
+  // Train the adapter and the head copy (here: set them).
+  auto& head = model.saved_modules().front().second->copy("default");
+  head.weight().setRandom();
+  for (auto& [path, layer] : model.lora_layers()) layer->B().setRandom();
+  const Matrix<double> adapted = model.forward(X);
+  CHECK((adapted - base).norm() > 1e-3);
+  CHECK(model.base_tensor("layers.4.weight") == mlp().base_tensor("layers.4.weight"));  // the original
+
+  const lora::ActiveAdapterState state = lora::disable_adapters(model);
+  CHECK(relative_error(model.forward(X), base) < 1e-15);  // the base model, head included
+  lora::enable_adapters(model, state);
+  CHECK(model.forward(X) == adapted);
+
+  // A second adapter gets its own copy of the original head.
+  lora::add_adapter(model, "second", qv_config());
+  CHECK(wrapper.adapter_names() == std::vector<std::string>{"default", "second"});
+  CHECK(wrapper.copy("second").weight() == wrapper.original().weight());
+  lora::set_active_adapters(model, {"second"});
+  CHECK(names(model.parameters()) ==
+        std::vector<std::string>{"layers.0.lora_A.second.weight", "layers.0.lora_B.second.weight",
+                                 "layers.2.lora_A.second.weight", "layers.2.lora_B.second.weight",
+                                 "layers.4.modules_to_save.second.weight", "layers.4.modules_to_save.second.bias"});
+  model.saved_modules().front().second->copy("second").bias().setConstant(0.5);
+  CHECK((model.forward(X) - base).norm() > 1e-3);
+  CHECK(contains(message_of([&] { lora::set_active_adapters(model, {"default", "second"}); }),
+                 "set_active_adapters: adapters 'default' and 'second' both have their own copy of the saved module "
+                 "'layers.4'"));
+  lora::set_active_adapters(model, {"default"});
+  CHECK(model.forward(X) == adapted);  // the second adapter's training did not touch the first's head
+  lora::delete_adapter(model, "second");
+  CHECK(wrapper.adapter_names() == std::vector<std::string>{"default"});
+
+  // merge_and_unload: PEFT's trainable set (merged weights frozen, the head copy trains on).
+  Sequential<double> copy = model;
+  lora::nn::merge_and_unload(copy);
+  CHECK(copy.module("layers.4").type_name() == "Linear");
+  CHECK(relative_error(copy.forward(X), adapted) < 1e-14);
+  CHECK(names(copy.parameters()) == std::vector<std::string>{"layers.4.weight", "layers.4.bias"});
+  lora::nn::LoraInjectConfig with_bias = qv_config();
+  with_bias.bias = lora::BiasMode::lora_only;
+  Sequential<double> biased = mlp();
+  lora::nn::inject_lora(biased, with_bias);
+  lora::nn::merge_and_unload(biased);
+  CHECK(names(biased.parameters()) ==
+        std::vector<std::string>{"layers.0.bias", "layers.2.bias", "layers.4.weight", "layers.4.bias"});
+}
+
+TEST_CASE("a saved module's copy trains and passes the gradient check", "[nn][adapters][gradient]") {
+  Sequential<double> model = mlp();
+  lora::nn::inject_lora(model, qv_config());
+  for (auto& [path, layer] : model.lora_layers()) layer->B().setRandom();
+  lora::testing::check_module_gradients(model, random_matrix<double>(4, 6, 41), 43);
 }

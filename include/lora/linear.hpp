@@ -199,6 +199,12 @@ class LoraLinear {
 
   bool has_bias() const { return has_bias_; }
   bool bias_trainable() const { return bias_trainable_; }
+  // Trainability (PyTorch's requires_grad) of the active adapters' A and B, and of the bias (ignored
+  // without one). W0 is the frozen base and never trains. A frozen adapter still applies in forward and
+  // still passes gradients to the input; its A and B are left out of parameter lists. Parameter lists
+  // made before a change are stale (their use throws). Unmerged layers only.
+  void set_trainable(bool adapters, bool bias);
+  bool adapters_trainable() const { return adapters_trainable_; }
   // The layer's bias [out] (empty without one).
   ConstVectorMap bias() const { return ConstVectorMap(bias_.data(), bias_.size()); }
   // A checked writable view of the bias [out x 1], when it is trainable.
@@ -212,9 +218,13 @@ class LoraLinear {
   Index out_features() const { return base_->out_features(); }
   // r (in + out) for each active adapter, plus out when the bias trains.
   Index num_trainable_parameters() const;
-  // out * in, plus out for a frozen bias.
+  // out * in, plus out for a frozen bias, plus the active adapters while they are frozen.
   Index num_frozen_parameters() const {
-    return out_features() * in_features() + (has_bias_ && !bias_trainable_ ? out_features() : 0);
+    Index n = out_features() * in_features() + (has_bias_ && !bias_trainable_ ? out_features() : 0);
+    if (!adapters_trainable_)
+      for (const AdapterPtr& a : adapters_)
+        if (a->active) n += a->config.rank * (in_features() + out_features());
+    return n;
   }
 
   // Appends the trainable parameters, named PEFT style after `prefix` (e.g. "layers.2."):
@@ -285,7 +295,7 @@ class LoraLinear {
   BasePtr base_;
   bool owns_base_ = false;  // built from W0 by this layer (not handed in)
   VectorType bias_, grad_bias_;
-  bool has_bias_ = false, bias_trainable_ = false, keep_original_ = false;
+  bool has_bias_ = false, bias_trainable_ = false, keep_original_ = false, adapters_trainable_ = true;
   std::vector<AdapterPtr> adapters_;  // by pointer: an adapter's storage never moves while it exists
   bool training_ = true;
   detail::GuardHandle guard_;  // the owner record of every view and parameter entry of this layer
@@ -369,6 +379,7 @@ LoraLinear<Scalar>::LoraLinear(const LoraLinear& other)
       has_bias_(other.has_bias_),
       bias_trainable_(other.bias_trainable_),
       keep_original_(other.keep_original_),
+      adapters_trainable_(other.adapters_trainable_),
       training_(other.training_),
       merged_(other.merged_),
       original_(other.original_) {
@@ -444,6 +455,7 @@ void LoraLinear<Scalar>::delete_adapter(const std::string& name) {
   constexpr const char* where = "LoraLinear::delete_adapter";
   require_unmerged(where);
   at(where, name);  // throws with the list of names
+  if (at(where, name).active) ++guard_->layout;
   adapters_.erase(std::find_if(adapters_.begin(), adapters_.end(), [&](const AdapterPtr& a) { return a->name == name; }));
   changed();
 }
@@ -453,7 +465,11 @@ void LoraLinear<Scalar>::set_active_adapters(const std::vector<std::string>& nam
   constexpr const char* where = "LoraLinear::set_active_adapters";
   require_unmerged(where);
   for (const std::string& n : names) at(where, n);  // validate all before changing anything
-  for (AdapterPtr& a : adapters_) a->active = std::find(names.begin(), names.end(), a->name) != names.end();
+  for (AdapterPtr& a : adapters_) {
+    const bool active = std::find(names.begin(), names.end(), a->name) != names.end();
+    if (active != a->active) ++guard_->layout;
+    a->active = active;
+  }
   changed();
 }
 
@@ -612,23 +628,46 @@ void LoraLinear<Scalar>::set_bias(const Eigen::MatrixBase<Derived>& bias) {
 template <class Scalar>
 Index LoraLinear<Scalar>::num_trainable_parameters() const {
   Index n = bias_trainable_ ? out_features() : 0;
-  for (const AdapterPtr& a : adapters_)
-    if (a->active) n += a->config.rank * (in_features() + out_features());
+  if (adapters_trainable_)
+    for (const AdapterPtr& a : adapters_)
+      if (a->active) n += a->config.rank * (in_features() + out_features());
   return n;
+}
+
+template <class Scalar>
+void LoraLinear<Scalar>::set_trainable(bool adapters, bool bias) {
+  require_unmerged("LoraLinear::set_trainable");
+  bias = bias && has_bias_;
+  if (adapters == adapters_trainable_ && bias == bias_trainable_) return;
+  if (bias != bias_trainable_) {
+    if (bias) {
+      grad_bias_ = VectorType::Zero(out_features());
+      lease_bias_ = std::make_unique<detail::TensorLease>(guard_, "bias");
+    } else {
+      grad_bias_.resize(0);
+      lease_bias_.reset();  // views and list entries of the bias stop working
+    }
+    bias_trainable_ = bias;
+  }
+  adapters_trainable_ = adapters;
+  ++guard_->layout;
+  changed();
 }
 
 template <class Scalar>
 void LoraLinear<Scalar>::collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) {
   for (AdapterPtr& a : adapters_) {
-    if (!a->active) continue;
-    out.push_back({prefix + "lora_A." + a->name + ".weight", ParameterRole::lora_A, detail::parameter_view(a->A),
-                   detail::parameter_view(a->grad_A), a->lease_A.guard()});
-    out.push_back({prefix + "lora_B." + a->name + ".weight", ParameterRole::lora_B, detail::parameter_view(a->B),
-                   detail::parameter_view(a->grad_B), a->lease_B.guard()});
+    if (!a->active || !adapters_trainable_) continue;
+    out.push_back(detail::guarded_parameter<Scalar>(prefix + "lora_A." + a->name + ".weight", ParameterRole::lora_A,
+                                                    detail::parameter_view(a->A), detail::parameter_view(a->grad_A),
+                                                    a->lease_A.guard()));
+    out.push_back(detail::guarded_parameter<Scalar>(prefix + "lora_B." + a->name + ".weight", ParameterRole::lora_B,
+                                                    detail::parameter_view(a->B), detail::parameter_view(a->grad_B),
+                                                    a->lease_B.guard()));
   }
   if (bias_trainable_)
-    out.push_back({prefix + "bias", ParameterRole::bias, detail::parameter_view(bias_),
-                   detail::parameter_view(grad_bias_), lease_bias_->guard()});
+    out.push_back(detail::guarded_parameter<Scalar>(prefix + "bias", ParameterRole::bias, detail::parameter_view(bias_),
+                                                    detail::parameter_view(grad_bias_), lease_bias_->guard()));
 }
 
 template <class Scalar>

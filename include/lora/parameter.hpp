@@ -26,6 +26,7 @@ struct GuardOwner {
   bool alive = true;          // false once the owner is destroyed
   const char* locked = nullptr;  // why writes are refused now (nullptr: they are accepted)
   std::uint64_t version = 0;  // advanced by every change of the owner's tensors or settings
+  std::uint64_t layout = 0;   // advanced when the set of trainable tensors changes (parameter lists are stale)
 };
 
 // One tensor's guard, shared by the views and parameter entries that reach it.
@@ -34,17 +35,18 @@ struct TensorGuard {
   std::string name;   // "lora_A.default", "weight", ...
   bool alive = true;  // false once the tensor's storage is gone or its parameter entry is retired
 
-  // Throws std::invalid_argument naming `where` when the tensor (or its gradient) is gone.
-  void require_alive(const char* where) const {
+  // Throws std::invalid_argument naming `where` (and `full_name`, a parameter's dotted name, if given)
+  // when the tensor (or its gradient) is gone.
+  void require_alive(const char* where, const std::string* full_name = nullptr) const {
     if (!alive || !owner->alive)
-      fail(where, "'", name, "' no longer exists as it was when this view or parameter list was made ",
+      fail(where, "'", full_name ? *full_name : name, "' no longer exists as it was when this view or parameter list was made ",
            "(its adapter was deleted, its layer replaced, destroyed or copied over, or its trainability changed); ",
            "take a fresh view or parameter list");
   }
   // Throws when the tensor may not be written now.
-  void require_writable(const char* where) const {
-    require_alive(where);
-    if (owner->locked) fail(where, "'", name, "' cannot be written: ", owner->locked);
+  void require_writable(const char* where, const std::string* full_name = nullptr) const {
+    require_alive(where, full_name);
+    if (owner->locked) fail(where, "'", full_name ? *full_name : name, "' cannot be written: ", owner->locked);
   }
   void touch() const { ++owner->version; }
 };
@@ -229,6 +231,7 @@ struct Parameter {
   View value;
   View grad;  // writable, so that gradient clipping can rescale it in place
   std::shared_ptr<detail::TensorGuard> guard = nullptr;  // nullptr: unguarded (a caller's own tensor)
+  std::uint64_t layout = 0;  // the owner's trainable-set generation when the entry was made
 };
 
 template <class Scalar>
@@ -236,15 +239,30 @@ using ParameterList = std::vector<Parameter<Scalar>>;
 
 namespace detail {
 // Every entry's tensor still exists (and, with `write`, accepts writes); throws naming `where` otherwise.
+// An entry made before its owner's trainable set changed (an adapter activated, deactivated, deleted or
+// replaced, trainability switched, a module frozen) is stale even when its own tensor still exists: the
+// list no longer matches the model.
 template <class Scalar>
 void require_live_parameters(const char* where, const ParameterList<Scalar>& params, bool write) {
   for (const Parameter<Scalar>& p : params)
     if (p.guard) {
       if (write)
-        p.guard->require_writable(where);
+        p.guard->require_writable(where, &p.name);
       else
-        p.guard->require_alive(where);
+        p.guard->require_alive(where, &p.name);
+      if (p.layout != p.guard->owner->layout)
+        fail(where, "parameter '", p.name, "': the trainable parameters of its layer changed after this list was ",
+             "made (an adapter activated, deactivated or deleted, or a trainability change); the list no longer ",
+             "matches the model: take a fresh one with parameters()");
     }
+}
+
+// A parameter entry over a guarded tensor, stamped with its owner's current layout.
+template <class Scalar>
+Parameter<Scalar> guarded_parameter(std::string name, ParameterRole role, typename Parameter<Scalar>::View value,
+                                    typename Parameter<Scalar>::View grad, std::shared_ptr<TensorGuard> guard) {
+  const std::uint64_t layout = guard->owner->layout;
+  return Parameter<Scalar>{std::move(name), role, value, grad, std::move(guard), layout};
 }
 // After an update: the owners' cached forwards are stale.
 template <class Scalar>

@@ -7,46 +7,56 @@
 
 #include <lora/io/adapter_dir.hpp>
 #include <lora/io/base_weights.hpp>
+#include <lora/nn/adapters.hpp>
 #include <lora/nn/inject.hpp>
 #include <lora/nn/sequential.hpp>
 
 #include <filesystem>
+#include <optional>
 #include <set>
+#include <vector>
 #include <string>
 
 namespace lora {
 
-// The view the adapter-file functions work on: the model's LoRA layers and modules_to_save by path.
-// Valid while the model is alive and its modules are not replaced.
-template <class Scalar>
-LoraModelView<Scalar> model_view(nn::Sequential<Scalar>& model) {
-  LoraModelView<Scalar> view;
-  for (const auto& [path, layer] : model.lora_layers()) view.lora_modules.push_back({path, layer});
-  for (const auto& [path, linear] : model.saved_modules())
-    view.saved_modules.push_back({path, linear->weight(),
-                                  linear->has_bias() ? std::optional<ParamRef<Scalar>>(linear->bias()) : std::nullopt});
-  return view;
-}
-
 template <class Scalar>
 void save_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& adapter = "default",
                   const AdapterSaveOptions& options = {}) {
-  save_adapter(dir, model_view(model), adapter, options);
+  save_adapter(dir, model_view(model, adapter), adapter, options);
 }
 
+// Loads dir's adapter as `name` (see load_adapter on a view), with the modules_to_save weights into the
+// copies of `name`: a saved module that dir's config lists gets a new copy (of its original) for an
+// adapter that has none. On a throw the model is as it was.
 template <class Scalar>
 PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& name,
                             AdapterLoadMode mode = AdapterLoadMode::add) {
-  return load_adapter(dir, model_view(model), name, mode);
+  const PeftLoraConfig config = read_adapter_config(dir);
+  const SafetensorsReader weights =
+      SafetensorsReader::open((std::filesystem::path(dir) / adapter_weights_file).string());
+  std::vector<nn::ModulesToSave<Scalar>*> created;
+  try {
+    for (const auto& [path, wrapper] : model.saved_modules())
+      if (config.saves_module(path) && !wrapper->has_copy(name)) {
+        wrapper->add_copy(name);
+        created.push_back(wrapper);
+      }
+    load_adapter(weights, config, model_view(model, name), name, mode);
+  } catch (...) {
+    for (nn::ModulesToSave<Scalar>* wrapper : created) wrapper->delete_copy(name);
+    throw;
+  }
+  return config;
 }
 
 // PEFT's PeftModel.from_pretrained on a base model without LoRA: injects LoRA as dir's
 // adapter_config.json says (config.to_inject_config(), with PEFT's leniency: names and pattern keys
 // that match nothing are allowed, as long as some module is targeted) and loads
-// adapter_model.safetensors as adapter "default" (and the modules_to_save weights). Throws
-// std::invalid_argument if the model already has LoRA, io_error for a file that does not fit the model
-// or that holds what this library does not implement (embedding or DoRA tensors): these leave the model
-// unchanged. A fault found while loading the weights leaves the model injected but unloaded.
+// adapter_model.safetensors as adapter "default" (and the modules_to_save weights into their "default"
+// copies). Throws std::invalid_argument if the model already has LoRA, io_error for a file that does not
+// fit the model or that holds what this library does not implement (embedding or DoRA tensors). The
+// weights are loaded into the new modules before they enter the model: on any throw the model is
+// exactly as it was.
 template <class Scalar>
 PeftLoraConfig from_pretrained(nn::Sequential<Scalar>& model, const std::string& dir) {
   constexpr const char* where = "from_pretrained";
@@ -55,12 +65,14 @@ PeftLoraConfig from_pretrained(nn::Sequential<Scalar>& model, const std::string&
   const SafetensorsReader weights =
       SafetensorsReader::open((std::filesystem::path(dir) / adapter_weights_file).string());
   detail::require_supported_tensors(where, weights);
+  std::optional<detail::Injection<Scalar>> plan;
   try {
-    detail::inject_lora("inject_lora", model, config.to_inject_config(), detail::SelectionCheck::peft);
+    plan = detail::prepare_injection("inject_lora", model, config.to_inject_config(), detail::SelectionCheck::peft);
   } catch (const std::invalid_argument& e) {
     detail::io_fail(where, (std::filesystem::path(dir) / adapter_config_file).string(), "", e.what());
   }
-  load_adapter(weights, config, model_view(model), "default", AdapterLoadMode::replace);
+  load_adapter(weights, config, plan->view(), LoraLinear<Scalar>::default_adapter, AdapterLoadMode::replace);
+  detail::commit_injection(model, std::move(*plan));
   return config;
 }
 

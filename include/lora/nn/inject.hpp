@@ -2,10 +2,12 @@
 // the one-line summary users look at first.
 #pragma once
 
+#include <lora/adapters.hpp>
 #include <lora/common.hpp>
 #include <lora/nn/config.hpp>
 #include <lora/nn/linear.hpp>
 #include <lora/nn/lora_layer.hpp>
+#include <lora/nn/modules_to_save.hpp>
 #include <lora/nn/sequential.hpp>
 
 #include <algorithm>
@@ -121,16 +123,42 @@ std::vector<std::string> resolve_targets(const char* where, const nn::Sequential
   return targets;
 }
 
+// Everything inject_lora builds, made before the model changes: the LoRA layers of the targets and the
+// modules_to_save wrappers (each with its "default" copy). A caller may load adapter weights into
+// view() before commit_injection() puts the modules into the model.
 template <class Scalar>
-void inject_lora(const char* where, nn::Sequential<Scalar>& model, const nn::LoraInjectConfig& config,
-                 SelectionCheck check) {
+struct Injection {
+  nn::LoraInjectConfig config;
+  std::vector<std::string> targets;
+  std::vector<std::unique_ptr<nn::LoraLayer<Scalar>>> layers;  // one per target
+  std::vector<std::string> saved;
+  std::vector<std::unique_ptr<nn::ModulesToSave<Scalar>>> wrappers;  // one per saved path
+
+  // The layers and the "default" copies of the modules to save, under their future paths.
+  LoraModelView<Scalar> view() {
+    LoraModelView<Scalar> v;
+    for (std::size_t k = 0; k < targets.size(); ++k) v.lora_modules.push_back({targets[k], &layers[k]->lora()});
+    for (std::size_t k = 0; k < saved.size(); ++k) {
+      nn::Linear<Scalar>& copy = wrappers[k]->copy(LoraLinear<Scalar>::default_adapter);
+      v.saved_modules.push_back(
+          {saved[k], copy.weight(), copy.has_bias() ? std::optional<ParamRef<Scalar>>(copy.bias()) : std::nullopt});
+    }
+    return v;
+  }
+};
+
+// Checks the config against the model and builds every module; the model is not changed.
+template <class Scalar>
+Injection<Scalar> prepare_injection(const char* where, const nn::Sequential<Scalar>& model,
+                                    const nn::LoraInjectConfig& config, SelectionCheck check) {
   if (!model.lora_layers().empty()) fail(where, "the model already has LoRA layers; a model is injected once");
-  const std::vector<std::string> targets = resolve_targets(where, model, config, check);
-  const std::vector<std::string> saved =
-      select_by_name(where, "modules_to_save entry", model, config.modules_to_save, check);
-  for (const std::string& path : saved) {
+  Injection<Scalar> plan;
+  plan.config = config;
+  plan.targets = resolve_targets(where, model, config, check);
+  plan.saved = select_by_name(where, "modules_to_save entry", model, config.modules_to_save, check);
+  for (const std::string& path : plan.saved) {
     const nn::Module<Scalar>& m = model.module(path);
-    if (std::find(targets.begin(), targets.end(), path) != targets.end())
+    if (std::find(plan.targets.begin(), plan.targets.end(), path) != plan.targets.end())
       fail(where, "'", path, "' is both a LoRA target and in modules_to_save; choose one");
     if (!dynamic_cast<const nn::Linear<Scalar>*>(&m))
       fail(where, "modules_to_save: '", path, "' is ", m.describe(), "; only Linear modules can be saved");
@@ -138,10 +166,10 @@ void inject_lora(const char* where, nn::Sequential<Scalar>& model, const nn::Lor
 
   auto require_key_matches = [&](const char* what, const std::string& key) {
     const Pattern pattern = Pattern::peft_key(key);
-    for (const std::string& path : targets)
+    for (const std::string& path : plan.targets)
       if (pattern.matches(path)) return;
     std::string known;
-    for (const std::string& path : targets) known += (known.empty() ? "" : ", ") + path;
+    for (const std::string& path : plan.targets) known += (known.empty() ? "" : ", ") + path;
     fail(where, what, " key '", key, "' matches no targeted module; the targets are: ", known);
   };
   if (check == SelectionCheck::every_name) {
@@ -149,28 +177,45 @@ void inject_lora(const char* where, nn::Sequential<Scalar>& model, const nn::Lor
     for (const auto& entry : config.alpha_pattern) require_key_matches("alpha_pattern", entry.first);
   }
 
-  // Build every LoRA layer first, so that a bad rank or shape throws before anything changes.
-  std::vector<std::unique_ptr<nn::Module<Scalar>>> built;
-  for (std::size_t k = 0; k < targets.size(); ++k) {
-    const auto& base = dynamic_cast<const nn::Linear<Scalar>&>(model.module(targets[k]));
-    const LoraConfig layer_config = config.layer_config(targets[k], k);
+  for (std::size_t k = 0; k < plan.targets.size(); ++k) {
+    const auto& base = dynamic_cast<const nn::Linear<Scalar>&>(model.module(plan.targets[k]));
+    const LoraConfig layer_config = config.layer_config(plan.targets[k], k);
     try {
       if (base.has_bias())
-        built.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.weight(), base.bias(), layer_config));
+        plan.layers.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.weight(), base.bias(), layer_config));
       else
-        built.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.weight(), layer_config));
+        plan.layers.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.weight(), layer_config));
     } catch (const std::invalid_argument& e) {
-      fail(where, targets[k], ": ", e.what());
+      fail(where, plan.targets[k], ": ", e.what());
     }
+    plan.layers.back()->train(base.training());
   }
+  for (const std::string& path : plan.saved) {
+    const auto& original = dynamic_cast<const nn::Linear<Scalar>&>(model.module(path));
+    auto wrapper = std::make_unique<nn::ModulesToSave<Scalar>>(std::make_unique<nn::Linear<Scalar>>(original));
+    wrapper->add_copy(LoraLinear<Scalar>::default_adapter);
+    wrapper->set_active_adapter(LoraLinear<Scalar>::default_adapter);
+    plan.wrappers.push_back(std::move(wrapper));
+  }
+  return plan;
+}
 
+// Puts a prepared injection into the model: the targets become its LoRA layers, the modules to save its
+// wrappers (the model's own modules there are dropped: parameter lists that reach them are stale), every
+// other Linear is frozen except the biases config.bias = all keeps trainable.
+template <class Scalar>
+void commit_injection(nn::Sequential<Scalar>& model, Injection<Scalar>&& plan) {
+  for (std::size_t k = 0; k < plan.targets.size(); ++k) model.replace_module(plan.targets[k], std::move(plan.layers[k]));
+  for (std::size_t k = 0; k < plan.saved.size(); ++k) model.replace_module(plan.saved[k], std::move(plan.wrappers[k]));
   for (const auto& [path, m] : model.named_modules())
-    if (auto* linear = dynamic_cast<nn::Linear<Scalar>*>(m)) {
-      const bool save = std::find(saved.begin(), saved.end(), path) != saved.end();
-      linear->set_trainable(save, save || config.bias == BiasMode::all);
-    }
-  for (std::size_t k = 0; k < targets.size(); ++k) model.replace_module(targets[k], std::move(built[k]));
-  model.set_lora_record(config, saved);
+    if (auto* linear = dynamic_cast<nn::Linear<Scalar>*>(m)) linear->set_trainable(false, plan.config.bias == BiasMode::all);
+  model.set_lora_record(std::move(plan.config));
+}
+
+template <class Scalar>
+void inject_lora(const char* where, nn::Sequential<Scalar>& model, const nn::LoraInjectConfig& config,
+                 SelectionCheck check) {
+  commit_injection(model, prepare_injection(where, model, config, check));
 }
 
 }  // namespace lora::detail
@@ -198,30 +243,43 @@ void inject_lora(Sequential<Scalar>& model, const LoraInjectConfig& config) {
   lora::detail::inject_lora("inject_lora", model, config, lora::detail::SelectionCheck::every_name);
 }
 
-// PEFT's merge_and_unload: folds every LoRA layer's active adapters into its weight and puts a plain,
-// frozen Linear in its place; the model no longer has LoRA layers. Biases and modules_to_save keep their
-// trained values.
+// PEFT's merge_and_unload: folds every LoRA layer's active adapters into its weight and puts a plain
+// Linear in its place, and puts the module in use of every modules_to_save wrapper (the active adapter's
+// copy, or the original) in the wrapper's place; the model no longer has LoRA. The trainable set is
+// PEFT's: the merged weights are frozen, a bias that trained still trains, and the saved modules keep
+// their trainability (the active copies train). Parameter lists made before are stale.
 template <class Scalar>
 void merge_and_unload(Sequential<Scalar>& model) {
   constexpr const char* where = "merge_and_unload";
   auto layers = model.lora_layers();
   if (layers.empty()) detail::fail(where, "the model has no LoRA layer");
-  if (!model.merged()) model.merge();
-  for (auto& [path, layer] : layers) {
-    std::unique_ptr<Linear<Scalar>> plain = layer->has_bias()
-                                                ? std::make_unique<Linear<Scalar>>(layer->base_weight(), layer->bias())
-                                                : std::make_unique<Linear<Scalar>>(layer->base_weight());
-    plain->set_trainable(false);
-    model.replace_module(path, std::move(plain));
+  const bool was_merged = model.merged();
+  if (!was_merged) model.merge();
+  std::vector<std::pair<std::string, std::unique_ptr<Module<Scalar>>>> plain;
+  try {
+    for (auto& [path, layer] : layers) {
+      std::unique_ptr<Linear<Scalar>> linear = layer->has_bias()
+                                                   ? std::make_unique<Linear<Scalar>>(layer->base_weight(), layer->bias())
+                                                   : std::make_unique<Linear<Scalar>>(layer->base_weight());
+      linear->set_trainable(false, layer->bias_trainable());
+      plain.emplace_back(path, std::move(linear));
+    }
+    for (auto& [path, wrapper] : model.saved_modules())
+      plain.emplace_back(path, std::make_unique<Linear<Scalar>>(wrapper->current()));
+  } catch (...) {
+    if (!was_merged) model.unmerge();
+    throw;
   }
-  model.set_lora_record(std::nullopt, {});
+  for (auto& [path, module] : plain) model.replace_module(path, std::move(module));
+  model.set_lora_record(std::nullopt);
 }
 
 struct ParameterCount {
   Index trainable = 0;  // what an optimiser updates
-  Index total = 0;      // every parameter of the model as it stands (base + adapters)
+  Index total = 0;      // every parameter of the model as it stands (base + adapters + saved copies)
   Index adapter = 0;    // lora_A and lora_B of the active adapters
-  Index base() const { return total - adapter; }  // the parameters the model had before LoRA
+  Index saved_copies = 0;  // the modules_to_save copies, one per adapter
+  Index base() const { return total - adapter - saved_copies; }  // the parameters the model had before LoRA
 };
 
 template <class Scalar>
@@ -232,6 +290,8 @@ ParameterCount count_parameters(const Sequential<Scalar>& model) {
   for (const auto& [path, layer] : model.lora_layers())
     for (const std::string& name : layer->active_adapters())
       c.adapter += lora_parameter_count(layer->in_features(), layer->out_features(), layer->rank(name));
+  for (const auto& [path, wrapper] : model.saved_modules())
+    for (const std::string& name : wrapper->adapter_names()) c.saved_copies += wrapper->copy(name).num_parameters();
   return c;
 }
 

@@ -43,6 +43,7 @@ class Linear final : public Module<Scalar> {
   // Trainability (PyTorch's requires_grad), for the weight and the bias separately.
   void set_trainable(bool on) { set_trainable(on, on); }
   void set_trainable(bool weight, bool bias);
+  void set_requires_grad(bool on) override { set_trainable(on, on); }
   bool weight_trainable() const { return weight_trainable_; }
   bool bias_trainable() const { return bias_trainable_; }
 
@@ -165,6 +166,7 @@ void Linear<Scalar>::set_trainable(bool weight, bool bias) {
   if (weight != weight_trainable_) weight_lease_.retire();
   if ((bias && has_bias_) != bias_trainable_) bias_lease_.retire();
   ++guard_->version;
+  if (weight != weight_trainable_ || (bias && has_bias_) != bias_trainable_) ++guard_->layout;
   weight_trainable_ = weight;
   bias_trainable_ = bias && has_bias_;
   if (weight_trainable_)
@@ -262,11 +264,12 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::infer(const Input& X,
 template <class Scalar>
 void Linear<Scalar>::collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) {
   if (weight_trainable_)
-    out.push_back({prefix + "weight", ParameterRole::weight, detail::parameter_view(weight_),
-                   detail::parameter_view(grad_weight_), weight_lease_.guard()});
+    out.push_back(detail::guarded_parameter<Scalar>(prefix + "weight", ParameterRole::weight,
+                                                    detail::parameter_view(weight_), detail::parameter_view(grad_weight_),
+                                                    weight_lease_.guard()));
   if (bias_trainable_)
-    out.push_back({prefix + "bias", ParameterRole::bias, detail::parameter_view(bias_),
-                   detail::parameter_view(grad_bias_), bias_lease_.guard()});
+    out.push_back(detail::guarded_parameter<Scalar>(prefix + "bias", ParameterRole::bias, detail::parameter_view(bias_),
+                                                    detail::parameter_view(grad_bias_), bias_lease_.guard()));
 }
 
 }  // namespace lora::nn

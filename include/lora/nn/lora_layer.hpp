@@ -48,6 +48,9 @@ class LoraLayer final : public Module<Scalar> {
     layer_.train(on);
   }
 
+  // The active adapters and the bias (W0 is the frozen base and never trains).
+  void set_requires_grad(bool on) override { layer_.set_trainable(on, on); }
+
   LoraLinear<Scalar>& lora() { return layer_; }
   const LoraLinear<Scalar>& lora() const { return layer_; }
 

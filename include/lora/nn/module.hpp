@@ -53,6 +53,11 @@ class Module {
   void eval() { train(false); }
   bool training() const { return training_; }
 
+  // Freezes (false) or unfreezes (true) every tensor of this module that can train, children included:
+  // PyTorch's requires_grad_(on). A LoRA layer's frozen base W0 never trains. Parameter lists made before
+  // a change are stale: an optimiser step with one throws.
+  virtual void set_requires_grad(bool /*on*/) {}
+
   // Appends the trainable parameters as "<prefix><name>" (prefix ends with '.', or is empty).
   virtual void collect_parameters(ParameterList<Scalar>& /*out*/, const std::string& /*prefix*/) {}
   // All parameters (frozen and trainable), and the trainable ones.

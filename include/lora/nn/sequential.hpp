@@ -10,6 +10,7 @@
 #include <lora/nn/config.hpp>
 #include <lora/nn/linear.hpp>
 #include <lora/nn/lora_layer.hpp>
+#include <lora/nn/modules_to_save.hpp>
 #include <lora/nn/inference.hpp>
 #include <lora/nn/module.hpp>
 
@@ -100,6 +101,12 @@ class Sequential final : public Module<Scalar> {
     Module<Scalar>::train(on);
     for (Child& c : children_) c.module->train(on);
   }
+  void set_requires_grad(bool on) override {
+    for (Child& c : children_) c.module->set_requires_grad(on);
+  }
+  // The same for the module at `path` and, when `path` names a nested Sequential, everything under it
+  // (a sub-tree); throws listing the paths that exist.
+  void set_requires_grad(const std::string& path, bool on);
   void collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) override {
     for (Child& c : children_) c.module->collect_parameters(out, prefix + c.name + ".");
   }
@@ -147,9 +154,9 @@ class Sequential final : public Module<Scalar> {
   // The LoRA layers by module path ("layers.0"), in order.
   std::vector<std::pair<std::string, LoraLinear<Scalar>*>> lora_layers();
   std::vector<std::pair<std::string, const LoraLinear<Scalar>*>> lora_layers() const;
-  // The modules kept fully trainable by inject_lora's modules_to_save, by path.
-  std::vector<std::pair<std::string, Linear<Scalar>*>> saved_modules();
-  std::vector<std::pair<std::string, const Linear<Scalar>*>> saved_modules() const;
+  // The modules_to_save of inject_lora (a frozen original and a trainable copy per adapter), by path.
+  std::vector<std::pair<std::string, ModulesToSave<Scalar>*>> saved_modules();
+  std::vector<std::pair<std::string, const ModulesToSave<Scalar>*>> saved_modules() const;
   // The config inject_lora used, or nullptr if LoRA was not injected.
   const LoraInjectConfig* lora_config() const { return lora_config_ ? &*lora_config_ : nullptr; }
 
@@ -169,14 +176,11 @@ class Sequential final : public Module<Scalar> {
   // names that exist, and on a merged LoRA layer.
   void set_base_tensor(const std::string& name, const Eigen::Ref<const MatrixType>& value);
 
-  // ---- used by inject_lora ---------------------------------------------------------------------------
-  // Puts `module` in place of the module at `path`.
-  void replace_module(const std::string& path, ModulePtr module);
-  // Records how LoRA was injected (or clears it with std::nullopt).
-  void set_lora_record(std::optional<LoraInjectConfig> config, std::vector<std::string> saved_paths) {
-    lora_config_ = std::move(config);
-    saved_paths_ = std::move(saved_paths);
-  }
+  // Puts `module` (same widths) in place of the module at `path` and returns the old one. Parameter
+  // lists that reach the old module are stale once it is destroyed.
+  ModulePtr replace_module(const std::string& path, ModulePtr module);
+  // Records how LoRA was injected (or clears it with std::nullopt); used by inject_lora.
+  void set_lora_record(std::optional<LoraInjectConfig> config) { lora_config_ = std::move(config); }
 
   // The prefix of the children's paths at the top level: "layers." (or "" for an unnamed model).
   std::string root_prefix() const { return name_.empty() ? std::string() : name_ + "."; }
@@ -191,7 +195,6 @@ class Sequential final : public Module<Scalar> {
     name_ = other.name_;
     for (const Child& c : other.children_) children_.push_back({c.name, c.module->clone()});
     lora_config_ = other.lora_config_;
-    saved_paths_ = other.saved_paths_;
   }
 
   // Calls fn(path, parent, index) for every non-container module, depth first.
@@ -214,7 +217,6 @@ class Sequential final : public Module<Scalar> {
   std::string name_;
   std::vector<Child> children_;
   std::optional<LoraInjectConfig> lora_config_;
-  std::vector<std::string> saved_paths_;
 };
 
 using Sequentialf = Sequential<float>;
@@ -332,9 +334,24 @@ const Module<Scalar>& Sequential<Scalar>::module(const std::string& path) const 
 }
 
 template <class Scalar>
-void Sequential<Scalar>::replace_module(const std::string& path, ModulePtr module) {
+void Sequential<Scalar>::set_requires_grad(const std::string& path, bool on) {
+  const std::string below = path + ".";
+  bool found = false;
+  for (const auto& [p, m] : named_modules())
+    if (p == path || p.compare(0, below.size(), below) == 0) {
+      m->set_requires_grad(on);
+      found = true;
+    }
+  if (!found)
+    detail::fail("Sequential::set_requires_grad", "no module or sub-tree named '", path, "'; the model has: ",
+                 known_paths());
+}
+
+template <class Scalar>
+typename Sequential<Scalar>::ModulePtr Sequential<Scalar>::replace_module(const std::string& path, ModulePtr module) {
   constexpr const char* where = "Sequential::replace_module";
   if (!module) detail::fail(where, "the module is null");
+  ModulePtr old_module;
   bool done = false;
   visit(*this, root_prefix(), [&](const std::string& p, Sequential& parent, std::size_t i) {
     if (done || p != path) return;
@@ -343,10 +360,11 @@ void Sequential<Scalar>::replace_module(const std::string& path, ModulePtr modul
       detail::fail(where, "'", path, "' is ", old.describe(), "; the replacement ", module->describe(),
                    " has other widths");
     module->train(old.training());
-    parent.children_[i].module = std::move(module);
+    old_module = std::exchange(parent.children_[i].module, std::move(module));
     done = true;
   });
   if (!done) detail::fail(where, "no module named '", path, "'; the model has: ", known_paths());
+  return old_module;
 }
 
 template <class Scalar>
@@ -366,20 +384,18 @@ std::vector<std::pair<std::string, const LoraLinear<Scalar>*>> Sequential<Scalar
 }
 
 template <class Scalar>
-std::vector<std::pair<std::string, Linear<Scalar>*>> Sequential<Scalar>::saved_modules() {
-  std::vector<std::pair<std::string, Linear<Scalar>*>> out;
+std::vector<std::pair<std::string, ModulesToSave<Scalar>*>> Sequential<Scalar>::saved_modules() {
+  std::vector<std::pair<std::string, ModulesToSave<Scalar>*>> out;
   for (const auto& [path, m] : named_modules())
-    if (std::find(saved_paths_.begin(), saved_paths_.end(), path) != saved_paths_.end())
-      if (auto* l = dynamic_cast<Linear<Scalar>*>(m)) out.emplace_back(path, l);
+    if (auto* s = dynamic_cast<ModulesToSave<Scalar>*>(m)) out.emplace_back(path, s);
   return out;
 }
 
 template <class Scalar>
-std::vector<std::pair<std::string, const Linear<Scalar>*>> Sequential<Scalar>::saved_modules() const {
-  std::vector<std::pair<std::string, const Linear<Scalar>*>> out;
+std::vector<std::pair<std::string, const ModulesToSave<Scalar>*>> Sequential<Scalar>::saved_modules() const {
+  std::vector<std::pair<std::string, const ModulesToSave<Scalar>*>> out;
   for (const auto& [path, m] : named_modules())
-    if (std::find(saved_paths_.begin(), saved_paths_.end(), path) != saved_paths_.end())
-      if (auto* l = dynamic_cast<const Linear<Scalar>*>(m)) out.emplace_back(path, l);
+    if (auto* s = dynamic_cast<const ModulesToSave<Scalar>*>(m)) out.emplace_back(path, s);
   return out;
 }
 
@@ -414,8 +430,10 @@ bool Sequential<Scalar>::merged() const {
 template <class Scalar>
 std::vector<std::string> Sequential<Scalar>::base_tensor_names() const {
   std::vector<std::string> names;
-  for (const auto& [path, m] : named_modules()) {
+  for (const auto& [path, entry] : named_modules()) {
     bool has_bias = false;
+    const Module<Scalar>* m = entry;
+    if (auto* s = dynamic_cast<const ModulesToSave<Scalar>*>(m)) m = &s->original();
     if (auto* l = dynamic_cast<const Linear<Scalar>*>(m))
       has_bias = l->has_bias();
     else if (auto* q = dynamic_cast<const LoraLayer<Scalar>*>(m))
@@ -434,10 +452,12 @@ typename Sequential<Scalar>::MatrixType Sequential<Scalar>::base_tensor(const st
   for (const auto& [path, m] : named_modules()) {
     const bool is_weight = name == path + ".weight", is_bias = name == path + ".bias";
     if (!is_weight && !is_bias) continue;
-    if (auto* l = dynamic_cast<const Linear<Scalar>*>(m)) {
+    const Module<Scalar>* module = m;
+    if (auto* s = dynamic_cast<const ModulesToSave<Scalar>*>(m)) module = &s->original();
+    if (auto* l = dynamic_cast<const Linear<Scalar>*>(module)) {
       if (is_weight) return l->weight();
       if (l->has_bias()) return l->bias();
-    } else if (auto* q = dynamic_cast<const LoraLayer<Scalar>*>(m)) {
+    } else if (auto* q = dynamic_cast<const LoraLayer<Scalar>*>(module)) {
       if (q->lora().merged()) detail::fail(where, "'", path, "' is merged; unmerge() to read the base weight");
       if (is_weight) return q->lora().base_weight();
       if (q->lora().has_bias()) return q->lora().bias();
@@ -454,11 +474,13 @@ void Sequential<Scalar>::set_base_tensor(const std::string& name, const Eigen::R
   for (const auto& [path, m] : named_modules()) {
     const bool is_weight = name == path + ".weight", is_bias = name == path + ".bias";
     if (!is_weight && !is_bias) continue;
+    Module<Scalar>* module = m;
+    if (auto* s = dynamic_cast<ModulesToSave<Scalar>*>(m)) module = &s->original();
     try {
-      if (auto* l = dynamic_cast<Linear<Scalar>*>(m)) {
+      if (auto* l = dynamic_cast<Linear<Scalar>*>(module)) {
         if (is_weight) return l->set_weight(value);
         if (l->has_bias()) return l->set_bias(value);
-      } else if (auto* q = dynamic_cast<LoraLayer<Scalar>*>(m)) {
+      } else if (auto* q = dynamic_cast<LoraLayer<Scalar>*>(module)) {
         if (is_weight) return q->set_base_weight(value);
         if (q->lora().has_bias()) return q->set_base_bias(value);
       }
