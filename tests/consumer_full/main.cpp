@@ -176,6 +176,39 @@ int main(int argc, char** argv) {
   check(plain.lora_layers().empty() && unload_diff < 1e-4,
         "merge_and_unload: no LoRA layer left, largest difference " + std::to_string(unload_diff) + " < 1e-4");
 
+  // ---- modules_to_save: the original head stays; disabling the adapters gives the base back ------------
+  {
+    const lora::Matrix<float> base_out = [&] {
+      base.eval();
+      return lora::Matrix<float>(base.forward(a_test.X));
+    }();
+    const lora::ActiveAdapterState state = lora::disable_adapters(tuned);
+    const double disabled_a = lora::nn::evaluate_accuracy(tuned, a_test);
+    const double diff = max_abs_diff(tuned.forward(a_test.X), base_out);
+    check(diff < 1e-5 && disabled_a == base_a, "disable_adapters: the base model back (accuracy on A " +
+                                                   std::to_string(disabled_a) + ", largest difference " +
+                                                   std::to_string(diff) + ")");
+    lora::enable_adapters(tuned, state);
+    check(tuned.forward(b_test.X) == expected, "enable_adapters: the tuned outputs again");
+  }
+  // After merge_and_unload the head copy trains on, the merged layers are frozen (PEFT's trainable set).
+  {
+    std::vector<std::string> names;
+    for (const auto& p : plain.parameters()) names.push_back(p.name);
+    check(names == std::vector<std::string>{"layers.4.weight", "layers.4.bias"},
+          "merge_and_unload: trainable are layers.4.weight and layers.4.bias only");
+  }
+  // predict gives classes, logits and probabilities.
+  {
+    lora::Matrix<float> probabilities;
+    lora::nn::predict_proba(reloaded, b_test.X, probabilities);
+    const double sum_error = (probabilities.rowwise().sum().array() - 1.0f).abs().maxCoeff();
+    check(sum_error < 1e-5, "predict_proba: rows sum to 1 (largest error " + std::to_string(sum_error) + ")");
+    const lora::nn::EvalStats held_out = lora::nn::evaluate(reloaded, b_test);
+    check(held_out.accuracy == tuned_b && held_out.loss > 0 && held_out.loss < 1,
+          "evaluate: held-out loss " + std::to_string(held_out.loss) + ", accuracy " + std::to_string(held_out.accuracy));
+  }
+
   // ---- bad input: each must throw, naming the function ------------------------------------------------
   std::printf("bad input:\n");
   expect_error("forward with 15 columns", "Sequential::forward",
@@ -270,6 +303,47 @@ int main(int argc, char** argv) {
       lora::load_base_weights(truncated.string(), m);
     }, {truncated.string()});
   }
+  {
+    // A file that fails while its weights load (a head bias missing): the model is left as it was, and a
+    // retry with the good adapter works.
+    const fs::path broken = dir / "broken_adapter";
+    fs::create_directories(broken);
+    fs::copy_file(dir / "adapter" / "adapter_config.json", broken / "adapter_config.json");
+    const auto good = lora::SafetensorsReader::open((dir / "adapter" / "adapter_model.safetensors").string());
+    lora::SafetensorsWriter writer;
+    for (const lora::TensorInfo& t : good.tensors()) {
+      if (t.name == "base_model.model.layers.4.bias") continue;
+      if (t.shape.size() == 1)
+        writer.add_vector(t.name, good.vector<float>(t.name, static_cast<lora::Index>(t.shape[0])));
+      else
+        writer.add(t.name, good.matrix<float>(t.name));
+    }
+    writer.save((broken / "adapter_model.safetensors").string());
+    Model m = base;
+    expect_error("from_pretrained on an adapter without the head's bias", "load_adapter",
+                 [&] { lora::from_pretrained(m, broken.string()); }, {"layers.4.bias"});
+    check(m.lora_layers().empty() && m.saved_modules().empty(), "failed from_pretrained: no LoRA left in the model");
+    lora::from_pretrained(m, (dir / "adapter").string());
+    m.eval();
+    check(m.forward(b_test.X) == expected, "from_pretrained after a failed one: the trained outputs");
+  }
+  expect_error("predict on a row of NaN", "predict", [&] {
+    lora::Matrix<float> X = b_test.X.topRows(4);
+    X.row(2).setConstant(std::numeric_limits<float>::quiet_NaN());
+    std::vector<int> classes;
+    lora::nn::predict(reloaded, X, classes);
+  }, {"row 2"});
+  expect_error("AdamW::step on a parameter list taken before set_active_adapters", "AdamW::step", [&] {
+    Model m = base;
+    auto config = lora_config();
+    config.modules_to_save.clear();
+    lora::nn::inject_lora(m, config);
+    lora::add_adapter(m, "other", config);
+    auto params = m.parameters();
+    lora::set_active_adapters(m, {"other"});
+    lora::optim::AdamW<float> optimizer;
+    optimizer.step(params);
+  }, {"layers.0.lora_A.default.weight"});
   expect_error("save_base_weights of a merged model", "save_base_weights",
                [&] { lora::save_base_weights((dir / "merged.safetensors").string(), merged); });
 
