@@ -156,6 +156,10 @@ TEST_CASE("two adapters, each with its own head, save and reload apart", "[io][m
   CHECK(reloaded.forward(X) == y_second);
   lora::disable_adapters(reloaded);
   CHECK(reloaded.forward(X) == y_base);
+  // A hot swap replaces the adapter's weights and its head copy.
+  lora::hot_swap_adapter((dir / "default").string(), reloaded, "second");
+  lora::set_active_adapters(reloaded, {"second"});
+  CHECK(reloaded.forward(X) == y_default);
   // A load that fails leaves no copy behind.
   CHECK_THROWS(lora::load_adapter((dir / "second").string(), reloaded, "second"));  // exists already
   std::filesystem::remove(dir / "second" / "adapter_model.safetensors");

@@ -49,6 +49,13 @@ PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& mode
   return config;
 }
 
+// New weights for the existing adapter `name` (see hot_swap_adapter on a view), its modules_to_save copies
+// included.
+template <class Scalar>
+PeftLoraConfig hot_swap_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& name) {
+  return hot_swap_adapter(dir, model_view(model, name), name);
+}
+
 // PEFT's PeftModel.from_pretrained on a base model without LoRA: injects LoRA as dir's
 // adapter_config.json says (config.to_inject_config(), with PEFT's leniency: names and pattern keys
 // that match nothing are allowed, as long as some module is targeted) and loads

@@ -151,6 +151,16 @@ void enable_adapters(nn::Sequential<Scalar>& model, const ActiveAdapterState& st
   for (std::size_t i = 0; i < wrappers.size(); ++i) wrappers[i].second->set_active_adapter(state[layers + i].front());
 }
 
+// The combination of `sources` as a new inactive adapter on every LoRA layer that has one of them (see
+// add_weighted_adapter on a view). The saved modules get no copy for it: PEFT does not combine them, and
+// the original runs while it is active.
+template <class Scalar>
+void add_weighted_adapter(nn::Sequential<Scalar>& model, const std::vector<std::string>& sources,
+                          const std::vector<double>& weights, const std::string& name, CombineMethod method,
+                          int rank = 0) {
+  add_weighted_adapter(detail::lora_layers_of("add_weighted_adapter", model), sources, weights, name, method, rank);
+}
+
 // Merges the active adapters of every LoRA layer, all or none (Sequential::merge); unmerge undoes it.
 template <class Scalar>
 void merge_adapters(nn::Sequential<Scalar>& model) {
