@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <set>
 #include <string>
+#include <vector>
 
 namespace lora {
 
@@ -28,16 +29,39 @@ LoraModelView<Scalar> model_view(nn::Sequential<Scalar>& model) {
   return view;
 }
 
+// The trainable biases outside the LoRA layers and modules_to_save: those of the plain Linear modules
+// when LoRA was injected with bias = all (PEFT saves them all under that setting).
+template <class Scalar>
+std::vector<TrainedBiasRef<Scalar>> trained_biases(nn::Sequential<Scalar>& model) {
+  std::set<std::string> saved;
+  for (const auto& entry : model.saved_modules()) saved.insert(entry.first);
+  std::vector<TrainedBiasRef<Scalar>> out;
+  for (const auto& [path, m] : model.named_modules())
+    if (auto* linear = dynamic_cast<nn::Linear<Scalar>*>(m); linear && linear->bias_trainable() && !saved.count(path))
+      out.push_back({path, linear->bias()});
+  return out;
+}
+
+// As for a LoraModelView, with the model's other trained biases too (bias = all): written as
+// base_model.model.<path>.bias, and the config's bias is then "all".
 template <class Scalar>
 void save_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& adapter = "default",
                   const AdapterSaveOptions& options = {}) {
-  save_adapter(dir, model_view(model), adapter, options);
+  detail::write_adapter(dir, model_view(model), trained_biases(model), adapter, options);
 }
 
+// As for a LoRA model view; the file's base_model.model.<path>.bias of a module whose bias trains without
+// LoRA (bias = all) is loaded into it, and required when the config's bias is "all".
 template <class Scalar>
 PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& name,
                             AdapterLoadMode mode = AdapterLoadMode::add) {
-  return load_adapter(dir, model_view(model), name, mode);
+  const PeftLoraConfig config = read_adapter_config(dir);
+  const SafetensorsReader weights =
+      SafetensorsReader::open((std::filesystem::path(dir) / adapter_weights_file).string());
+  detail::apply_adapter("load_adapter", weights, config, model_view(model), name,
+                        mode == AdapterLoadMode::add ? detail::LoadKind::add : detail::LoadKind::replace,
+                        trained_biases(model));
+  return config;
 }
 
 // PEFT's PeftModel.from_pretrained on a base model without LoRA: injects LoRA as dir's
@@ -60,7 +84,8 @@ PeftLoraConfig from_pretrained(nn::Sequential<Scalar>& model, const std::string&
   } catch (const std::invalid_argument& e) {
     detail::io_fail(where, (std::filesystem::path(dir) / adapter_config_file).string(), "", e.what());
   }
-  load_adapter(weights, config, model_view(model), "default", AdapterLoadMode::replace);
+  detail::apply_adapter("load_adapter", weights, config, model_view(model), "default", detail::LoadKind::replace,
+                        trained_biases(model));
   return config;
 }
 
