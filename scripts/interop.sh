@@ -13,8 +13,8 @@ scripts/ensure-packages.sh g++ cmake make libeigen3-dev nlohmann-json3-dev \
   python3-venv python3-torch python3-numpy python3-yaml python3-requests python3-psutil python3-typing-extensions
 venv=build/interop-venv
 requirements=scripts/interop-requirements.txt
-check="tests/interop/check_venv.py $requirements"
-if [ -x "$venv/bin/python" ] && "$venv/bin/python" $check >/dev/null 2>&1; then
+check=tests/interop/check_venv.py
+if [ -x "$venv/bin/python" ] && "$venv/bin/python" "$check" "$requirements" >/dev/null 2>&1; then
   echo "interop: reusing $venv"
 else
   echo "interop: creating $venv"
@@ -22,7 +22,7 @@ else
   /usr/bin/python3 -m venv --system-site-packages "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$requirements"
 fi
-"$venv/bin/python" $check  # prints the versions in use
+"$venv/bin/python" "$check" "$requirements"  # prints the versions in use
 
 dir=build/interop
 cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DLORA_BUILD_TESTS=OFF -DLORA_BUILD_EXAMPLES=OFF \
