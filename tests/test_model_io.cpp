@@ -452,3 +452,57 @@ TEST_CASE("adapters with a rank above min(in_features, out_features) load, as PE
   CHECK(pretrained.forward(X) == loaded.forward(X));
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("bias = all: the biases of modules without LoRA are saved and loaded, as PEFT does", "[io][model]") {
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_bias_all";
+  std::filesystem::remove_all(dir);
+  auto trained = small_mlp(1);
+  lora::nn::LoraInjectConfig c;
+  c.target_modules = {"layers.0"};
+  c.rank = 2;
+  c.init = lora::InitMethod::random;
+  c.bias = lora::BiasMode::all;  // layers.2, a plain Linear, trains its bias too
+  lora::nn::inject_lora(trained, c);
+  auto& head = dynamic_cast<lora::nn::Linear<double>&>(trained.module("layers.2"));
+  REQUIRE(head.bias_trainable());
+  const lora::Vector<double> head_bias = head.bias() + lora::Vector<double>::Constant(3, 0.25);
+  head.set_bias(head_bias);
+  trained.lora_layers().front().second->set_bias(lora::Vector<double>::Constant(8, -0.5));
+  lora::AdapterSaveOptions f64;
+  f64.dtype = lora::Dtype::F64;
+  lora::save_adapter(dir.string(), trained, "default", f64);
+
+  // PEFT's layout for bias = "all": every bias of the model, the plain modules' under <path>.bias.
+  CHECK(lora::read_adapter_config(dir.string()).bias == "all");
+  const auto file = lora::SafetensorsReader::open((dir / "adapter_model.safetensors").string());
+  CHECK(file.contains("base_model.model.layers.0.base_layer.bias"));
+  REQUIRE(file.contains("base_model.model.layers.2.bias"));
+  CHECK(file.vector<double>("base_model.model.layers.2.bias", 3, "test") == head_bias);
+
+  auto reloaded = small_mlp(1);  // the same base
+  lora::from_pretrained(reloaded, dir.string());
+  const lora::Matrix<double> X = lora::Matrix<double>::Random(4, 6);
+  trained.eval();
+  reloaded.eval();
+  CHECK(reloaded.forward(X) == trained.forward(X));
+
+  // A bias = "all" file without a bias the config says it has is missing a tensor; the model is unchanged.
+  lora::SafetensorsWriter w;
+  for (const lora::TensorInfo& t : file.tensors())
+    if (t.name != "base_model.model.layers.2.bias")
+      t.shape.size() == 2 ? w.add(t.name, file.matrix<double>(t.name, "test"), lora::Dtype::F64)
+                          : w.add_vector(t.name, file.vector<double>(t.name, t.shape[0], "test"), lora::Dtype::F64);
+  w.save((dir / "adapter_model.safetensors").string());
+  auto partial = small_mlp(1);
+  lora::nn::inject_lora(partial, c);
+  const lora::Matrix<double> before = partial.forward(X);
+  try {
+    lora::load_adapter(dir.string(), partial, "default", lora::AdapterLoadMode::replace);
+    FAIL("no exception");
+  } catch (const lora::io_error& e) {
+    CHECK(e.tensor() == "base_model.model.layers.2.bias");
+    CHECK_THAT(e.what(), Catch::Contains("missing") && Catch::Contains("bias is \"all\""));
+  }
+  CHECK(partial.forward(X) == before);
+  std::filesystem::remove_all(dir);
+}

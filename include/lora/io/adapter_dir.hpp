@@ -3,7 +3,8 @@
 // Keys: base_model.model.<module path>.lora_A.weight [r, in] and .lora_B.weight [out, r] for each LoRA
 // module; base_model.model.<path>.weight / .bias for each module of modules_to_save; a LoRA layer's
 // trained bias (config bias != none) as base_model.model.<path>.base_layer.bias (".bias" is accepted on
-// load). The adapter's own name is not in the keys. Header metadata {"format": "pt"}.
+// load); with bias = "all", the trained bias of every other module as base_model.model.<path>.bias.
+// The adapter's own name is not in the keys. Header metadata {"format": "pt"}.
 //
 // Loading validates everything before it changes anything: the safetensors header (see
 // io/safetensors.hpp), the config, every tensor against its module (rank from r / rank_pattern, in, out),
@@ -49,6 +50,15 @@ enum class AdapterLoadMode {
   replace,  // add, or replace an adapter of this name (its active flag and runtime scale are kept)
 };
 
+// The trainable bias of a module that has no LoRA and is not in modules_to_save: PEFT's bias = "all"
+// trains and saves every bias of the model (base_model.model.<path>.bias). A model class lists them
+// (io/model.hpp does for nn::Sequential); the functions over a bare LoraModelView have none.
+template <class Scalar>
+struct TrainedBiasRef {
+  std::string path;
+  ParamRef<Scalar> bias;  // [out x 1]
+};
+
 namespace detail {
 
 inline std::string escape_regex(const std::string& s) {
@@ -78,7 +88,8 @@ T most_common(const std::vector<T>& values) {
 // the modules that differ from the most common values, checked to resolve back to every module's value.
 template <class Scalar>
 PeftLoraConfig describe_adapter(const char* where, const LoraModelView<Scalar>& model,
-                                const std::vector<const LoraModuleRef<Scalar>*>& mods, const std::string& adapter) {
+                                const std::vector<const LoraModuleRef<Scalar>*>& mods, const std::string& adapter,
+                                bool other_biases) {
   PeftLoraConfig c;
   std::vector<int> ranks;
   std::vector<double> alphas;
@@ -148,6 +159,7 @@ PeftLoraConfig describe_adapter(const char* where, const LoraModelView<Scalar>& 
   }
   for (const auto* m : mods)
     if (m->layer->bias_trainable()) c.bias = "lora_only";
+  if (other_biases) c.bias = "all";
   return c;
 }
 
@@ -166,6 +178,12 @@ struct PlannedSaved {
   std::optional<Vector<Scalar>> bias;
 };
 
+template <class Scalar>
+struct PlannedBias {
+  const TrainedBiasRef<Scalar>* module;
+  Vector<Scalar> bias;
+};
+
 enum class LoadKind { add, replace, hot_swap };
 
 // Refuses the tensors of LoRA variants this library does not implement, naming the first one.
@@ -181,7 +199,8 @@ inline void require_supported_tensors(const char* where, const SafetensorsReader
 // Reads and checks everything, then applies. `file` names the weights in messages.
 template <class Scalar>
 void apply_adapter(const char* where, const SafetensorsReader& weights, const PeftLoraConfig& config,
-                   const LoraModelView<Scalar>& model, const std::string& name, LoadKind kind) {
+                   const LoraModelView<Scalar>& model, const std::string& name, LoadKind kind,
+                   const std::vector<TrainedBiasRef<Scalar>>& other_biases = {}) {
   const std::string& file = weights.path();
   model.validate(where);
   if (name.empty() || name.find('.') != std::string::npos)
@@ -190,6 +209,7 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
   std::set<std::string> used;
   std::vector<PlannedLora<Scalar>> lora;
   std::vector<PlannedSaved<Scalar>> saved;
+  std::vector<PlannedBias<Scalar>> biases;
   require_supported_tensors(where, weights);
   const nn::LoraInjectConfig rules = config.to_inject_config();  // rank and alpha per module
   // exclude_modules and layers_to_transform included; a layer index PEFT versions read differently is
@@ -272,6 +292,18 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
     saved.push_back(std::move(p));
   }
 
+  for (const auto& b : other_biases) {
+    const std::string kb = prefix + b.path + ".bias";
+    if (!weights.contains(kb)) {
+      if (config.bias == "all")
+        io_fail(where, file, kb, "missing: the config's bias is \"all\" and module '", b.path,
+                "' has a trainable bias");
+      continue;
+    }
+    biases.push_back({&b, weights.vector<Scalar>(kb, b.bias.rows(), where)});
+    used.insert(kb);
+  }
+
   for (const TensorInfo& t : weights.tensors()) {
     if (used.count(t.name)) continue;
     if (t.name.compare(0, prefix.size(), prefix) != 0)
@@ -308,19 +340,20 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
       bias = *p.bias;
     }
   }
+  for (auto& p : biases) {
+    ParamRef<Scalar> bias = p.module->bias;
+    bias = p.bias;
+  }
 }
 
 }  // namespace detail
 
-// Writes adapter `adapter` of every LoRA module that has it, and the model's modules_to_save, as a PEFT
-// adapter directory (created if missing), replacing adapter_model.safetensors and adapter_config.json
-// as a pair and keeping every other entry of the directory (see the top of this file). Throws
-// std::invalid_argument for what cannot be written (no module has the adapter, NaN/Inf, values beyond an
-// F16/BF16 range, mixed rsLoRA or dropout) and io_error for file-system failures; in both cases the
-// directory is left as it was.
+namespace detail {
+
 template <class Scalar>
-void save_adapter(const std::string& dir, const LoraModelView<Scalar>& model, const std::string& adapter = "default",
-                  const AdapterSaveOptions& options = {}) {
+void write_adapter(const std::string& dir, const LoraModelView<Scalar>& model,
+                   const std::vector<TrainedBiasRef<Scalar>>& other_biases, const std::string& adapter,
+                   const AdapterSaveOptions& options) {
   constexpr const char* where = "save_adapter";
   model.validate(where);
   if (!is_convertible(options.dtype)) detail::fail(where, "dtype ", to_string(options.dtype), " cannot hold weights");
@@ -329,7 +362,7 @@ void save_adapter(const std::string& dir, const LoraModelView<Scalar>& model, co
     if (m.layer->has_adapter(adapter)) mods.push_back(&m);
   if (mods.empty()) detail::require_known_adapter(where, model, adapter);
 
-  PeftLoraConfig config = detail::describe_adapter(where, model, mods, adapter);
+  PeftLoraConfig config = detail::describe_adapter(where, model, mods, adapter, !other_biases.empty());
   config.base_model_name_or_path = options.base_model_name_or_path;
   config.task_type = options.task_type;
 
@@ -346,6 +379,8 @@ void save_adapter(const std::string& dir, const LoraModelView<Scalar>& model, co
     writer.add(prefix + s.path + ".weight", Matrix<Scalar>(s.weight), options.dtype);
     if (s.bias) writer.add_vector(prefix + s.path + ".bias", Vector<Scalar>(s.bias->col(0)), options.dtype);
   }
+  for (const auto& b : other_biases)
+    writer.add_vector(prefix + b.path + ".bias", Vector<Scalar>(b.bias.col(0)), options.dtype);
   const std::string text = config.dump();
 
   detail::replace_files_together(
@@ -353,6 +388,20 @@ void save_adapter(const std::string& dir, const LoraModelView<Scalar>& model, co
       {{adapter_weights_file, [&](detail::AtomicFileWriter& file) { writer.write_to(file); }},
        {adapter_config_file, [&](detail::AtomicFileWriter& file) { file.write(text.data(), text.size()); }}},
       where);
+}
+
+}  // namespace detail
+
+// Writes adapter `adapter` of every LoRA module that has it, and the model's modules_to_save, as a PEFT
+// adapter directory (created if missing), replacing adapter_model.safetensors and adapter_config.json
+// as a pair and keeping every other entry of the directory (see the top of this file). Throws
+// std::invalid_argument for what cannot be written (no module has the adapter, NaN/Inf, values beyond an
+// F16/BF16 range, mixed rsLoRA or dropout) and io_error for file-system failures; in both cases the
+// directory is left as it was.
+template <class Scalar>
+void save_adapter(const std::string& dir, const LoraModelView<Scalar>& model, const std::string& adapter = "default",
+                  const AdapterSaveOptions& options = {}) {
+  detail::write_adapter(dir, model, {}, adapter, options);
 }
 
 // Reads an adapter directory's config (adapter_config.json). Throws io_error.

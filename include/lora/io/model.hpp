@@ -11,23 +11,39 @@
 #include <lora/nn/inject.hpp>
 #include <lora/nn/sequential.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <optional>
 #include <set>
-#include <vector>
 #include <string>
+#include <vector>
 
 namespace lora {
 
+// The trainable biases outside the LoRA layers and modules_to_save: those of the plain Linear modules
+// when LoRA was injected with bias = all (PEFT saves them all under that setting).
+template <class Scalar>
+std::vector<TrainedBiasRef<Scalar>> trained_biases(nn::Sequential<Scalar>& model) {
+  std::vector<TrainedBiasRef<Scalar>> out;
+  for (const auto& [path, m] : model.named_modules())
+    if (auto* linear = dynamic_cast<nn::Linear<Scalar>*>(m); linear && linear->bias_trainable())
+      out.push_back({path, linear->bias()});
+  return out;
+}
+
+// As for a LoraModelView, with the copies of `adapter` of the modules_to_save and the model's other
+// trained biases (bias = all): written as base_model.model.<path>.bias, and the config's bias is then "all".
 template <class Scalar>
 void save_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& adapter = "default",
                   const AdapterSaveOptions& options = {}) {
-  save_adapter(dir, model_view(model, adapter), adapter, options);
+  detail::write_adapter(dir, model_view(model, adapter), trained_biases(model), adapter, options);
 }
 
 // Loads dir's adapter as `name` (see load_adapter on a view), with the modules_to_save weights into the
 // copies of `name`: a saved module that dir's config lists gets a new copy (of its original) for an
-// adapter that has none. On a throw the model is as it was.
+// adapter that has none. The file's base_model.model.<path>.bias of a module whose bias trains without
+// LoRA (bias = all) is loaded into it, and required when the config's bias is "all". On a throw the
+// model is as it was.
 template <class Scalar>
 PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& name,
                             AdapterLoadMode mode = AdapterLoadMode::add) {
@@ -41,7 +57,9 @@ PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& mode
         wrapper->add_copy(name);
         created.push_back(wrapper);
       }
-    load_adapter(weights, config, model_view(model, name), name, mode);
+    detail::apply_adapter("load_adapter", weights, config, model_view(model, name), name,
+                          mode == AdapterLoadMode::add ? detail::LoadKind::add : detail::LoadKind::replace,
+                          trained_biases(model));
   } catch (...) {
     for (nn::ModulesToSave<Scalar>* wrapper : created) wrapper->delete_copy(name);
     throw;
@@ -50,10 +68,15 @@ PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& mode
 }
 
 // New weights for the existing adapter `name` (see hot_swap_adapter on a view), its modules_to_save copies
-// included.
+// and the other trained biases included.
 template <class Scalar>
 PeftLoraConfig hot_swap_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& name) {
-  return hot_swap_adapter(dir, model_view(model, name), name);
+  const PeftLoraConfig config = read_adapter_config(dir);
+  const SafetensorsReader weights =
+      SafetensorsReader::open((std::filesystem::path(dir) / adapter_weights_file).string());
+  detail::apply_adapter("hot_swap_adapter", weights, config, model_view(model, name), name, detail::LoadKind::hot_swap,
+                        trained_biases(model));
+  return config;
 }
 
 // PEFT's PeftModel.from_pretrained on a base model without LoRA: injects LoRA as dir's
@@ -78,7 +101,18 @@ PeftLoraConfig from_pretrained(nn::Sequential<Scalar>& model, const std::string&
   } catch (const std::invalid_argument& e) {
     detail::io_fail(where, (std::filesystem::path(dir) / adapter_config_file).string(), "", e.what());
   }
-  load_adapter(weights, config, plan->view(), LoraLinear<Scalar>::default_adapter, AdapterLoadMode::replace);
+  // The biases that bias = all will make trainable: loaded into the model's own Linear modules, which the
+  // load writes only once every check has passed.
+  std::vector<TrainedBiasRef<Scalar>> biases;
+  if (plan->config.bias == BiasMode::all)
+    for (const auto& [path, m] : model.named_modules()) {
+      auto* linear = dynamic_cast<nn::Linear<Scalar>*>(m);
+      const bool replaced = std::find(plan->targets.begin(), plan->targets.end(), path) != plan->targets.end() ||
+                            std::find(plan->saved.begin(), plan->saved.end(), path) != plan->saved.end();
+      if (linear && linear->has_bias() && !replaced) biases.push_back({path, linear->bias()});
+    }
+  detail::apply_adapter("load_adapter", weights, config, plan->view(), LoraLinear<Scalar>::default_adapter,
+                        detail::LoadKind::replace, biases);
   detail::commit_injection(model, std::move(*plan));
   return config;
 }
