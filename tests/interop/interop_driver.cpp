@@ -98,7 +98,6 @@ void save_mode(const Json& spec, Model& model) {
   const lora::PeftLoraConfig peft = lora::PeftLoraConfig::parse(spec.at("inject").dump(), "spec.inject");
   lora::nn::LoraInjectConfig inject = peft.to_inject_config();
   lora::nn::inject_lora(model, inject);
-  const lora::LoraModelView<Scalar> view = lora::model_view(model);
   for (std::size_t k = 0; k < adapters.size(); ++k) {
     const Json& a = adapters[k];
     const std::string name = a.at("name").get<std::string>();
@@ -110,20 +109,21 @@ void save_mode(const Json& spec, Model& model) {
       c.alpha = a.at("lora_alpha").get<double>();
       c.use_rslora = peft.use_rslora;
       c.dropout = peft.lora_dropout;
-      lora::add_adapter(view, name, c);
+      lora::add_adapter(model, name, c);
     }
     for (const auto& [path, layer] : model.lora_layers()) {
       layer->A(name) = random_matrix(rng, layer->rank(name), layer->in_features(), 0.5, dtype);
       layer->B(name) = random_matrix(rng, layer->out_features(), layer->rank(name), 0.5, dtype);
     }
-    // What training would have changed besides A and B: the trainable biases and the saved modules.
-    // (The first adapter only: both are shared by the adapters of a model here.)
+    // What training would have changed besides A and B: the trainable biases (shared by the adapters)
+    // and the adapter's own copies of the saved modules. (The first adapter only.)
     if (k == 0) {
       for (const auto& [path, layer] : model.lora_layers())
         if (layer->bias_trainable()) layer->set_bias(shifted(rng, layer->bias(), 0.3, dtype));
-      for (const auto& [path, linear] : model.saved_modules()) {
-        linear->set_weight(shifted(rng, linear->weight(), 0.3, dtype));
-        if (linear->has_bias()) linear->set_bias(shifted(rng, linear->bias(), 0.3, dtype));
+      for (const auto& [path, wrapper] : model.saved_modules()) {
+        lora::nn::Linear<Scalar>& copy = wrapper->copy(name);
+        copy.set_weight(shifted(rng, copy.weight(), 0.3, dtype));
+        if (copy.has_bias()) copy.set_bias(shifted(rng, copy.bias(), 0.3, dtype));
       }
       for (const auto& [mpath, m] : model.named_modules())  // bias = all: the plain layers' biases train too
         if (auto* linear = dynamic_cast<lora::nn::Linear<Scalar>*>(m);
