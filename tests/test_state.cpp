@@ -149,7 +149,7 @@ TEST_CASE("writes while merged are refused, so unmerge restores the base", "[sta
   CHECK(contains(message_of([&] { layer.A().setZero(); }), "cannot be written: the layer is merged"));
   CHECK(contains(message_of([&] { layer.B() *= 2.0f; }), "cannot be written: the layer is merged"));
   CHECK(contains(message_of([&] { adam.step(params); }),
-                 "AdamW::step: 'lora_A.default' cannot be written: the layer is merged; call unmerge() first"));
+                 "AdamW::step: 'lora_A.default.weight' cannot be written: the layer is merged; call unmerge() first"));
   layer.unmerge();
   CHECK((layer.base_weight() - W0).cwiseAbs().maxCoeff() <= 2 * std::numeric_limits<float>::epsilon());
   adam.step(params);  // unmerged: accepted again
@@ -312,8 +312,8 @@ TEST_CASE("optimisers refuse a parameter list that no longer matches the model",
   lora::ParameterList<double> lora_params;
   layer.collect_parameters(lora_params);
   layer.replace_adapter("default", trained_adapter(2), Matrix<double>::Zero(2, 4), Matrix<double>::Zero(5, 2));
-  CHECK(contains(message_of([&] { sgd.step(lora_params); }), "'lora_A.default' no longer exists"));
-  CHECK(contains(message_of([&] { lora::optim::clip_grad_norm(lora_params, 1.0); }), "clip_grad_norm: 'lora_A.default' no longer exists"));
+  CHECK(contains(message_of([&] { sgd.step(lora_params); }), "'lora_A.default.weight' no longer exists"));
+  CHECK(contains(message_of([&] { lora::optim::clip_grad_norm(lora_params, 1.0); }), "clip_grad_norm: 'lora_A.default.weight' no longer exists"));
   {
     LoraLinear<double> temporary(random_matrix<double>(5, 4, 21), trained_adapter(2));
     lora_params.clear();
