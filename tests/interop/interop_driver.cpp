@@ -166,10 +166,9 @@ int run(const std::string& spec_path) {
 
   model.eval();
   lora::NamedTensors<Scalar> out;
-  const lora::LoraModelView<Scalar> view = lora::model_view(model);
   const Json& sets = spec.at("evaluate");
   for (std::size_t k = 0; k < sets.size(); ++k) {
-    lora::set_active_adapters(view, sets[k].get<std::vector<std::string>>());
+    lora::set_active_adapters(model, sets[k].get<std::vector<std::string>>());
     out.matrices["y." + std::to_string(k)] = model.forward(X);
     model.merge();
     out.matrices["merged." + std::to_string(k)] = model.forward(X);
