@@ -21,3 +21,4 @@
 #include <lora/nn/train.hpp>
 #include <lora/optim.hpp>
 #include <lora/parameter.hpp>
+#include <lora/threads.hpp>

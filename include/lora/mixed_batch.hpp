@@ -113,7 +113,7 @@ class MixedBatchForward {
     int threads = 1;
 #ifdef _OPENMP
     if (groups.size() >= 2 && work >= parallel_work && !omp_in_parallel())
-      threads = std::min(omp_get_max_threads(), static_cast<int>(groups.size()));
+      threads = std::min(detail::max_threads(), static_cast<int>(groups.size()));
 #endif
     if (static_cast<int>(work_.size()) < threads) work_.resize(static_cast<std::size_t>(threads));
     const Index pack = std::max(detail::kernel::panel_size<Scalar>(max_rank, out), detail::kernel::columns_pack_size<Scalar>());
