@@ -3,6 +3,7 @@
 #pragma once
 
 #include <lora/common.hpp>
+#include <lora/detail/kernels.hpp>
 
 #include <Eigen/Core>
 
@@ -65,5 +66,15 @@ std::string message_of(Call&& call) {
   }
   return "(no exception)";
 }
+
+// For its lifetime, the kernels thread any product of more than `work` multiply-adds per thread, so that
+// the small shapes of a test run the threaded splits (the library's threshold keeps them on one thread).
+struct ThreadSmallWork {
+  double saved = lora::detail::work_per_thread;
+  explicit ThreadSmallWork(double work = 256) { lora::detail::work_per_thread = work; }
+  ~ThreadSmallWork() { lora::detail::work_per_thread = saved; }
+  ThreadSmallWork(const ThreadSmallWork&) = delete;
+  ThreadSmallWork& operator=(const ThreadSmallWork&) = delete;
+};
 
 }  // namespace lora::testing

@@ -3,6 +3,8 @@
 // around a loop of calls with a fixed batch size. Its own executable, because it replaces malloc.
 #include <lora/lora.hpp>
 
+#include "gradient_check.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <atomic>
@@ -79,6 +81,7 @@ TEMPLATE_TEST_CASE("steady-state forward and backward do not allocate", "[alloc]
   const bool dropout = GENERATE(false, true);
   const int threads = GENERATE(1, 2);
   CAPTURE(n, in, out, dropout, threads);
+  const lora::testing::ThreadSmallWork small_work;  // every product big enough to split, split
 #ifdef _OPENMP
   const int saved_threads = omp_get_max_threads();
   omp_set_num_threads(threads);

@@ -1,6 +1,6 @@
 // Threads: one model served by many threads through the const inference path, the library called from
-// inside the caller's own OpenMP parallel region, and lora::set_num_threads. scripts/test.sh --tsan runs this file under
-// ThreadSanitizer (without OpenMP, whose runtime TSan cannot see into).
+// inside the caller's own OpenMP parallel region, and lora::set_num_threads. scripts/test.sh --tsan runs
+// this file under ThreadSanitizer (without OpenMP, whose runtime TSan cannot see into).
 #include <lora/lora.hpp>
 
 #include "gradient_check.hpp"

@@ -37,14 +37,19 @@ inline int max_threads() {
 #endif
 }
 
+// Multiply-adds each thread of a kernel gets at least (about 0.3 ms of one core). A fork and a join cost
+// a few microseconds on a quiet machine; on a busy one, each can wait milliseconds for a thread the
+// scheduler has not run yet (docs/threads.md measures both), so small products stay on one thread.
+constexpr double default_work_per_thread = 1 << 22;
+// The threshold threads_for applies; tests lower it to reach the threaded splits with small shapes.
+inline std::atomic<double> work_per_thread{default_work_per_thread};
+
 // Threads to use for `work` multiply-adds: all of max_threads() for big work, fewer for small work, one
 // inside a parallel region.
 inline int threads_for(double work) {
 #ifdef _OPENMP
   if (omp_in_parallel()) return 1;
-  // Below this, a thread costs more than it saves (a fork and a join of a few microseconds on a quiet
-  // machine, a lost time slice on a busy one).
-  const double per_thread = 262144;
+  const double per_thread = work_per_thread.load(std::memory_order_relaxed);
   const int most = max_threads();
   // Compared in double: work / per_thread exceeds INT_MAX for large products (and is NaN for NaN work).
   const double by_work = work / per_thread;
