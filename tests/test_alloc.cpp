@@ -124,6 +124,41 @@ TEMPLATE_TEST_CASE("steady-state forward and backward do not allocate", "[alloc]
 #endif
 }
 
+TEMPLATE_TEST_CASE("steady-state nn::Linear forward and backward do not allocate", "[alloc][nn]", float, double) {
+#ifndef LORA_TEST_COUNTS_MALLOC
+  SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");
+#else
+  // Regression: the plain layer's products went through Eigen's, which allocate their packing buffers
+  // on every call (and fork a team for any product above about 10^5 multiply-adds).
+  using Scalar = TestType;
+  const Index n = GENERATE(1, 32, 512);
+  const int threads = GENERATE(1, 2);
+  CAPTURE(n, threads);
+  const lora::testing::ThreadSmallWork small_work;
+#ifdef _OPENMP
+  const int saved_threads = omp_get_max_threads();
+  omp_set_num_threads(threads);
+#endif
+  lora::nn::Linear<Scalar> layer(640, 672, true, 1);
+  const Matrix<Scalar> X = Matrix<Scalar>::Random(n, 640), dY = Matrix<Scalar>::Random(n, 672);
+  auto step = [&] {
+    layer.train();
+    layer.forward(X);
+    layer.backward(dY);
+    layer.eval();
+    layer.forward(X);
+  };
+  step();
+  step();
+  const long before = allocation_count();
+  for (int i = 0; i < 3; ++i) step();
+  CHECK(allocation_count() - before == 0);
+#ifdef _OPENMP
+  omp_set_num_threads(saved_threads);
+#endif
+#endif
+}
+
 TEST_CASE("a layer over a shared base allocates its adapter, not a copy of W0", "[alloc][base]") {
 #ifndef LORA_TEST_COUNTS_MALLOC
   SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");
