@@ -3,7 +3,8 @@
 //
 // Names: <kernel>/<shape>/threads:<t> and eigen_<kernel>/<shape>/threads:<t>; GFLOPs counts 2 m p K.
 //   rank_update  C = C + alpha U V: epilogue (m = n, p = out, K = r), merge (m = out, p = in, K = r),
-//                dB^T and dA (m = r, K = n: U read transposed, as the layer reads T and dT)
+//                dB^T and dA (m = r, K = n: U read transposed, as the layer reads T and dT), nn::Linear's
+//                dW (m = out, p = in, K = n: U = dY^T read transposed)
 //   row_dots     C = X W^T with a small p: T = X A^T and dT = dY (s B^T)^T (m = n, p = r, k = in or out)
 #include <lora/lora.hpp>
 
@@ -86,6 +87,10 @@ void register_all() {
       {"epilogue", 1024, 1024, 16, false},  {"epilogue", 512, 768, 8, false},  {"epilogue", 512, 11008, 64, false},
       {"merge", 4096, 4096, 16, false},     {"dB", 16, 1024, 1024, true},      {"dB", 16, 4096, 2048, true},
       {"dA", 64, 4096, 512, true},
+      // nn::Linear's weight gradient dW += dY^T X (m = out, p = in, K = n): the digits MLP, the classifier
+      // example, a large layer
+      {"dW", 256, 256, 32, true},          {"dW", 10, 256, 32, true},         {"dW", 1024, 1024, 128, true},
+      {"dW", 4096, 4096, 512, true},
   };
   const Shape dots[] = {{"T", 1024, 16, 1024, false}, {"dT", 2048, 16, 4096, false}, {"decode", 1, 4112, 4096, false}};
   char name[160];

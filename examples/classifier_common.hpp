@@ -14,10 +14,6 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace example {
 
 using Scalar = float;
@@ -133,18 +129,15 @@ inline lora::nn::LoraInjectConfig lora_config(int rank) {
   return config;
 }
 
-// "--threads N" sets Eigen's thread count; the default is 1. Eigen splits every product of more than
-// ~50,000 multiply-adds over its threads; on a machine shared with other jobs, each of those fork-joins can
-// wait for a descheduled thread, and LoRA's skinny products (n x r) suffer most: measured here under load,
-// 2 threads made this example 4x slower than 1.
+// "--threads N" sets the library's thread count (lora::set_num_threads); the default here is 1. With 2
+// threads, the products of this example (batch 128, 1024 x 1024) are big enough to be split; on a
+// machine shared with other jobs each split waits for a thread the scheduler may not run for
+// milliseconds, so 1 thread is the safe choice there (docs/threads.md).
 inline int threads_from_args(int argc, char** argv) {
   int threads = 1;
   for (int i = 1; i + 1 < argc; ++i)
     if (std::string(argv[i]) == "--threads") threads = std::max(1, std::atoi(argv[i + 1]));
-  Eigen::setNbThreads(threads);
-#ifdef _OPENMP
-  omp_set_num_threads(threads);  // the library's own kernels (rank-r products, merge) follow it too
-#endif
+  lora::set_num_threads(threads);
   return threads;
 }
 

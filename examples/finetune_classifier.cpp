@@ -54,9 +54,9 @@ int main(int argc, char** argv) {
   std::printf("Task A: %d classes of 3 blobs in %d dimensions; task B: the blobs rotated and shifted, some "
               "relabelled.\n",
               setup.task_a.num_classes(), setup.task_a.dim());
-  std::printf("Data: %ld A train / %ld A test, %ld B train / %ld B test. Eigen threads: %d (--threads N to change).\n\n",
+  std::printf("Data: %ld A train / %ld A test, %ld B train / %ld B test. Threads: %d (--threads N to change).\n\n",
               static_cast<long>(setup.a_train.size()), static_cast<long>(setup.a_test.size()),
-              static_cast<long>(setup.b_train.size()), static_cast<long>(setup.b_test.size()), Eigen::nbThreads());
+              static_cast<long>(setup.b_train.size()), static_cast<long>(setup.b_test.size()), lora::num_threads());
 
   // ---- pretrain on A ------------------------------------------------------------------------------
   Model base = make_base();

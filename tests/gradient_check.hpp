@@ -4,6 +4,7 @@
 
 #include <lora/common.hpp>
 #include <lora/parameter.hpp>
+#include <lora/detail/kernels.hpp>
 
 #include <Eigen/Core>
 
@@ -89,5 +90,15 @@ void check_module_gradients(M& module, Matrix<double> X, unsigned seed) {
     CHECK(relative_error(analytic, numerical_gradient(p.value, loss)) < 1e-7);
   }
 }
+
+// For its lifetime, the kernels thread any product of more than `work` multiply-adds per thread, so that
+// the small shapes of a test run the threaded splits (the library's threshold keeps them on one thread).
+struct ThreadSmallWork {
+  double saved = lora::detail::work_per_thread;
+  explicit ThreadSmallWork(double work = 256) { lora::detail::work_per_thread = work; }
+  ~ThreadSmallWork() { lora::detail::work_per_thread = saved; }
+  ThreadSmallWork(const ThreadSmallWork&) = delete;
+  ThreadSmallWork& operator=(const ThreadSmallWork&) = delete;
+};
 
 }  // namespace lora::testing

@@ -3,6 +3,8 @@
 // around a loop of calls with a fixed batch size. Its own executable, because it replaces malloc.
 #include <lora/lora.hpp>
 
+#include "gradient_check.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <atomic>
@@ -79,6 +81,7 @@ TEMPLATE_TEST_CASE("steady-state forward and backward do not allocate", "[alloc]
   const bool dropout = GENERATE(false, true);
   const int threads = GENERATE(1, 2);
   CAPTURE(n, in, out, dropout, threads);
+  const lora::testing::ThreadSmallWork small_work;  // every product big enough to split, split
 #ifdef _OPENMP
   const int saved_threads = omp_get_max_threads();
   omp_set_num_threads(threads);
@@ -118,6 +121,41 @@ TEMPLATE_TEST_CASE("steady-state forward and backward do not allocate", "[alloc]
   Matrix<Scalar> fresh(n, in);
   fresh.setZero();
   CHECK(allocation_count() > probe);
+#endif
+}
+
+TEMPLATE_TEST_CASE("steady-state nn::Linear forward and backward do not allocate", "[alloc][nn]", float, double) {
+#ifndef LORA_TEST_COUNTS_MALLOC
+  SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");
+#else
+  // Regression: the plain layer's products went through Eigen's, which allocate their packing buffers
+  // on every call (and fork a team for any product above about 10^5 multiply-adds).
+  using Scalar = TestType;
+  const Index n = GENERATE(1, 32, 512);
+  const int threads = GENERATE(1, 2);
+  CAPTURE(n, threads);
+  const lora::testing::ThreadSmallWork small_work;
+#ifdef _OPENMP
+  const int saved_threads = omp_get_max_threads();
+  omp_set_num_threads(threads);
+#endif
+  lora::nn::Linear<Scalar> layer(640, 672, true, 1);
+  const Matrix<Scalar> X = Matrix<Scalar>::Random(n, 640), dY = Matrix<Scalar>::Random(n, 672);
+  auto step = [&] {
+    layer.train();
+    layer.forward(X);
+    layer.backward(dY);
+    layer.eval();
+    layer.forward(X);
+  };
+  step();
+  step();
+  const long before = allocation_count();
+  for (int i = 0; i < 3; ++i) step();
+  CHECK(allocation_count() - before == 0);
+#ifdef _OPENMP
+  omp_set_num_threads(saved_threads);
+#endif
 #endif
 }
 

@@ -42,6 +42,7 @@ TEMPLATE_TEST_CASE("fast paths equal the dense formulas", "[kernels]", float, do
   const Index n = GENERATE(1, 2, 7, 8, 9, 67, 300);  // 300: dA and dB with K in two packed blocks
   const Index in = GENERATE(37, 203), out = in == 37 ? 45 : 150;
   const int threads = GENERATE(1, 2);
+  const lora::testing::ThreadSmallWork small_work;
 #ifdef _OPENMP
   omp_set_num_threads(threads);
 #else
@@ -98,6 +99,7 @@ TEMPLATE_TEST_CASE("rank_update equals base + alpha U V + bias at every split an
   const Index m = GENERATE(1, 5, 6, 13, 40), p = GENERATE(3, 16, 37, 150);
   const int threads = GENERATE(1, 2);
   const bool strided_u = GENERATE(false, true);  // U read transposed, as dB and dA read T and dT
+  const lora::testing::ThreadSmallWork small_work;
 #ifdef _OPENMP
   omp_set_num_threads(threads);
 #else
@@ -150,5 +152,50 @@ TEST_CASE("threads_for takes any amount of work", "[kernels][regression]") {
   CHECK(lora::detail::threads_for(-5) == 1);
 #ifdef _OPENMP
   CHECK(most == omp_get_max_threads());
+#endif
+}
+
+TEST_CASE("threads_for keeps small products on one thread", "[kernels][threads][regression]") {
+  // Regression: every product of more than 2 x 262,144 multiply-adds forked a team, and LoRA on a small
+  // MLP (batch 32, 64 -> 256 -> 256) trained about 15 times slower on 2 threads than on 1 while another
+  // job held a core (docs/threads.md).
+  CHECK(lora::detail::threads_for(32.0 * 256 * 256) == 1);
+  CHECK(lora::detail::threads_for(64.0 * 256 * 256) == 1);
+  CHECK(lora::detail::threads_for(2 * lora::detail::default_work_per_thread - 1) == 1);
+#ifdef _OPENMP
+  if (omp_get_max_threads() >= 2) CHECK(lora::detail::threads_for(2 * lora::detail::default_work_per_thread) == 2);
+#endif
+}
+
+TEMPLATE_TEST_CASE("nn::Linear's products equal the dense formulas at every split", "[kernels][nn]", float, double) {
+  using Scalar = TestType;
+  const Index n = GENERATE(1, 7, 67, 300);
+  const Index in = GENERATE(5, 203), out = in == 5 ? 150 : 37;
+  const int threads = GENERATE(1, 2);
+  const lora::testing::ThreadSmallWork small_work;
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+  CAPTURE(n, in, out, threads);
+  const Matrix<Scalar> W = random_matrix<Scalar>(out, in, 1);
+  const Vector<Scalar> b = Vector<Scalar>::Random(out);
+  lora::nn::Linear<Scalar> layer(W, b);
+  const Matrix<Scalar> X = random_matrix<Scalar>(n, in, 2), dY = random_matrix<Scalar>(n, out, 3);
+  Matrix<Scalar> Y = X * W.transpose();
+  Y.rowwise() += b.transpose();
+  CHECK(relative_error(layer.forward(X), Y) < tolerance<Scalar>());
+  CHECK(relative_error(layer.backward(dY), Matrix<Scalar>(dY * W)) < tolerance<Scalar>());
+  // dY read through a view with a row stride (the block of a wider matrix)
+  Matrix<Scalar> wide = Matrix<Scalar>::Zero(n, out + 3);
+  wide.leftCols(out) = dY;
+  layer.forward(X);
+  CHECK(relative_error(layer.backward(wide.leftCols(out)), Matrix<Scalar>(dY * W)) < tolerance<Scalar>());
+  // two backward calls accumulate
+  CHECK(relative_error(layer.grad_weight(), Matrix<Scalar>(2 * dY.transpose() * X)) < tolerance<Scalar>());
+  CHECK(relative_error(layer.grad_bias(), Vector<Scalar>(2 * dY.colwise().sum().transpose())) < tolerance<Scalar>());
+#ifdef _OPENMP
+  omp_set_num_threads(omp_get_num_procs());
 #endif
 }

@@ -1,15 +1,34 @@
-// Threads: one model served by many threads through the const inference path, and the library called from
-// inside the caller's own OpenMP parallel region. scripts/test.sh --tsan runs this file under
-// ThreadSanitizer (without OpenMP, whose runtime TSan cannot see into).
+// Threads: one model served by many threads through the const inference path, the library called from
+// inside the caller's own OpenMP parallel region, and lora::set_num_threads. scripts/test.sh --tsan runs
+// this file under ThreadSanitizer (without OpenMP, whose runtime TSan cannot see into).
 #include <lora/lora.hpp>
 
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Stand-ins for a BLAS's thread-count setters: lora::set_num_threads must find them through its weak
+// declarations. Not in a BLAS build, whose real setters they would replace.
+#if defined(LORA_WEAK_BLAS_SETTERS) && !defined(EIGEN_USE_BLAS)
+namespace {
+std::atomic<long> openblas_count{0}, blis_count{0};
+}
+extern "C" void openblas_set_num_threads(int n) { openblas_count = n; }
+extern "C" void bli_thread_set_num_threads(long n) { blis_count = n; }
+#endif
 
 using lora::Index;
 using lora::Matrix;
@@ -143,3 +162,121 @@ TEST_CASE("forward and backward inside the caller's OpenMP parallel region", "[t
   }
 }
 #endif
+
+namespace {
+
+// Puts the thread settings back as they were: the library's default (set_num_threads never called),
+// OpenMP's count for this thread, Eigen following OpenMP.
+struct RestoreThreadSettings {
+#ifdef _OPENMP
+  int omp = omp_get_max_threads();
+#endif
+  ~RestoreThreadSettings() {
+    lora::detail::configured_threads = 0;
+#ifdef _OPENMP
+    omp_set_num_threads(omp);
+#endif
+    Eigen::setNbThreads(0);
+  }
+};
+
+// The OpenMP team sizes the kernels' parallel_for runs with for work big enough for every thread.
+std::set<int> team_sizes_of_big_work() {
+  std::set<int> sizes;
+  std::mutex lock;
+  lora::detail::parallel_for(1 << 20, 1, lora::detail::threads_for(1e300), [&](Index, Index) {
+#ifdef _OPENMP
+    const int size = omp_get_num_threads();
+#else
+    const int size = 1;
+#endif
+    const std::lock_guard<std::mutex> guard(lock);
+    sizes.insert(size);
+  });
+  return sizes;
+}
+
+}  // namespace
+
+TEST_CASE("set_num_threads sets the kernels' thread count in every thread of the program", "[threads]") {
+  const RestoreThreadSettings restore;
+#ifdef _OPENMP
+  // More threads than logical CPUs (allowed), so the count differs from OpenMP's default in other threads.
+  const int n = omp_get_num_procs() + 1;
+#else
+  const int n = 3;
+#endif
+  lora::set_num_threads(n);
+#ifdef _OPENMP
+  CHECK(lora::num_threads() == n);
+  CHECK(lora::detail::threads_for(1e300) == n);
+  CHECK(team_sizes_of_big_work() == std::set<int>{n});
+  CHECK(omp_get_max_threads() == n);
+  CHECK(Eigen::nbThreads() == n);
+  // A thread started afterwards sees the count too (omp_set_num_threads alone would not reach it: it
+  // starts from OpenMP's default).
+  int other_num = 0, other_for = 0;
+  std::set<int> other_sizes;
+  std::thread([&] {
+    other_num = lora::num_threads();
+    other_for = lora::detail::threads_for(1e300);
+    other_sizes = team_sizes_of_big_work();
+  }).join();
+  CHECK(other_num == n);
+  CHECK(other_for == n);
+  CHECK(other_sizes == std::set<int>{n});
+  // Small work still runs on one thread.
+  CHECK(lora::detail::threads_for(1000) == 1);
+  lora::set_num_threads(1);
+  CHECK(lora::num_threads() == 1);
+  CHECK(team_sizes_of_big_work() == std::set<int>{1});
+  CHECK(Eigen::nbThreads() == 1);
+#else
+  CHECK(lora::num_threads() == 1);  // without OpenMP the kernels run on the calling thread
+  CHECK(team_sizes_of_big_work() == std::set<int>{1});
+#endif
+#if defined(LORA_WEAK_BLAS_SETTERS) && !defined(EIGEN_USE_BLAS)
+  lora::set_num_threads(n);
+  CHECK(openblas_count == n);
+  CHECK(blis_count == n);
+#endif
+}
+
+TEST_CASE("set_num_threads refuses a count below 1 and keeps the setting", "[threads]") {
+  const RestoreThreadSettings restore;
+  lora::set_num_threads(1);
+  for (int bad : {0, -1, -64}) {
+    CHECK_THROWS_AS(lora::set_num_threads(bad), std::invalid_argument);
+    CHECK_THROWS_WITH(lora::set_num_threads(bad),
+                      Catch::Contains("set_num_threads") && Catch::Contains("got " + std::to_string(bad)));
+    CHECK(lora::num_threads() == 1);
+  }
+}
+
+TEST_CASE("set_num_threads while other threads run products changes no result", "[threads]") {
+  const RestoreThreadSettings restore;
+  // Products big enough to thread (threads_for's threshold) and small ones, in the const path.
+  lora::LoraConfig c;
+  c.rank = 8;
+  c.init = lora::InitMethod::random;
+  const lora::LoraLinear<float> layer(random_matrix<float>(512, 384, 1), c);
+  const Matrix<float> X = random_matrix<float>(256, 384, 2);
+  lora::InferenceWorkspace<float> serial;
+  const Matrix<float> expected = layer.infer(X, serial);
+  std::atomic<bool> done{false};
+  std::vector<double> worst(3, 0.0);
+  std::vector<std::thread> pool;
+  for (std::size_t t = 0; t < worst.size(); ++t)
+    pool.emplace_back([&, t] {
+      lora::InferenceWorkspace<float> work;
+      for (int i = 0; i < 30; ++i)
+        worst[t] = std::max(worst[t], lora::testing::relative_error(layer.infer(X, work), expected));
+    });
+  std::thread setter([&] {
+    for (int i = 0; !done; i = (i + 1) % 3) lora::set_num_threads(1 + i);
+  });
+  for (std::thread& th : pool) th.join();
+  done = true;
+  setter.join();
+  for (double e : worst) CHECK(e < 1e-5);
+}

@@ -23,3 +23,4 @@
 #include <lora/nn/train.hpp>
 #include <lora/optim.hpp>
 #include <lora/parameter.hpp>
+#include <lora/threads.hpp>

@@ -110,11 +110,7 @@ class MixedBatchForward {
       max_rank = std::max<Index>(max_rank, layer.rank(g.adapter));
       work += static_cast<double>(n) * layer.rank(g.adapter) * static_cast<double>(in + out);
     }
-    int threads = 1;
-#ifdef _OPENMP
-    if (groups.size() >= 2 && work >= parallel_work && !omp_in_parallel())
-      threads = std::min(omp_get_max_threads(), static_cast<int>(groups.size()));
-#endif
+    const int threads = std::max(1, std::min(detail::threads_for(work), static_cast<int>(groups.size())));
     if (static_cast<int>(work_.size()) < threads) work_.resize(static_cast<std::size_t>(threads));
     const Index pack = std::max(detail::kernel::panel_size<Scalar>(max_rank, out), detail::kernel::columns_pack_size<Scalar>());
     for (int t = 0; t < threads; ++t) {
@@ -148,9 +144,6 @@ class MixedBatchForward {
   }
 
  private:
-  // Below this many multiply-adds in the adapter terms, the groups run one after the other.
-  static constexpr double parallel_work = 1 << 20;
-
   struct Workspace {
     MatrixType X, T, U, sBt;
     detail::PackBuffer<Scalar> pack;

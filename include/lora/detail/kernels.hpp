@@ -12,6 +12,7 @@
 #include <lora/common.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <utility>
 
@@ -21,15 +22,35 @@
 
 namespace lora::detail {
 
-// Threads to use for `work` multiply-adds: all of omp_get_max_threads() (so OMP_NUM_THREADS is
-// respected) for big work, fewer for small work, one inside a parallel region.
+// The count lora::set_num_threads stored (0: never called). One for the whole program, read by every
+// thread: omp_set_num_threads, by contrast, sets only the calling thread's count.
+inline std::atomic<int> configured_threads{0};
+
+// The most threads a kernel may use: lora::set_num_threads's count, else the calling thread's
+// omp_get_max_threads() (OMP_NUM_THREADS, omp_set_num_threads); 1 without OpenMP.
+inline int max_threads() {
+#ifdef _OPENMP
+  const int set = configured_threads.load(std::memory_order_relaxed);
+  return set > 0 ? set : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Multiply-adds each thread of a kernel gets at least (about 0.3 ms of one core). A fork and a join cost
+// a few microseconds on a quiet machine; on a busy one, each can wait milliseconds for a thread the
+// scheduler has not run yet (docs/threads.md measures both), so small products stay on one thread.
+constexpr double default_work_per_thread = 1 << 22;
+// The threshold threads_for applies; tests lower it to reach the threaded splits with small shapes.
+inline std::atomic<double> work_per_thread{default_work_per_thread};
+
+// Threads to use for `work` multiply-adds: all of max_threads() for big work, fewer for small work, one
+// inside a parallel region.
 inline int threads_for(double work) {
 #ifdef _OPENMP
   if (omp_in_parallel()) return 1;
-  // Below this, a thread costs more than it saves (a fork and a join of a few microseconds on a quiet
-  // machine, a lost time slice on a busy one).
-  const double per_thread = 262144;
-  const int most = omp_get_max_threads();
+  const double per_thread = work_per_thread.load(std::memory_order_relaxed);
+  const int most = max_threads();
   // Compared in double: work / per_thread exceeds INT_MAX for large products (and is NaN for NaN work).
   const double by_work = work / per_thread;
   if (!(by_work >= 1)) return 1;

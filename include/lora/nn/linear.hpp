@@ -1,7 +1,10 @@
 // lora.hpp: Linear, a plain dense layer y = x W^T + b whose weight and bias can each be trained or frozen.
 #pragma once
 
+#include <lora/base.hpp>
 #include <lora/common.hpp>
+#include <lora/detail/gemm.hpp>
+#include <lora/detail/kernels.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/init.hpp>
 #include <lora/nn/inference.hpp>
@@ -101,6 +104,8 @@ class Linear final : public Module<Scalar> {
   template <class DerivedW>
   Linear(const Eigen::MatrixBase<DerivedW>& W, VectorType b, bool has_bias);
 
+  using ColMajorMap = Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>>;
+
   template <class DerivedB>
   static VectorType to_bias(const char* where, const Eigen::MatrixBase<DerivedB>& b, Index out);
 
@@ -111,6 +116,11 @@ class Linear final : public Module<Scalar> {
   detail::GuardHandle guard_;
   detail::TensorLease weight_lease_{guard_, "weight"}, bias_lease_{guard_, "bias"};
   MatrixType input_, output_, grad_input_, staging_;
+  // The products' packing buffers (kept: a steady-state step allocates nothing). The products run through
+  // the library's kernels, which thread only above threads_for's work threshold; Eigen's own threaded
+  // product forks a team for any product above about 10^5 multiply-adds.
+  BaseWorkspace<Scalar> gemm_;
+  lora::detail::PackBuffer<Scalar> pack_;
   Index cached_rows_ = -1;  // n of the last training forward, -1 when backward is not possible
 };
 
@@ -223,7 +233,7 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::forward(const Input& 
     input_ = x;
   }
   detail::resize_workspace(output_, x.rows(), out_features());
-  output_.noalias() = x * weight_.transpose();
+  lora::detail::gemm_parallel(gemm_.forward, x, ColMajorMap(weight_.data(), in_features(), out_features()), output_);
   if (has_bias_) output_.rowwise() += bias_.transpose();
   cached_rows_ = this->training_ ? X.rows() : -1;
   return output_;
@@ -240,10 +250,14 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input&
     staging_ = dY;
   }
   const Input dy = alias ? Input(staging_) : dY;
-  if (weight_trainable_) grad_weight_.noalias() += dy.transpose() * input_;
+  const Index n = dy.rows(), in = in_features(), out = out_features();
+  if (weight_trainable_)  // grad_W += dY^T X: a rank-n update, dY^T read in place
+    lora::detail::rank_update(lora::detail::in_place_update(out, in, n, dy.data(), Index(1), dy.outerStride(),
+                                                            input_.data(), in, grad_weight_.data(), in),
+                              pack_);
   if (bias_trainable_) grad_bias_.noalias() += dy.colwise().sum().transpose();
-  detail::resize_workspace(grad_input_, dy.rows(), in_features());
-  grad_input_.noalias() = dy * weight_;
+  detail::resize_workspace(grad_input_, n, in);
+  lora::detail::gemm_parallel(gemm_.backward, dy, Eigen::Map<const MatrixType>(weight_.data(), out, in), grad_input_);
   return grad_input_;
 }
 
@@ -255,7 +269,6 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::infer(const Input& X,
   ModuleWorkspace<Scalar>& ws = ctx.next_workspace();
   const Input x = lora::detail::unaliased<Scalar>(X, ws.output, ws.staging);
   lora::detail::resize_workspace(ws.output, x.rows(), out_features());
-  using ColMajorMap = Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>>;
   lora::detail::gemm_parallel(ws.base.forward, x, ColMajorMap(weight_.data(), in_features(), out_features()), ws.output);
   if (has_bias_) ws.output.rowwise() += bias_.transpose();
   return ws.output;
