@@ -36,8 +36,9 @@ namespace lora {
 // ensures:  the library's kernels use at most n threads from now on, in every thread of the program
 //           (omp_set_num_threads only sets the calling thread's count); Eigen::setNbThreads(n);
 //           omp_set_num_threads(n) for the calling thread; the linked BLAS's setter, if any, gets n.
-// Call it between operations. A product already running in another thread keeps the count it started
-// with; the next one uses n. Concurrent calls are serialised.
+// Call it between operations. A product of the library already running in another thread keeps the count
+// it started with; the next one uses n. Concurrent calls are serialised. (Eigen's and the BLAS's counts
+// are theirs: docs/threads.md.)
 inline void set_num_threads(int n) {
   if (n < 1) detail::fail("set_num_threads", "the thread count must be at least 1, got ", n);
   static std::mutex lock;
