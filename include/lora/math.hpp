@@ -106,7 +106,8 @@ void lora_backward(const FrozenBase<Scalar>& base, const std::vector<AdapterTerm
                    const Scalar* dy, Index n, Scalar* dX, BackwardWorkspace<Scalar>& work) {
   using MatrixType = Matrix<Scalar>;
   const Index in = base.in_features(), out = base.out_features(), R = detail::total_rank(terms);
-  LORA_ASSERT(grads.size() == terms.size() && T.rows() == n && T.cols() == R);
+  // T is only read when some adapter is active (R > 0): with none, the forward leaves it as it was.
+  LORA_ASSERT(grads.size() == terms.size() && (R == 0 || (T.rows() == n && T.cols() == R)));
   base.backward_input(dy, n, dX, work.base);  // the one big product: dY W0
   if (R == 0) return;
   detail::stack_scaled_Bt(terms, out, work.scaled_Bt);
