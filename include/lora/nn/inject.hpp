@@ -188,7 +188,6 @@ Injection<Scalar> prepare_injection(const char* where, const nn::Sequential<Scal
     } catch (const std::invalid_argument& e) {
       fail(where, plan.targets[k], ": ", e.what());
     }
-    plan.layers.back()->train(base.training());
   }
   for (const std::string& path : plan.saved) {
     const auto& original = dynamic_cast<const nn::Linear<Scalar>&>(model.module(path));

@@ -57,8 +57,7 @@ class ModulesToSave final : public Module<Scalar> {
       detail::fail(where, "adapter name '", adapter, "' must be non-empty and contain no '.'");
     if (find(adapter)) detail::fail(where, "there is already a copy for adapter '", adapter, "'");
     auto copy = std::make_unique<Linear<Scalar>>(*original_);
-    copy->set_trainable(true);
-    copy->zero_grad();
+    copy->set_trainable(true);  // fresh zero gradients
     copy->train(this->training_);
     copies_.emplace_back(adapter, std::move(copy));
     return *copies_.back().second;
