@@ -1,4 +1,5 @@
 // Transformer building blocks: LayerNorm, RMSNorm, Embedding (with LoRA), TokenBatch.
+#include <lora/nn/attention.hpp>
 #include <lora/nn/embedding.hpp>
 #include <lora/nn/norm.hpp>
 #include <lora/nn/token_batch.hpp>
@@ -224,4 +225,129 @@ TEST_CASE("TokenBatch: padding, lengths, mask and id checks", "[transformer][bat
   CHECK(contains(message_of([] { lora::nn::TokenBatch({}, 10); }), "no sequences"));
   CHECK(contains(message_of([] { lora::nn::TokenBatch({{1}}, 10, 10); }), "pad_id 10"));
   CHECK(contains(message_of([&] { batch.length(3); }), "sequence 3"));
+}
+
+namespace {
+// Attention written out entry by entry (loops, explicit exp-normalisation), to compare with the module.
+Matrix<double> naive_attention(lora::nn::MultiHeadSelfAttention<double>& att, const Matrix<double>& X, Index batch,
+                               Index T, const std::vector<Index>& lengths, Index heads, bool causal) {
+  auto lin = [&](const char* name) -> lora::nn::Linear<double>& {
+    return dynamic_cast<lora::nn::Linear<double>&>(att.child(name));
+  };
+  auto project = [&](lora::nn::Linear<double>& l, const Matrix<double>& in) {
+    Matrix<double> out = in * Matrix<double>(l.weight()).transpose();
+    out.rowwise() += Matrix<double>(l.bias()).transpose().row(0);
+    return out;
+  };
+  const Matrix<double> Q = project(lin("query"), X), K = project(lin("key"), X), V = project(lin("value"), X);
+  const Index H = X.cols(), d = H / heads;
+  Matrix<double> C = Matrix<double>::Zero(X.rows(), H);
+  for (Index b = 0; b < batch; ++b)
+    for (Index h = 0; h < heads; ++h)
+      for (Index i = 0; i < T; ++i) {
+        std::vector<double> w(static_cast<std::size_t>(T), 0.0);
+        double total = 0;
+        for (Index j = 0; j < T; ++j) {
+          if (j >= lengths[static_cast<std::size_t>(b)] || (causal && j > i)) continue;
+          double s = 0;
+          for (Index c = 0; c < d; ++c) s += Q(b * T + i, h * d + c) * K(b * T + j, h * d + c);
+          w[static_cast<std::size_t>(j)] = std::exp(s / std::sqrt(static_cast<double>(d)));
+          total += w[static_cast<std::size_t>(j)];
+        }
+        for (Index j = 0; j < T; ++j)
+          for (Index c = 0; c < d; ++c)
+            C(b * T + i, h * d + c) += w[static_cast<std::size_t>(j)] / total * V(b * T + j, h * d + c);
+      }
+  return project(lin("dense"), C);
+}
+}  // namespace
+
+TEST_CASE("MultiHeadSelfAttention: matches a loop reference with padding, with and without causal mask",
+          "[transformer][attention]") {
+  for (bool causal : {false, true}) {
+    INFO("causal " << causal);
+    lora::nn::MultiHeadSelfAttention<double> att(6, 2, causal, 51);
+    const std::vector<Index> lengths = {4, 2, 3};
+    att.set_layout(3, 4, lengths);
+    const Matrix<double> X = random_matrix<double>(12, 6, 52);
+    const Matrix<double> Y = att.forward(X);
+    CHECK(relative_error(Y, naive_attention(att, X, 3, 4, lengths, 2, causal)) < 1e-13);
+    // Padding rows of X do not reach the real rows' outputs.
+    Matrix<double> X2 = X;
+    X2.row(4 + 2).setConstant(7.0);  // sequence 1, position 2 (padding)
+    X2.row(8 + 3).setConstant(-3.0);  // sequence 2, position 3 (padding)
+    const Matrix<double> Y2 = att.forward(X2);
+    CHECK(relative_error(Y2.topRows(6), Y.topRows(6)) < 1e-15);
+    CHECK(relative_error(Y2.block(8, 0, 3, 6), Y.block(8, 0, 3, 6)) < 1e-15);
+  }
+}
+
+TEST_CASE("MultiHeadSelfAttention: gradient check in double with padding and causal mask",
+          "[transformer][attention][gradcheck]") {
+  for (bool causal : {false, true}) {
+    INFO("causal " << causal);
+    lora::nn::MultiHeadSelfAttention<double> att(4, 2, causal, 61);
+    const lora::nn::TokenBatch tokens({{1, 2, 3}, {4}}, 10);
+    att.set_layout(tokens);
+    // check_module_gradients, except for key.bias: adding a vector to every key shifts each score row by a
+    // constant, which softmax ignores, so its gradient is exactly 0 (checked to be ~0 instead).
+    Matrix<double> X = random_matrix<double>(6, 4, 62);
+    const Matrix<double> R = random_matrix<double>(6, 4, 63);
+    auto loss = [&] { return att.forward(X).cwiseProduct(R).sum(); };
+    att.zero_grad();
+    att.forward(X);
+    const Matrix<double> dX = att.backward(R);
+    CHECK(dX.norm() > 0);
+    CHECK(relative_error(dX, numerical_gradient(X, loss)) < 1e-8);
+    lora::ParameterList<double> params;
+    att.collect_parameters(params, "");
+    REQUIRE(params.size() == 8);
+    for (auto& p : params) {
+      INFO(p.name);
+      const Matrix<double> analytic = p.grad;
+      if (p.name == "key.bias") {
+        CHECK(analytic.norm() < 1e-12);
+        CHECK(numerical_gradient(p.value, loss).norm() < 1e-8);
+        continue;
+      }
+      CHECK(analytic.norm() > 0);
+      CHECK(relative_error(analytic, numerical_gradient(p.value, loss)) < 1e-8);
+    }
+  }
+}
+
+TEST_CASE("MultiHeadSelfAttention: named children, replacement, parameters, errors", "[transformer][attention]") {
+  lora::nn::MultiHeadSelfAttention<double> att(4, 2, false, 71);
+  std::vector<std::string> names;
+  att.for_each_child([&](const std::string& name, lora::nn::Module<double>& m) {
+    names.push_back(name);
+    CHECK(m.type_name() == "Linear");
+  });
+  CHECK(names == std::vector<std::string>{"query", "key", "value", "dense"});
+  lora::ParameterList<double> params;
+  att.collect_parameters(params, "encoder.layer.0.attention.self.");
+  REQUIRE(params.size() == 8);
+  CHECK(params[0].name == "encoder.layer.0.attention.self.query.weight");
+  CHECK(params[7].name == "encoder.layer.0.attention.self.dense.bias");
+  CHECK(att.num_parameters() == 4 * (16 + 4));
+
+  CHECK(contains(message_of([&] { att.forward(Matrix<double>::Zero(2, 4)); }), "no layout"));
+  att.set_layout(1, 2, {2});
+  CHECK(contains(message_of([&] { att.forward(Matrix<double>::Zero(3, 4)); }), "input"));
+  CHECK(contains(message_of([&] { att.backward(Matrix<double>::Zero(2, 4)); }), "no cached forward"));
+  CHECK(contains(message_of([&] { att.set_layout(2, 3, {1, 4}); }), "sequence 1 has length 4"));
+  CHECK(contains(message_of([&] { att.set_layout(2, 3, {1}); }), "expected batch = 2"));
+  CHECK(contains(message_of([&] { att.child("output"); }), "no child 'output'"));
+  CHECK(contains(message_of([&] { att.replace_child("query", std::make_unique<lora::nn::Linear<double>>(4, 3)); }),
+                 "expected 4 -> 4"));
+  CHECK(contains(message_of([] { lora::nn::MultiHeadSelfAttention<double>(5, 2); }), "not divisible"));
+
+  // A replaced child is used: a zero value projection makes the output the dense bias.
+  auto zero = std::make_unique<lora::nn::Linear<double>>(Matrix<double>::Zero(4, 4), Matrix<double>::Zero(4, 1));
+  att.replace_child("value", std::move(zero));
+  const Matrix<double> Y = att.forward(random_matrix<double>(2, 4, 72));
+  const Matrix<double> bias = dynamic_cast<lora::nn::Linear<double>&>(att.child("dense")).bias();
+  CHECK(relative_error(Y.row(0).transpose(), bias) < 1e-15);
+  auto copy = att.clone();
+  CHECK(copy->num_parameters() == att.num_parameters());
 }

@@ -1,0 +1,224 @@
+// lora.hpp: MultiHeadSelfAttention, scaled dot-product self-attention over token rows, with query, key,
+// value and output projections as ordinary child modules (nn::Linear at construction).
+//
+// Layout: the input is [batch * seq_len x hidden], sequence b's position t at row b * seq_len + t (the
+// TokenBatch layout). set_layout() gives the module the batch shape and each sequence's length; keys at
+// positions >= length are padding and get no attention (Hugging Face's attention_mask); with causal = true
+// query t also ignores keys after t. Padded query rows are computed like others (they attend to the real
+// keys), as in Hugging Face; a loss should ignore them.
+//
+// forward: Q = query(X), K = key(X), V = value(X); per sequence b and head h (head width d = hidden / heads)
+//   S = Q_bh K_bh^T / sqrt(d), masked entries excluded, P = softmax over each row, C_bh = P V_bh;
+//   Y = dense(C).
+// backward (per b, h, from dC = dense.backward(dY)):
+//   dP = dC_bh V_bh^T, dV_bh = P^T dC_bh, dS = P .* (dP - rowsum(dP .* P)) / sqrt(d),
+//   dQ_bh = dS K_bh, dK_bh = dS^T Q_bh; dX = query.backward(dQ) + key.backward(dK) + value.backward(dV).
+#pragma once
+
+#include <lora/common.hpp>
+#include <lora/nn/linear.hpp>
+#include <lora/nn/module.hpp>
+#include <lora/nn/token_batch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace lora::nn {
+
+template <class Scalar>
+class MultiHeadSelfAttention final : public Module<Scalar> {
+ public:
+  using typename Module<Scalar>::MatrixType;
+  using typename Module<Scalar>::Input;
+  using ModulePtr = std::unique_ptr<Module<Scalar>>;
+
+  // requires: hidden >= 1, heads >= 1, hidden divisible by heads.
+  // ensures:  four hidden x hidden Linear children with bias, seeded seed, seed+1, seed+2, seed+3.
+  MultiHeadSelfAttention(Index hidden, Index heads, bool causal = false, std::uint64_t seed = 0)
+      : hidden_(hidden), heads_(heads), causal_(causal) {
+    constexpr const char* where = "MultiHeadSelfAttention::MultiHeadSelfAttention";
+    if (hidden < 1 || heads < 1) detail::fail(where, "hidden and heads must be >= 1, got ", hidden, " and ", heads);
+    if (hidden % heads != 0) detail::fail(where, "hidden = ", hidden, " is not divisible by heads = ", heads);
+    children_[0] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed);
+    children_[1] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed + 1);
+    children_[2] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed + 2);
+    children_[3] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed + 3);
+  }
+  MultiHeadSelfAttention(const MultiHeadSelfAttention& other)
+      : Module<Scalar>(other),
+        hidden_(other.hidden_),
+        heads_(other.heads_),
+        causal_(other.causal_),
+        batch_(other.batch_),
+        seq_len_(other.seq_len_),
+        lengths_(other.lengths_) {
+    for (int i = 0; i < 4; ++i) children_[i] = other.children_[i]->clone();
+  }
+  MultiHeadSelfAttention& operator=(const MultiHeadSelfAttention&) = delete;
+  ~MultiHeadSelfAttention() override = default;
+
+  // set_layout(batch, seq_len, lengths)
+  //   requires: batch, seq_len >= 1; lengths has batch entries, each in [1, seq_len].
+  //   ensures:  the next forward() takes batch * seq_len rows. A cached forward is dropped.
+  void set_layout(Index batch, Index seq_len, const std::vector<Index>& lengths) {
+    constexpr const char* where = "MultiHeadSelfAttention::set_layout";
+    if (batch < 1 || seq_len < 1) detail::fail(where, "batch and seq_len must be >= 1, got ", batch, " and ", seq_len);
+    if (static_cast<Index>(lengths.size()) != batch)
+      detail::fail(where, "lengths has ", lengths.size(), " entries, expected batch = ", batch);
+    for (std::size_t b = 0; b < lengths.size(); ++b)
+      if (lengths[b] < 1 || lengths[b] > seq_len)
+        detail::fail(where, "sequence ", b, " has length ", lengths[b], ", expected 1..seq_len = ", seq_len);
+    batch_ = batch;
+    seq_len_ = seq_len;
+    lengths_ = lengths;
+    cached_ = false;
+  }
+  void set_layout(const TokenBatch& tokens) { set_layout(tokens.batch_size(), tokens.seq_len(), tokens.lengths()); }
+
+  const MatrixType& forward(const Input& X) override {
+    constexpr const char* where = "MultiHeadSelfAttention::forward";
+    if (batch_ < 1) detail::fail(where, "no layout: call set_layout() first");
+    detail::require_shape(where, "input", X, batch_ * seq_len_, hidden_);
+    // The projections read X before anything here is written; their outputs are copied (the children's
+    // buffers change with their next forward).
+    q_ = children_[0]->forward(X);
+    k_ = children_[1]->forward(X);
+    v_ = children_[2]->forward(X);
+    const Index T = seq_len_, d = hidden_ / heads_;
+    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(d));
+    detail::resize_workspace(probs_, batch_ * heads_ * T, T);
+    detail::resize_workspace(context_, batch_ * T, hidden_);
+    for (Index b = 0; b < batch_; ++b) {
+      const Index len = lengths_[static_cast<std::size_t>(b)];
+      for (Index h = 0; h < heads_; ++h) {
+        auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
+        P.noalias() = q_.block(b * T, h * d, T, d) * k_.block(b * T, h * d, T, d).transpose();
+        for (Index i = 0; i < T; ++i) {
+          const Index visible = causal_ ? std::min(len, i + 1) : len;
+          auto row = P.row(i);
+          const Scalar m = row.head(visible).maxCoeff() * scale;
+          row.head(visible) = (row.head(visible).array() * scale - m).exp().matrix();
+          row.head(visible) /= row.head(visible).sum();
+          row.tail(T - visible).setZero();
+        }
+        context_.block(b * T, h * d, T, d).noalias() = P * v_.block(b * T, h * d, T, d);
+      }
+    }
+    cached_ = this->training_;
+    return children_[3]->forward(context_);
+  }
+
+  const MatrixType& backward(const Input& dY) override {
+    constexpr const char* where = "MultiHeadSelfAttention::backward";
+    if (!cached_) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    detail::require_shape(where, "grad_output", dY, batch_ * seq_len_, hidden_);
+    const MatrixType& dC = children_[3]->backward(dY);
+    const Index T = seq_len_, d = hidden_ / heads_;
+    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(d));
+    detail::resize_workspace(dq_, batch_ * T, hidden_);
+    detail::resize_workspace(dk_, batch_ * T, hidden_);
+    detail::resize_workspace(dv_, batch_ * T, hidden_);
+    detail::resize_workspace(dp_, T, T);
+    for (Index b = 0; b < batch_; ++b)
+      for (Index h = 0; h < heads_; ++h) {
+        const auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
+        const auto dc = dC.block(b * T, h * d, T, d);
+        dp_.noalias() = dc * v_.block(b * T, h * d, T, d).transpose();
+        dv_.block(b * T, h * d, T, d).noalias() = P.transpose() * dc;
+        for (Index i = 0; i < T; ++i) {
+          const Scalar dot = dp_.row(i).dot(P.row(i));
+          dp_.row(i) = (P.row(i).array() * (dp_.row(i).array() - dot) * scale).matrix();
+        }
+        dq_.block(b * T, h * d, T, d).noalias() = dp_ * k_.block(b * T, h * d, T, d);
+        dk_.block(b * T, h * d, T, d).noalias() = dp_.transpose() * q_.block(b * T, h * d, T, d);
+      }
+    detail::resize_workspace(grad_input_, batch_ * T, hidden_);
+    grad_input_ = children_[0]->backward(dq_);
+    grad_input_ += children_[1]->backward(dk_);
+    grad_input_ += children_[2]->backward(dv_);
+    return grad_input_;
+  }
+
+  void zero_grad() override {
+    for (auto& c : children_) c->zero_grad();
+  }
+  void train(bool on = true) override {
+    Module<Scalar>::train(on);
+    for (auto& c : children_) c->train(on);
+    if (!on) cached_ = false;
+  }
+  void set_requires_grad(bool on) override {
+    for (auto& c : children_) c->set_requires_grad(on);
+  }
+
+  // Children, in order, under Hugging Face's names: "query", "key", "value", "dense" (BERT's
+  // attention.output.dense).
+  static const char* child_name(int i) {
+    static const char* names[4] = {"query", "key", "value", "dense"};
+    return names[i];
+  }
+  void for_each_child(const std::function<void(const std::string&, Module<Scalar>&)>& fn) {
+    for (int i = 0; i < 4; ++i) fn(child_name(i), *children_[i]);
+  }
+  Module<Scalar>& child(const std::string& name) { return *children_[index_of("MultiHeadSelfAttention::child", name)]; }
+  // replace_child(name, module)
+  //   requires: name is one of the children; module non-null with in_features = out_features = hidden.
+  //   ensures:  the child is replaced (e.g. a Linear by a LoRA layer over it); the cached forward is dropped.
+  void replace_child(const std::string& name, ModulePtr module) {
+    constexpr const char* where = "MultiHeadSelfAttention::replace_child";
+    const int i = index_of(where, name);
+    if (!module) detail::fail(where, "the replacement for '", name, "' is null");
+    if (module->in_features() != hidden_ || module->out_features() != hidden_)
+      detail::fail(where, "the replacement for '", name, "' is ", module->in_features(), " -> ", module->out_features(),
+                   ", expected ", hidden_, " -> ", hidden_);
+    module->train(this->training_);
+    children_[i] = std::move(module);
+    cached_ = false;
+  }
+
+  // Children's parameters as "<prefix><child>.<name>".
+  void collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) override {
+    for (int i = 0; i < 4; ++i) children_[i]->collect_parameters(out, prefix + child_name(i) + ".");
+  }
+  Index num_parameters() const override {
+    Index n = 0;
+    for (const auto& c : children_) n += c->num_parameters();
+    return n;
+  }
+  Index num_trainable_parameters() const override {
+    Index n = 0;
+    for (const auto& c : children_) n += c->num_trainable_parameters();
+    return n;
+  }
+  Index in_features() const override { return hidden_; }
+  Index out_features() const override { return hidden_; }
+  Index heads() const { return heads_; }
+  bool causal() const { return causal_; }
+  std::string type_name() const override { return "MultiHeadSelfAttention"; }
+  std::string describe() const override {
+    return detail::concat("MultiHeadSelfAttention(hidden=", hidden_, ", heads=", heads_, causal_ ? ", causal" : "", ")");
+  }
+  std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<MultiHeadSelfAttention>(*this); }
+
+ private:
+  int index_of(const char* where, const std::string& name) const {
+    for (int i = 0; i < 4; ++i)
+      if (name == child_name(i)) return i;
+    detail::fail(where, "no child '", name, "' (children: query, key, value, dense)");
+  }
+
+  Index hidden_, heads_;
+  bool causal_;
+  ModulePtr children_[4];
+  Index batch_ = 0, seq_len_ = 0;
+  std::vector<Index> lengths_;
+  bool cached_ = false;
+  MatrixType q_, k_, v_, probs_, context_, dq_, dk_, dv_, dp_, grad_input_;
+};
+
+}  // namespace lora::nn
