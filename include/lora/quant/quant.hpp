@@ -8,8 +8,7 @@
 // (total not a multiple of the block size) is shorter; an odd total leaves the last low nibble 0.
 // Double quantization (bnb_4bit_use_double_quant): the float absmax values minus their mean (`offset`)
 // are quantized to 8-bit codes in blocks of `absmax_block_size` (256), each with its own float absmax2,
-// against bitsandbytes' signed dynamic map (create_dynamic_map(signed=True, 7 exponent bits, 8 bits),
-// evaluated here in double and rounded to float); nearest value, ties to the lower code.
+// against bitsandbytes' signed dynamic map (its 256 float32 values); nearest value, ties to the lower code.
 // Storage: 4 + 8/64 + 32/(64*256) = 4.127 bits per weight (4.5 without double quantization).
 // int8 (LLM.int8's vector-wise form, no outlier split): one absmax s per output row, q = rint(127 w / s)
 // (round half to even), w' = q s / 127.
@@ -41,28 +40,53 @@ inline const std::array<float, 16>& nf4_levels() {
   return t;
 }
 
-// bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), sorted ascending.
+// bitsandbytes' signed 8-bit dynamic map as its nested (double) quantization uses it: the float32 values of
+// QuantState.state2.code in bitsandbytes 0.47 (create_dynamic_map(signed=True), ascending, lowest entry -1).
 inline const std::array<float, 256>& dynamic_map() {
-  static const std::array<float, 256> t = [] {
-    std::vector<double> d;
-    for (int i = 0; i < 7; ++i) {
-      const int items = (1 << i) + 1;
-      const double scale = std::pow(10.0, -6 + i);
-      for (int j = 0; j + 1 < items; ++j) {
-        const double b0 = 0.1 + 0.9 * j / (items - 1), b1 = 0.1 + 0.9 * (j + 1) / (items - 1);
-        const double mean = (b0 + b1) / 2.0;
-        d.push_back(scale * mean);
-        d.push_back(-scale * mean);
-      }
-    }
-    d.push_back(0.0);
-    d.push_back(1.0);
-    LORA_ASSERT(d.size() == 256);
-    std::sort(d.begin(), d.end());
-    std::array<float, 256> r{};
-    for (std::size_t i = 0; i < 256; ++i) r[i] = static_cast<float>(d[i]);
-    return r;
-  }();
+  static const std::array<float, 256> t = {
+      -1.0f, -0.9789062738418579f, -0.96484375f, -0.9507812261581421f, -0.936718761920929f, -0.922656238079071f,
+      -0.9085937738418579f, -0.89453125f, -0.8804687261581421f, -0.866406261920929f, -0.852343738079071f, -0.8382812738418579f,
+      -0.82421875f, -0.8101562261581421f, -0.796093761920929f, -0.782031238079071f, -0.7679687738418579f, -0.75390625f,
+      -0.7398437261581421f, -0.725781261920929f, -0.7117187976837158f, -0.6976562738418579f, -0.68359375f, -0.6695312261581421f,
+      -0.655468761920929f, -0.6414062976837158f, -0.6273437738418579f, -0.61328125f, -0.5992187261581421f, -0.585156261920929f,
+      -0.5710937976837158f, -0.5570312738418579f, -0.54296875f, -0.5289062261581421f, -0.5148437023162842f, -0.500781238079071f,
+      -0.48671871423721313f, -0.47265625f, -0.4585937261581421f, -0.44453126192092896f, -0.43046873807907104f, -0.4164062440395355f,
+      -0.40234375f, -0.3882812261581421f, -0.37421876192092896f, -0.36015623807907104f, -0.3460937440395355f, -0.33203125f,
+      -0.3179687261581421f, -0.30390626192092896f, -0.28984373807907104f, -0.2757812738418579f, -0.26171875f, -0.24765624105930328f,
+      -0.23359374701976776f, -0.21953125298023224f, -0.20546874403953552f, -0.19140625f, -0.17734375596046448f, -0.16328124701976776f,
+      -0.14921875298023224f, -0.13515624403953552f, -0.12109375f, -0.10703125596046448f, -0.09859374910593033f, -0.09578125923871994f,
+      -0.09296875447034836f, -0.09015624970197678f, -0.08734375238418579f, -0.08453124761581421f, -0.08171875774860382f, -0.07890625298023224f,
+      -0.07609374821186066f, -0.07328125089406967f, -0.07046874612569809f, -0.0676562562584877f, -0.06484375149011612f, -0.062031250447034836f,
+      -0.05921875312924385f, -0.05640624836087227f, -0.053593751043081284f, -0.05078125f, -0.047968748956918716f, -0.04515625163912773f,
+      -0.04234374687075615f, -0.039531249552965164f, -0.03671875223517418f, -0.033906251192092896f, -0.031093750149011612f, -0.028281250968575478f,
+      -0.025468749925494194f, -0.02265625074505806f, -0.019843751564621925f, -0.017031250521540642f, -0.014218750409781933f, -0.011406250298023224f,
+      -0.009718749672174454f, -0.009156249463558197f, -0.008593750186264515f, -0.008031249977648258f, -0.0074687497690320015f, -0.006906250026077032f,
+      -0.006343749817460775f, -0.005781250074505806f, -0.0052187503315508366f, -0.0046562496572732925f, -0.004093749914318323f, -0.0035312497057020664f,
+      -0.002968749962747097f, -0.002406249986961484f, -0.001843750011175871f, -0.001281249918974936f, -0.0009437500848434865f, -0.0008312499849125743f,
+      -0.0007187500596046448f, -0.0006062500760890543f, -0.000493750034365803f, -0.0003812500217463821f, -0.0002687500382307917f, -0.00015625001105945557f,
+      -8.874999912222847e-05f, -6.625000241911039e-05f, -4.374999844003469e-05f, -2.1249998098937795e-05f, -7.749999895168003e-06f, -3.250000190746505e-06f,
+      -5.500000384017767e-07f, 0.0f, 5.500000384017767e-07f, 3.250000190746505e-06f, 7.749999895168003e-06f, 2.1249998098937795e-05f,
+      4.374999844003469e-05f, 6.625000241911039e-05f, 8.874999912222847e-05f, 0.00015625001105945557f, 0.0002687500382307917f, 0.0003812500217463821f,
+      0.000493750034365803f, 0.0006062500760890543f, 0.0007187500596046448f, 0.0008312499849125743f, 0.0009437500848434865f, 0.001281249918974936f,
+      0.001843750011175871f, 0.002406249986961484f, 0.002968749962747097f, 0.0035312497057020664f, 0.004093749914318323f, 0.0046562496572732925f,
+      0.0052187503315508366f, 0.005781250074505806f, 0.006343749817460775f, 0.006906250026077032f, 0.0074687497690320015f, 0.008031249977648258f,
+      0.008593750186264515f, 0.009156249463558197f, 0.009718749672174454f, 0.011406250298023224f, 0.014218750409781933f, 0.017031250521540642f,
+      0.019843751564621925f, 0.02265625074505806f, 0.025468749925494194f, 0.028281250968575478f, 0.031093750149011612f, 0.033906251192092896f,
+      0.03671875223517418f, 0.039531249552965164f, 0.04234374687075615f, 0.04515625163912773f, 0.047968748956918716f, 0.05078125f,
+      0.053593751043081284f, 0.05640624836087227f, 0.05921875312924385f, 0.062031250447034836f, 0.06484375149011612f, 0.0676562562584877f,
+      0.07046874612569809f, 0.07328125089406967f, 0.07609374821186066f, 0.07890625298023224f, 0.08171875774860382f, 0.08453124761581421f,
+      0.08734375238418579f, 0.09015624970197678f, 0.09296875447034836f, 0.09578125923871994f, 0.09859374910593033f, 0.10703125596046448f,
+      0.12109375f, 0.13515624403953552f, 0.14921875298023224f, 0.16328124701976776f, 0.17734375596046448f, 0.19140625f,
+      0.20546874403953552f, 0.21953125298023224f, 0.23359374701976776f, 0.24765624105930328f, 0.26171875f, 0.2757812738418579f,
+      0.28984373807907104f, 0.30390626192092896f, 0.3179687261581421f, 0.33203125f, 0.3460937440395355f, 0.36015623807907104f,
+      0.37421876192092896f, 0.3882812261581421f, 0.40234375f, 0.4164062440395355f, 0.43046873807907104f, 0.44453126192092896f,
+      0.4585937261581421f, 0.47265625f, 0.48671871423721313f, 0.500781238079071f, 0.5148437023162842f, 0.5289062261581421f,
+      0.54296875f, 0.5570312738418579f, 0.5710937976837158f, 0.585156261920929f, 0.5992187261581421f, 0.61328125f,
+      0.6273437738418579f, 0.6414062976837158f, 0.655468761920929f, 0.6695312261581421f, 0.68359375f, 0.6976562738418579f,
+      0.7117187976837158f, 0.725781261920929f, 0.7398437261581421f, 0.75390625f, 0.7679687738418579f, 0.782031238079071f,
+      0.796093761920929f, 0.8101562261581421f, 0.82421875f, 0.8382812738418579f, 0.852343738079071f, 0.866406261920929f,
+      0.8804687261581421f, 0.89453125f, 0.9085937738418579f, 0.922656238079071f, 0.936718761920929f, 0.9507812261581421f,
+      0.96484375f, 0.9789062738418579f, 0.992968738079071f, 1.0f};
   return t;
 }
 
@@ -290,7 +314,7 @@ class QuantizedBase final : public FrozenBase<Scalar> {
     const Index in = this->in_features(), out = this->out_features();
     const double flops = static_cast<double>(n) * static_cast<double>(in) * static_cast<double>(out);
     lora::detail::parallel_for(out, 1, lora::detail::threads_for(flops), [&](Index r0, Index r1) {
-      float acc[small_batch];
+      Scalar acc[small_batch];
       for (Index r = r0; r < r1; ++r) {
         for (Index k = 0; k < n; ++k) acc[k] = 0;
         row_dot(r, X, n, acc);
@@ -299,16 +323,17 @@ class QuantizedBase final : public FrozenBase<Scalar> {
     });
   }
 
-  // acc[k] = sum_j X[k, j] W0[r, j], reading row r's codes once.
-  void row_dot(Index r, const Scalar* X, Index n, float* acc) const {
+  // acc[k] = sum_j X[k, j] W0[r, j], reading row r's codes once; accumulated in Scalar (float for a float
+  // model), so a double model's products are exact up to double rounding.
+  void row_dot(Index r, const Scalar* X, Index n, Scalar* acc) const {
     const Index in = this->in_features();
     if (q_.format == Format::int8) {
       const std::int8_t* c = reinterpret_cast<const std::int8_t*>(q_.codes.data()) + r * in;
       for (Index k = 0; k < n; ++k) {
         const Scalar* x = X + k * in;
-        float s = 0;
-        for (Index j = 0; j < in; ++j) s += static_cast<float>(c[j]) * static_cast<float>(x[j]);
-        acc[k] = s * (q_.absmax[static_cast<std::size_t>(r)] / 127.0f);
+        Scalar s = 0;
+        for (Index j = 0; j < in; ++j) s += static_cast<Scalar>(c[j]) * x[j];
+        acc[k] = s * static_cast<Scalar>(q_.absmax[static_cast<std::size_t>(r)] / 127.0f);
       }
       return;
     }
@@ -318,13 +343,13 @@ class QuantizedBase final : public FrozenBase<Scalar> {
     while (i < end) {
       const Index b = i / bs, stop = std::min(end, (b + 1) * bs);
       const float a = q_.block_absmax(b);
-      float part[small_batch] = {};
+      Scalar part[small_batch] = {};
       for (; i < stop; ++i) {
         const std::uint8_t byte = q_.codes[static_cast<std::size_t>(i / 2)];
-        const float w = lv[(i & 1) ? (byte & 0xF) : (byte >> 4)];
-        for (Index k = 0; k < n; ++k) part[k] += w * static_cast<float>(X[k * in + (i - begin)]);
+        const Scalar w = static_cast<Scalar>(lv[(i & 1) ? (byte & 0xF) : (byte >> 4)]);
+        for (Index k = 0; k < n; ++k) part[k] += w * X[k * in + (i - begin)];
       }
-      for (Index k = 0; k < n; ++k) acc[k] += part[k] * a;
+      for (Index k = 0; k < n; ++k) acc[k] += part[k] * static_cast<Scalar>(a);
     }
   }
 
