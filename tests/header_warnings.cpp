@@ -14,5 +14,13 @@ int main() {
   layer.forward(X);
   layer.unmerge();
   lora::LoraLineard layer_d(W.cast<double>(), config);
+  // The transformer building blocks, instantiated in float so that narrowing shows.
+  lora::nn::LayerNorm<float> norm(6);
+  lora::nn::RMSNorm<float> rms(6);
+  norm.backward(rms.backward(rms.forward(norm.forward(X))));
+  lora::nn::TokenBatch batch({{1, 2, 3}, {4}}, 10);
+  lora::nn::Embedding<float> embedding(10, 6);
+  embedding.add_lora(2, 4.0);
+  embedding.backward(embedding.forward(batch.ids()));
   return layer_d.forward(X.cast<double>()).allFinite() ? 0 : 1;
 }

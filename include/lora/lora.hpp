@@ -13,13 +13,16 @@
 #include <lora/nn/activation.hpp>
 #include <lora/nn/adapters.hpp>
 #include <lora/nn/config.hpp>
+#include <lora/nn/embedding.hpp>
 #include <lora/nn/inject.hpp>
 #include <lora/nn/linear.hpp>
 #include <lora/nn/lora_layer.hpp>
 #include <lora/nn/loss.hpp>
 #include <lora/nn/module.hpp>
 #include <lora/nn/modules_to_save.hpp>
+#include <lora/nn/norm.hpp>
 #include <lora/nn/sequential.hpp>
+#include <lora/nn/token_batch.hpp>
 #include <lora/nn/train.hpp>
 #include <lora/optim.hpp>
 #include <lora/parameter.hpp>
