@@ -36,7 +36,8 @@ std::shared_ptr<const DenseBase<Scalar>> merge_and_dequantize(const LoraLinear<S
 struct RequantizeReport {
   double weight_change = 0;     // ||W0'q - W0'||_F / ||W0'||_F (requantized vs exact merged weight)
   double output_change = 0;     // ||Y_q - Y||_F / ||Y||_F on the probe, Y = X W0'^T, Y_q = X W0'q^T
-  double delta_retained = 0;    // ||W0'q - W0q||_F / ||W0' - W0q||_F: how much of the delta survives
+  double delta_retained = 0;    // <W0'q - W0q, D> / ||D||_F^2, D = W0' - W0q: the share of the delta that survives
+                                // in its own direction (1: all of it, 0: none)
 };
 
 template <class Scalar>
@@ -66,8 +67,9 @@ Requantized<Scalar> merge_and_requantize(const LoraLinear<Scalar>& layer, const 
   r.report.weight_change = static_cast<double>((Wq - W).norm() / W.norm());
   const Matrix<Scalar> Y = X * W.transpose(), Yq = X * Wq.transpose();
   r.report.output_change = static_cast<double>((Yq - Y).norm() / Y.norm());
-  const double d = static_cast<double>((W - W0).norm());
-  r.report.delta_retained = d > 0 ? static_cast<double>((Wq - W0).norm()) / d : 0.0;
+  const Matrix<Scalar> delta = W - W0;
+  const double d2 = static_cast<double>(delta.squaredNorm());
+  r.report.delta_retained = d2 > 0 ? static_cast<double>((Wq - W0).cwiseProduct(delta).sum()) / d2 : 0.0;
   Vector<Scalar> b = qb->has_bias() ? Vector<Scalar>(qb->bias()) : Vector<Scalar>();
   r.base = make_quantized_base<Scalar>(std::move(q), std::move(b));
   return r;

@@ -161,7 +161,8 @@ struct QuantizedWeight {
     }
   }
   std::size_t bytes() const {
-    return codes.size() + absmax.size() * 4 + qabsmax.size() + absmax2.size() * 4 + (options.double_quant ? 4 : 0);
+    return codes.size() + absmax.size() * 4 + qabsmax.size() + absmax2.size() * 4 +
+           (format == Format::nf4 && options.double_quant ? 4 : 0);
   }
 };
 
@@ -331,9 +332,10 @@ class QuantizedBase final : public FrozenBase<Scalar> {
       const std::int8_t* c = reinterpret_cast<const std::int8_t*>(q_.codes.data()) + r * in;
       for (Index k = 0; k < n; ++k) {
         const Scalar* x = X + k * in;
+        const float scale = q_.absmax[static_cast<std::size_t>(r)] / 127.0f;
         Scalar s = 0;
-        for (Index j = 0; j < in; ++j) s += static_cast<Scalar>(c[j]) * x[j];
-        acc[k] = s * static_cast<Scalar>(q_.absmax[static_cast<std::size_t>(r)] / 127.0f);
+        for (Index j = 0; j < in; ++j) s += static_cast<Scalar>(static_cast<float>(c[j]) * scale) * x[j];
+        acc[k] = s;
       }
       return;
     }
@@ -343,13 +345,13 @@ class QuantizedBase final : public FrozenBase<Scalar> {
     while (i < end) {
       const Index b = i / bs, stop = std::min(end, (b + 1) * bs);
       const float a = q_.block_absmax(b);
-      Scalar part[small_batch] = {};
       for (; i < stop; ++i) {
+        // The weight exactly as dequantize_rows makes it (a float product), so every path multiplies by
+        // the same W0.
         const std::uint8_t byte = q_.codes[static_cast<std::size_t>(i / 2)];
-        const Scalar w = static_cast<Scalar>(lv[(i & 1) ? (byte & 0xF) : (byte >> 4)]);
-        for (Index k = 0; k < n; ++k) part[k] += w * X[k * in + (i - begin)];
+        const Scalar w = static_cast<Scalar>(lv[(i & 1) ? (byte & 0xF) : (byte >> 4)] * a);
+        for (Index k = 0; k < n; ++k) acc[k] += w * X[k * in + (i - begin)];
       }
-      for (Index k = 0; k < n; ++k) acc[k] += part[k] * static_cast<Scalar>(a);
     }
   }
 
