@@ -14,6 +14,13 @@ int main() {
   layer.forward(X);
   layer.unmerge();
   lora::LoraLineard layer_d(W.cast<double>(), config);
+  // A LoRA layer over an NF4 base, and the merge helpers.
+  lora::LoraLinearf quantized(lora::quant::make_quantized_base<float>(lora::quant::quantize_nf4(W)), config);
+  quantized.backward(quantized.forward(X));
+  const auto exported = lora::quant::merge_and_dequantize(quantized);
+  const auto requantized = lora::quant::merge_and_requantize(quantized, X);
+  lora::LoraLineard quantized_d(lora::quant::make_quantized_base<double>(lora::quant::quantize_int8(W)), config);
+  quantized_d.forward(X.cast<double>());
   // The transformer building blocks, instantiated in float so that narrowing shows.
   lora::nn::LayerNorm<float> norm(6);
   lora::nn::RMSNorm<float> rms(6);

@@ -124,6 +124,39 @@ TEMPLATE_TEST_CASE("steady-state forward and backward do not allocate", "[alloc]
 #endif
 }
 
+TEMPLATE_TEST_CASE("steady-state LoRA over a quantized base does not allocate", "[alloc][quant]", float, double) {
+#ifndef LORA_TEST_COUNTS_MALLOC
+  SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");
+#else
+  using Scalar = TestType;
+  const Index n = GENERATE(1, 8, 64);
+  const bool int8 = GENERATE(false, true);
+  const int threads = GENERATE(1, 2);
+  CAPTURE(n, int8, threads);
+  const lora::testing::ThreadSmallWork small_work;
+  const int saved_threads = lora::num_threads();
+  lora::set_num_threads(threads);
+  const Matrix<float> W = Matrix<float>::Random(200, 136);
+  lora::LoraConfig config;
+  config.rank = 8;
+  config.init = lora::InitMethod::random;
+  lora::LoraLinear<Scalar> layer(
+      lora::quant::make_quantized_base<Scalar>(int8 ? lora::quant::quantize_int8(W) : lora::quant::quantize_nf4(W)), config);
+  const Matrix<Scalar> X = Matrix<Scalar>::Random(n, 136), dY = Matrix<Scalar>::Random(n, 200);
+  auto step = [&] {
+    layer.forward(X);
+    layer.backward(dY);
+  };
+  step();  // first calls size the workspaces
+  step();
+  const long before = allocation_count();
+  for (int i = 0; i < 3; ++i) step();
+  const long allocations = allocation_count() - before;
+  lora::set_num_threads(saved_threads);
+  CHECK(allocations == 0);
+#endif
+}
+
 TEMPLATE_TEST_CASE("steady-state nn::Linear forward and backward do not allocate", "[alloc][nn]", float, double) {
 #ifndef LORA_TEST_COUNTS_MALLOC
   SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");

@@ -22,6 +22,8 @@ namespace lora {
 template <class Scalar>
 struct BaseWorkspace {
   detail::GemmBuffers<Scalar> forward, backward;
+  // A quantized base's dequantized tile of W0 rows (lora/quant/quant.hpp), kept at its size.
+  Matrix<Scalar> tile;
 };
 
 template <class Scalar>

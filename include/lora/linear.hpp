@@ -866,6 +866,11 @@ DenseBase<Scalar>* LoraLinear<Scalar>::exclusive_dense_base() const {
 template <class Scalar>
 bool LoraLinear<Scalar>::prepare_merge(const char* where) {
   if (merged_) detail::fail(where, "the layer is already merged");
+  if (!base_->dense_weight())
+    detail::fail(where, "the base (", base_->describe(),
+                 ") is not stored as dense values: a quantized base cannot take the delta (a delta smaller than "
+                 "the quantization step is lost and the merged model would silently behave like the base); "
+                 "export a dense copy with quant::merge_and_dequantize instead");
   cancel_merge();
   PreparedMerge p;
   active_terms(p.terms);

@@ -26,4 +26,6 @@
 #include <lora/nn/train.hpp>
 #include <lora/optim.hpp>
 #include <lora/parameter.hpp>
+#include <lora/quant/merge.hpp>
+#include <lora/quant/quant.hpp>
 #include <lora/threads.hpp>

@@ -1,0 +1,369 @@
+// lora.hpp: a quantized frozen base (QLoRA): NF4 with optional double quantization, and int8.
+//
+// NF4 (QLoRA, bitsandbytes' bnb_4bit_quant_type="nf4"): W0 [out x in] is read row-major as one flat
+// sequence, cut into blocks of `block_size` (64) weights; each block keeps absmax = max |w| and a 4-bit
+// code per weight, the index of the nearest of the 16 NormalFloat levels to w / absmax (a value exactly on
+// a midpoint takes the lower level, as bitsandbytes' decision tree does). Two codes per byte: the first
+// element of a pair in the high nibble, the second in the low nibble (bitsandbytes' order). A tail block
+// (total not a multiple of the block size) is shorter; an odd total leaves the last low nibble 0.
+// Double quantization (bnb_4bit_use_double_quant): the float absmax values minus their mean (`offset`)
+// are quantized to 8-bit codes in blocks of `absmax_block_size` (256), each with its own float absmax2,
+// against bitsandbytes' signed dynamic map (its 256 float32 values); nearest value, ties to the lower code.
+// Storage: 4 + 8/64 + 32/(64*256) = 4.127 bits per weight (4.5 without double quantization).
+// int8 (LLM.int8's vector-wise form, no outlier split): one absmax s per output row, q = rint(127 w / s)
+// (round half to even), w' = q s / 127.
+// Dequantization is in float: w' = level[code] * absmax, absmax = dyn[q] * absmax2 + offset.
+#pragma once
+
+#include <lora/base.hpp>
+#include <lora/detail/kernels.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace lora::quant {
+
+enum class Format { nf4, int8 };
+
+inline const char* format_name(Format f) { return f == Format::nf4 ? "nf4" : "int8"; }
+
+// bitsandbytes' NF4 table (functional.py, get_4bit_type("nf4")).
+inline const std::array<float, 16>& nf4_levels() {
+  static const std::array<float, 16> t = {
+      -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+      -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+      0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+      0.7229568362236023f, 1.0f};
+  return t;
+}
+
+// bitsandbytes' signed 8-bit dynamic map as its nested (double) quantization uses it: the float32 values of
+// QuantState.state2.code in bitsandbytes 0.47 (create_dynamic_map(signed=True), ascending, lowest entry -1).
+inline const std::array<float, 256>& dynamic_map() {
+  static const std::array<float, 256> t = {
+      -1.0f, -0.9789062738418579f, -0.96484375f, -0.9507812261581421f, -0.936718761920929f, -0.922656238079071f,
+      -0.9085937738418579f, -0.89453125f, -0.8804687261581421f, -0.866406261920929f, -0.852343738079071f, -0.8382812738418579f,
+      -0.82421875f, -0.8101562261581421f, -0.796093761920929f, -0.782031238079071f, -0.7679687738418579f, -0.75390625f,
+      -0.7398437261581421f, -0.725781261920929f, -0.7117187976837158f, -0.6976562738418579f, -0.68359375f, -0.6695312261581421f,
+      -0.655468761920929f, -0.6414062976837158f, -0.6273437738418579f, -0.61328125f, -0.5992187261581421f, -0.585156261920929f,
+      -0.5710937976837158f, -0.5570312738418579f, -0.54296875f, -0.5289062261581421f, -0.5148437023162842f, -0.500781238079071f,
+      -0.48671871423721313f, -0.47265625f, -0.4585937261581421f, -0.44453126192092896f, -0.43046873807907104f, -0.4164062440395355f,
+      -0.40234375f, -0.3882812261581421f, -0.37421876192092896f, -0.36015623807907104f, -0.3460937440395355f, -0.33203125f,
+      -0.3179687261581421f, -0.30390626192092896f, -0.28984373807907104f, -0.2757812738418579f, -0.26171875f, -0.24765624105930328f,
+      -0.23359374701976776f, -0.21953125298023224f, -0.20546874403953552f, -0.19140625f, -0.17734375596046448f, -0.16328124701976776f,
+      -0.14921875298023224f, -0.13515624403953552f, -0.12109375f, -0.10703125596046448f, -0.09859374910593033f, -0.09578125923871994f,
+      -0.09296875447034836f, -0.09015624970197678f, -0.08734375238418579f, -0.08453124761581421f, -0.08171875774860382f, -0.07890625298023224f,
+      -0.07609374821186066f, -0.07328125089406967f, -0.07046874612569809f, -0.0676562562584877f, -0.06484375149011612f, -0.062031250447034836f,
+      -0.05921875312924385f, -0.05640624836087227f, -0.053593751043081284f, -0.05078125f, -0.047968748956918716f, -0.04515625163912773f,
+      -0.04234374687075615f, -0.039531249552965164f, -0.03671875223517418f, -0.033906251192092896f, -0.031093750149011612f, -0.028281250968575478f,
+      -0.025468749925494194f, -0.02265625074505806f, -0.019843751564621925f, -0.017031250521540642f, -0.014218750409781933f, -0.011406250298023224f,
+      -0.009718749672174454f, -0.009156249463558197f, -0.008593750186264515f, -0.008031249977648258f, -0.0074687497690320015f, -0.006906250026077032f,
+      -0.006343749817460775f, -0.005781250074505806f, -0.0052187503315508366f, -0.0046562496572732925f, -0.004093749914318323f, -0.0035312497057020664f,
+      -0.002968749962747097f, -0.002406249986961484f, -0.001843750011175871f, -0.001281249918974936f, -0.0009437500848434865f, -0.0008312499849125743f,
+      -0.0007187500596046448f, -0.0006062500760890543f, -0.000493750034365803f, -0.0003812500217463821f, -0.0002687500382307917f, -0.00015625001105945557f,
+      -8.874999912222847e-05f, -6.625000241911039e-05f, -4.374999844003469e-05f, -2.1249998098937795e-05f, -7.749999895168003e-06f, -3.250000190746505e-06f,
+      -5.500000384017767e-07f, 0.0f, 5.500000384017767e-07f, 3.250000190746505e-06f, 7.749999895168003e-06f, 2.1249998098937795e-05f,
+      4.374999844003469e-05f, 6.625000241911039e-05f, 8.874999912222847e-05f, 0.00015625001105945557f, 0.0002687500382307917f, 0.0003812500217463821f,
+      0.000493750034365803f, 0.0006062500760890543f, 0.0007187500596046448f, 0.0008312499849125743f, 0.0009437500848434865f, 0.001281249918974936f,
+      0.001843750011175871f, 0.002406249986961484f, 0.002968749962747097f, 0.0035312497057020664f, 0.004093749914318323f, 0.0046562496572732925f,
+      0.0052187503315508366f, 0.005781250074505806f, 0.006343749817460775f, 0.006906250026077032f, 0.0074687497690320015f, 0.008031249977648258f,
+      0.008593750186264515f, 0.009156249463558197f, 0.009718749672174454f, 0.011406250298023224f, 0.014218750409781933f, 0.017031250521540642f,
+      0.019843751564621925f, 0.02265625074505806f, 0.025468749925494194f, 0.028281250968575478f, 0.031093750149011612f, 0.033906251192092896f,
+      0.03671875223517418f, 0.039531249552965164f, 0.04234374687075615f, 0.04515625163912773f, 0.047968748956918716f, 0.05078125f,
+      0.053593751043081284f, 0.05640624836087227f, 0.05921875312924385f, 0.062031250447034836f, 0.06484375149011612f, 0.0676562562584877f,
+      0.07046874612569809f, 0.07328125089406967f, 0.07609374821186066f, 0.07890625298023224f, 0.08171875774860382f, 0.08453124761581421f,
+      0.08734375238418579f, 0.09015624970197678f, 0.09296875447034836f, 0.09578125923871994f, 0.09859374910593033f, 0.10703125596046448f,
+      0.12109375f, 0.13515624403953552f, 0.14921875298023224f, 0.16328124701976776f, 0.17734375596046448f, 0.19140625f,
+      0.20546874403953552f, 0.21953125298023224f, 0.23359374701976776f, 0.24765624105930328f, 0.26171875f, 0.2757812738418579f,
+      0.28984373807907104f, 0.30390626192092896f, 0.3179687261581421f, 0.33203125f, 0.3460937440395355f, 0.36015623807907104f,
+      0.37421876192092896f, 0.3882812261581421f, 0.40234375f, 0.4164062440395355f, 0.43046873807907104f, 0.44453126192092896f,
+      0.4585937261581421f, 0.47265625f, 0.48671871423721313f, 0.500781238079071f, 0.5148437023162842f, 0.5289062261581421f,
+      0.54296875f, 0.5570312738418579f, 0.5710937976837158f, 0.585156261920929f, 0.5992187261581421f, 0.61328125f,
+      0.6273437738418579f, 0.6414062976837158f, 0.655468761920929f, 0.6695312261581421f, 0.68359375f, 0.6976562738418579f,
+      0.7117187976837158f, 0.725781261920929f, 0.7398437261581421f, 0.75390625f, 0.7679687738418579f, 0.782031238079071f,
+      0.796093761920929f, 0.8101562261581421f, 0.82421875f, 0.8382812738418579f, 0.852343738079071f, 0.866406261920929f,
+      0.8804687261581421f, 0.89453125f, 0.9085937738418579f, 0.922656238079071f, 0.936718761920929f, 0.9507812261581421f,
+      0.96484375f, 0.9789062738418579f, 0.992968738079071f, 1.0f};
+  return t;
+}
+
+namespace detail {
+
+inline std::uint8_t nf4_code(float x) {
+  const auto& t = nf4_levels();
+  int c = 0;
+  for (int k = 0; k < 15; ++k)
+    if (static_cast<double>(x) > (static_cast<double>(t[k]) + static_cast<double>(t[k + 1])) / 2.0) c = k + 1;
+  return static_cast<std::uint8_t>(c);
+}
+
+inline std::uint8_t dynamic_code(float x) {
+  const auto& t = dynamic_map();
+  const auto it = std::lower_bound(t.begin(), t.end(), x);
+  if (it == t.begin()) return 0;
+  if (it == t.end()) return 255;
+  const std::size_t hi = static_cast<std::size_t>(it - t.begin()), lo = hi - 1;
+  return static_cast<std::uint8_t>(std::abs(x - t[hi]) < std::abs(x - t[lo]) ? hi : lo);
+}
+
+}  // namespace detail
+
+struct Nf4Options {
+  Index block_size = 64;          // weights per absmax (even, >= 2)
+  bool double_quant = true;       // quantize the absmax values to 8 bits
+  Index absmax_block_size = 256;  // absmax values per absmax2
+};
+
+// The quantized values of one W0 [out x in]; the fields are what a file stores.
+struct QuantizedWeight {
+  Format format = Format::nf4;
+  Index out = 0, in = 0;
+  Nf4Options options;
+  std::vector<std::uint8_t> codes;  // nf4: ceil(out*in/2) bytes; int8: out*in bytes (int8 as two's complement)
+  std::vector<float> absmax;        // nf4 without double quant: one per block; int8: one per row
+  std::vector<std::uint8_t> qabsmax;  // nf4 with double quant: one code per block
+  std::vector<float> absmax2;         // nf4 with double quant: one per absmax block
+  float offset = 0;                   // nf4 with double quant: mean of the absmax values
+
+  Index blocks() const { return (out * in + options.block_size - 1) / options.block_size; }
+  // absmax of NF4 block b, as dequantization uses it.
+  float block_absmax(Index b) const {
+    if (!options.double_quant) return absmax[static_cast<std::size_t>(b)];
+    return dynamic_map()[qabsmax[static_cast<std::size_t>(b)]] *
+               absmax2[static_cast<std::size_t>(b / options.absmax_block_size)] +
+           offset;
+  }
+  // Rows [first, first + count) dequantized (float) into dst (count x in, row-major).
+  template <class T>
+  void dequantize_rows(Index first, Index count, T* dst) const {
+    const Index begin = first * in, end = (first + count) * in;
+    if (format == Format::int8) {
+      for (Index r = first; r < first + count; ++r) {
+        const float s = absmax[static_cast<std::size_t>(r)] / 127.0f;
+        for (Index j = 0; j < in; ++j)
+          *dst++ = static_cast<T>(static_cast<float>(static_cast<std::int8_t>(codes[r * in + j])) * s);
+      }
+      return;
+    }
+    const auto& lv = nf4_levels();
+    const Index bs = options.block_size;
+    Index i = begin;
+    while (i < end) {
+      const Index b = i / bs, stop = std::min(end, (b + 1) * bs);
+      const float a = block_absmax(b);
+      for (; i < stop; ++i) {
+        const std::uint8_t byte = codes[static_cast<std::size_t>(i / 2)];
+        *dst++ = static_cast<T>(lv[(i & 1) ? (byte & 0xF) : (byte >> 4)] * a);
+      }
+    }
+  }
+  std::size_t bytes() const {
+    return codes.size() + absmax.size() * 4 + qabsmax.size() + absmax2.size() * 4 +
+           (format == Format::nf4 && options.double_quant ? 4 : 0);
+  }
+};
+
+template <class Derived>
+QuantizedWeight quantize_nf4(const Eigen::MatrixBase<Derived>& W, const Nf4Options& options = {}) {
+  if (options.block_size < 2 || options.block_size % 2 != 0)
+    lora::detail::fail("quantize_nf4", "block_size must be even and >= 2, got ", options.block_size);
+  if (options.double_quant && options.absmax_block_size < 1)
+    lora::detail::fail("quantize_nf4", "absmax_block_size must be >= 1, got ", options.absmax_block_size);
+  if (W.rows() == 0 || W.cols() == 0) lora::detail::fail("quantize_nf4", "W0 is empty (", W.rows(), " x ", W.cols(), ")");
+  lora::detail::require_finite("quantize_nf4", "W0", W);
+  QuantizedWeight q;
+  q.format = Format::nf4;
+  q.out = W.rows();
+  q.in = W.cols();
+  q.options = options;
+  const Index total = q.out * q.in, bs = options.block_size, nb = q.blocks();
+  auto at = [&](Index i) { return static_cast<float>(W(i / q.in, i % q.in)); };
+  q.codes.assign(static_cast<std::size_t>((total + 1) / 2), 0);
+  std::vector<float> am(static_cast<std::size_t>(nb));
+  for (Index b = 0; b < nb; ++b) {
+    const Index i0 = b * bs, i1 = std::min(total, i0 + bs);
+    float m = 0;
+    for (Index i = i0; i < i1; ++i) m = std::max(m, std::abs(at(i)));
+    am[static_cast<std::size_t>(b)] = m;
+    const float inv = m > 0 ? 1.0f / m : 0.0f;
+    for (Index i = i0; i < i1; ++i) {
+      const std::uint8_t c = detail::nf4_code(at(i) * inv);
+      q.codes[static_cast<std::size_t>(i / 2)] |= static_cast<std::uint8_t>((i & 1) ? c : (c << 4));
+    }
+  }
+  if (!options.double_quant) {
+    q.absmax = std::move(am);
+    return q;
+  }
+  double sum = 0;
+  for (float a : am) sum += a;
+  q.offset = static_cast<float>(sum / static_cast<double>(nb));
+  const Index bs2 = options.absmax_block_size, nb2 = (nb + bs2 - 1) / bs2;
+  q.qabsmax.resize(static_cast<std::size_t>(nb));
+  q.absmax2.resize(static_cast<std::size_t>(nb2));
+  for (Index b2 = 0; b2 < nb2; ++b2) {
+    const Index j0 = b2 * bs2, j1 = std::min(nb, j0 + bs2);
+    float m = 0;
+    for (Index j = j0; j < j1; ++j) m = std::max(m, std::abs(am[static_cast<std::size_t>(j)] - q.offset));
+    q.absmax2[static_cast<std::size_t>(b2)] = m;
+    const float inv = m > 0 ? 1.0f / m : 0.0f;
+    for (Index j = j0; j < j1; ++j)
+      q.qabsmax[static_cast<std::size_t>(j)] = detail::dynamic_code((am[static_cast<std::size_t>(j)] - q.offset) * inv);
+  }
+  return q;
+}
+
+template <class Derived>
+QuantizedWeight quantize_int8(const Eigen::MatrixBase<Derived>& W) {
+  if (W.rows() == 0 || W.cols() == 0) lora::detail::fail("quantize_int8", "W0 is empty (", W.rows(), " x ", W.cols(), ")");
+  lora::detail::require_finite("quantize_int8", "W0", W);
+  QuantizedWeight q;
+  q.format = Format::int8;
+  q.out = W.rows();
+  q.in = W.cols();
+  q.codes.resize(static_cast<std::size_t>(q.out * q.in));
+  q.absmax.resize(static_cast<std::size_t>(q.out));
+  for (Index r = 0; r < q.out; ++r) {
+    float m = 0;
+    for (Index j = 0; j < q.in; ++j) m = std::max(m, std::abs(static_cast<float>(W(r, j))));
+    q.absmax[static_cast<std::size_t>(r)] = m;
+    const float scale = m > 0 ? 127.0f / m : 0.0f;
+    for (Index j = 0; j < q.in; ++j) {
+      const float v = std::nearbyint(static_cast<float>(W(r, j)) * scale);
+      q.codes[static_cast<std::size_t>(r * q.in + j)] = static_cast<std::uint8_t>(static_cast<std::int8_t>(v));
+    }
+  }
+  return q;
+}
+
+// A frozen base stored quantized. Products dequantize W0 tile by tile (rows of `tile_rows`) into the
+// caller's workspace; nothing of W0's full size is ever made dense. n <= 8 (decoding): a fused pass that
+// reads each code once and accumulates in float.
+template <class Scalar>
+class QuantizedBase final : public FrozenBase<Scalar> {
+ public:
+  explicit QuantizedBase(QuantizedWeight q, Vector<Scalar> bias = Vector<Scalar>())
+      : FrozenBase<Scalar>(q.out, q.in, nullptr), q_(std::move(q)), bias_(std::move(bias)) {
+    if (bias_.size() > 0) {
+      if (bias_.size() != q_.out)
+        lora::detail::fail("QuantizedBase", "bias has ", bias_.size(), " entries, expected out_features = ", q_.out);
+      lora::detail::require_finite("QuantizedBase", "bias", bias_);
+      this->set_bias_pointer(bias_.data());
+    }
+    float m = 0;
+    if (q_.format == Format::int8) {
+      for (float a : q_.absmax) m = std::max(m, a);
+    } else {
+      for (Index b = 0; b < q_.blocks(); ++b) m = std::max(m, std::abs(q_.block_absmax(b)));
+    }
+    max_abs_ = static_cast<Scalar>(m);
+  }
+
+  const QuantizedWeight& weight() const { return q_; }
+
+  void forward(const Scalar* X, Index n, Scalar* Y, BaseWorkspace<Scalar>& work, bool add_bias) const override {
+    const Index in = this->in_features(), out = this->out_features();
+    if (n <= small_batch) {
+      fused_forward(X, n, Y);
+    } else {
+      auto& tile = work.tile;
+      const Index T = std::min<Index>(tile_rows, out);
+      if (tile.rows() != T || tile.cols() != in) tile.resize(T, in);
+      for (Index r0 = 0; r0 < out; r0 += T) {
+        const Index rc = std::min(T, out - r0);
+        q_.dequantize_rows(r0, rc, tile.data());
+        lora::detail::row_dots(n, rc, in, X, in, tile.data(), in, Y + r0, out);
+      }
+    }
+    if (add_bias && this->has_bias()) Eigen::Map<Matrix<Scalar>>(Y, n, out).rowwise() += this->bias().transpose();
+  }
+
+  void backward_input(const Scalar* dY, Index n, Scalar* dX, BaseWorkspace<Scalar>& work) const override {
+    const Index in = this->in_features(), out = this->out_features();
+    auto& tile = work.tile;
+    const Index T = std::min<Index>(tile_rows, out);
+    if (tile.rows() != T || tile.cols() != in) tile.resize(T, in);
+    Eigen::Map<Matrix<Scalar>> dXm(dX, n, in);
+    dXm.setZero();
+    Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>> dYm(dY, n, out, Eigen::OuterStride<>(out));
+    for (Index r0 = 0; r0 < out; r0 += T) {
+      const Index rc = std::min(T, out - r0);
+      q_.dequantize_rows(r0, rc, tile.data());
+      dXm.noalias() += dYm.middleCols(r0, rc).lazyProduct(tile.topRows(rc));
+    }
+  }
+
+  void dense_rows(Index first, Index count, Scalar* dst) const override { q_.dequantize_rows(first, count, dst); }
+  const Scalar* dense_weight() const override { return nullptr; }
+  Scalar max_abs() const override { return max_abs_; }
+  std::size_t owned_bytes() const override {
+    return q_.bytes() + static_cast<std::size_t>(bias_.size()) * sizeof(Scalar);
+  }
+  std::string describe() const override {
+    return lora::detail::concat("QuantizedBase(", format_name(q_.format), q_.options.double_quant && q_.format == Format::nf4 ? "+dq, " : ", ",
+                                this->in_features(), " -> ", this->out_features(), this->has_bias() ? ", bias)" : ")");
+  }
+
+ private:
+  static constexpr Index small_batch = 8;
+  static constexpr Index tile_rows = 64;
+
+  void fused_forward(const Scalar* X, Index n, Scalar* Y) const {
+    const Index in = this->in_features(), out = this->out_features();
+    const double flops = static_cast<double>(n) * static_cast<double>(in) * static_cast<double>(out);
+    lora::detail::parallel_for(out, 1, lora::detail::threads_for(flops), [&](Index r0, Index r1) {
+      Scalar acc[small_batch];
+      for (Index r = r0; r < r1; ++r) {
+        for (Index k = 0; k < n; ++k) acc[k] = 0;
+        row_dot(r, X, n, acc);
+        for (Index k = 0; k < n; ++k) Y[k * out + r] = static_cast<Scalar>(acc[k]);
+      }
+    });
+  }
+
+  // acc[k] = sum_j X[k, j] W0[r, j], reading row r's codes once; accumulated in Scalar (float for a float
+  // model), so a double model's products are exact up to double rounding.
+  void row_dot(Index r, const Scalar* X, Index n, Scalar* acc) const {
+    const Index in = this->in_features();
+    if (q_.format == Format::int8) {
+      const std::int8_t* c = reinterpret_cast<const std::int8_t*>(q_.codes.data()) + r * in;
+      for (Index k = 0; k < n; ++k) {
+        const Scalar* x = X + k * in;
+        const float scale = q_.absmax[static_cast<std::size_t>(r)] / 127.0f;
+        Scalar s = 0;
+        for (Index j = 0; j < in; ++j) s += static_cast<Scalar>(static_cast<float>(c[j]) * scale) * x[j];
+        acc[k] = s;
+      }
+      return;
+    }
+    const auto& lv = nf4_levels();
+    const Index bs = q_.options.block_size, begin = r * in, end = begin + in;
+    Index i = begin;
+    while (i < end) {
+      const Index b = i / bs, stop = std::min(end, (b + 1) * bs);
+      const float a = q_.block_absmax(b);
+      for (; i < stop; ++i) {
+        // The weight exactly as dequantize_rows makes it (a float product), so every path multiplies by
+        // the same W0.
+        const std::uint8_t byte = q_.codes[static_cast<std::size_t>(i / 2)];
+        const Scalar w = static_cast<Scalar>(lv[(i & 1) ? (byte & 0xF) : (byte >> 4)] * a);
+        for (Index k = 0; k < n; ++k) acc[k] += w * X[k * in + (i - begin)];
+      }
+    }
+  }
+
+  QuantizedWeight q_;
+  Vector<Scalar> bias_;
+  Scalar max_abs_ = 0;
+};
+
+template <class Scalar>
+std::shared_ptr<const QuantizedBase<Scalar>> make_quantized_base(QuantizedWeight q,
+                                                                 Vector<Scalar> bias = Vector<Scalar>()) {
+  return std::make_shared<QuantizedBase<Scalar>>(std::move(q), std::move(bias));
+}
+
+}  // namespace lora::quant
