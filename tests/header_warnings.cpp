@@ -29,5 +29,9 @@ int main() {
   lora::nn::Embedding<float> embedding(10, 6);
   embedding.add_lora(2, 4.0);
   embedding.backward(embedding.forward(batch.ids()));
+  lora::nn::MultiHeadSelfAttention<float> attention(6, 2, true);
+  attention.set_layout(batch);
+  const lora::Matrix<float> tokens = lora::Matrix<float>::Random(batch.num_rows(), 6);
+  attention.backward(attention.forward(tokens));
   return layer_d.forward(X.cast<double>()).allFinite() ? 0 : 1;
 }

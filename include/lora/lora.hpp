@@ -12,6 +12,7 @@
 #include <lora/mixed_batch.hpp>
 #include <lora/nn/activation.hpp>
 #include <lora/nn/adapters.hpp>
+#include <lora/nn/attention.hpp>
 #include <lora/nn/config.hpp>
 #include <lora/nn/embedding.hpp>
 #include <lora/nn/inject.hpp>
