@@ -85,16 +85,22 @@ def weights(rows, cols):
     return v.astype(np.float32).reshape(rows, cols)
 
 
+def blockwise(x, bs, table):
+    """Per block of bs values: absmax, and each value's nearest table entry of x * (1 / absmax)."""
+    nb = (x.size + bs - 1) // bs
+    absmax = np.array([np.abs(x[b * bs:(b + 1) * bs]).max() for b in range(nb)], dtype=np.float32)
+    codes = np.empty(x.size, dtype=np.uint8)
+    for b in range(nb):
+        inv = np.float32(1.0) / absmax[b] if absmax[b] > 0 else np.float32(0.0)
+        codes[b * bs:(b + 1) * bs] = nearest(np.clip(x[b * bs:(b + 1) * bs] * inv, -1, 1), table)
+    return absmax, codes
+
+
 def nf4(W, double_quant, bs=64, bs2=256):
     w = W.reshape(-1)
     n = w.size
     nb = (n + bs - 1) // bs
-    absmax = np.array([np.abs(w[b * bs:(b + 1) * bs]).max() for b in range(nb)], dtype=np.float32)
-    codes = np.empty(n, dtype=np.uint8)
-    for b in range(nb):
-        blk = w[b * bs:(b + 1) * bs]
-        inv = np.float32(1.0) / absmax[b] if absmax[b] > 0 else np.float32(0.0)
-        codes[b * bs:(b + 1) * bs] = nearest(np.clip(blk * inv, -1, 1), NF4)
+    absmax, codes = blockwise(w, bs, NF4)
     if n % 2:
         codes = np.append(codes, 0)
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -105,13 +111,7 @@ def nf4(W, double_quant, bs=64, bs2=256):
     else:
         offset = np.float32(absmax.mean(dtype=np.float64))
         centred = absmax - offset
-        nb2 = (nb + bs2 - 1) // bs2
-        absmax2 = np.array([np.abs(centred[j * bs2:(j + 1) * bs2]).max() for j in range(nb2)], dtype=np.float32)
-        q = np.empty(nb, dtype=np.uint8)
-        for j in range(nb2):
-            blk = centred[j * bs2:(j + 1) * bs2]
-            inv = np.float32(1.0) / absmax2[j] if absmax2[j] > 0 else np.float32(0.0)
-            q[j * bs2:(j + 1) * bs2] = nearest(np.clip(blk * inv, -1, 1), DYN)
+        absmax2, q = blockwise(centred, bs2, DYN)
         out.update(qabsmax=q, absmax2=absmax2, offset=offset)
         scale = DYN[q] * absmax2[np.arange(nb) // bs2] + offset
     deq = NF4[codes[:n]] * scale[np.arange(n) // bs]

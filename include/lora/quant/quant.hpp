@@ -109,6 +109,22 @@ inline std::uint8_t dynamic_code(float x) {
   return static_cast<std::uint8_t>(std::abs(x - t[hi]) < std::abs(x - t[lo]) ? hi : lo);
 }
 
+// Absmax block quantization of value(i), i < n: per block of `block` values, absmax = max |value|, and
+// emit(i, code(value(i) * (1 / absmax))) (0 for an all-zero block). Returns the absmax of each block.
+template <class Value, class Code, class Emit>
+std::vector<float> quantize_blocks(Index n, Index block, Value value, Code code, Emit emit) {
+  std::vector<float> absmax(static_cast<std::size_t>((n + block - 1) / block));
+  for (Index b = 0; b * block < n; ++b) {
+    const Index i0 = b * block, i1 = std::min(n, i0 + block);
+    float m = 0;
+    for (Index i = i0; i < i1; ++i) m = std::max(m, std::abs(value(i)));
+    absmax[static_cast<std::size_t>(b)] = m;
+    const float inv = m > 0 ? 1.0f / m : 0.0f;
+    for (Index i = i0; i < i1; ++i) emit(i, code(value(i) * inv));
+  }
+  return absmax;
+}
+
 }  // namespace detail
 
 struct Nf4Options {
@@ -179,21 +195,12 @@ QuantizedWeight quantize_nf4(const Eigen::MatrixBase<Derived>& W, const Nf4Optio
   q.out = W.rows();
   q.in = W.cols();
   q.options = options;
-  const Index total = q.out * q.in, bs = options.block_size, nb = q.blocks();
+  const Index total = q.out * q.in, nb = q.blocks();
   auto at = [&](Index i) { return static_cast<float>(W(i / q.in, i % q.in)); };
   q.codes.assign(static_cast<std::size_t>((total + 1) / 2), 0);
-  std::vector<float> am(static_cast<std::size_t>(nb));
-  for (Index b = 0; b < nb; ++b) {
-    const Index i0 = b * bs, i1 = std::min(total, i0 + bs);
-    float m = 0;
-    for (Index i = i0; i < i1; ++i) m = std::max(m, std::abs(at(i)));
-    am[static_cast<std::size_t>(b)] = m;
-    const float inv = m > 0 ? 1.0f / m : 0.0f;
-    for (Index i = i0; i < i1; ++i) {
-      const std::uint8_t c = detail::nf4_code(at(i) * inv);
-      q.codes[static_cast<std::size_t>(i / 2)] |= static_cast<std::uint8_t>((i & 1) ? c : (c << 4));
-    }
-  }
+  std::vector<float> am = detail::quantize_blocks(total, options.block_size, at, detail::nf4_code, [&](Index i, std::uint8_t c) {
+    q.codes[static_cast<std::size_t>(i / 2)] |= static_cast<std::uint8_t>((i & 1) ? c : (c << 4));
+  });
   if (!options.double_quant) {
     q.absmax = std::move(am);
     return q;
@@ -201,18 +208,10 @@ QuantizedWeight quantize_nf4(const Eigen::MatrixBase<Derived>& W, const Nf4Optio
   double sum = 0;
   for (float a : am) sum += a;
   q.offset = static_cast<float>(sum / static_cast<double>(nb));
-  const Index bs2 = options.absmax_block_size, nb2 = (nb + bs2 - 1) / bs2;
   q.qabsmax.resize(static_cast<std::size_t>(nb));
-  q.absmax2.resize(static_cast<std::size_t>(nb2));
-  for (Index b2 = 0; b2 < nb2; ++b2) {
-    const Index j0 = b2 * bs2, j1 = std::min(nb, j0 + bs2);
-    float m = 0;
-    for (Index j = j0; j < j1; ++j) m = std::max(m, std::abs(am[static_cast<std::size_t>(j)] - q.offset));
-    q.absmax2[static_cast<std::size_t>(b2)] = m;
-    const float inv = m > 0 ? 1.0f / m : 0.0f;
-    for (Index j = j0; j < j1; ++j)
-      q.qabsmax[static_cast<std::size_t>(j)] = detail::dynamic_code((am[static_cast<std::size_t>(j)] - q.offset) * inv);
-  }
+  q.absmax2 = detail::quantize_blocks(
+      nb, options.absmax_block_size, [&](Index j) { return am[static_cast<std::size_t>(j)] - q.offset; },
+      detail::dynamic_code, [&](Index j, std::uint8_t c) { q.qabsmax[static_cast<std::size_t>(j)] = c; });
   return q;
 }
 
