@@ -20,7 +20,7 @@ Matrix<Scalar> merged_dense_weight(const LoraLinear<Scalar>& layer) {
   layer.base().dense_rows(0, out, W.data());
   for (const std::string& name : layer.active_adapters()) {
     const Scalar s = static_cast<Scalar>(layer.scaling(name) * layer.adapter_scale(name));
-    W.noalias() += s * (Matrix<Scalar>(layer.B(name)) * Matrix<Scalar>(layer.A(name)));
+    W.noalias() += s * layer.B(name) * layer.A(name);
   }
   return W;
 }
