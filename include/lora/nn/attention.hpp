@@ -84,11 +84,12 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     constexpr const char* where = "MultiHeadSelfAttention::forward";
     if (batch_ < 1) detail::fail(where, "no layout: call set_layout() first");
     detail::require_shape(where, "input", X, batch_ * seq_len_, hidden_);
-    // The projections read X before anything here is written; their outputs are copied (the children's
-    // buffers change with their next forward).
-    q_ = children_[0]->forward(X);
-    k_ = children_[1]->forward(X);
-    v_ = children_[2]->forward(X);
+    // The projections' outputs are used where the children keep them: each stays valid until that
+    // child's next forward (the Module contract), which only this module calls.
+    q_ = &children_[0]->forward(X);
+    k_ = &children_[1]->forward(X);
+    v_ = &children_[2]->forward(X);
+    const MatrixType &q = *q_, &k = *k_, &v = *v_;
     const Index T = seq_len_, d = hidden_ / heads_;
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(d));
     detail::resize_workspace(probs_, batch_ * heads_ * T, T);
@@ -97,7 +98,7 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
       const Index len = lengths_[static_cast<std::size_t>(b)];
       for (Index h = 0; h < heads_; ++h) {
         auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
-        P.noalias() = q_.block(b * T, h * d, T, d) * k_.block(b * T, h * d, T, d).transpose();
+        P.noalias() = q.block(b * T, h * d, T, d) * k.block(b * T, h * d, T, d).transpose();
         for (Index i = 0; i < T; ++i) {
           const Index visible = causal_ ? std::min(len, i + 1) : len;
           auto row = P.row(i);
@@ -106,7 +107,7 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
           row.head(visible) /= row.head(visible).sum();
           row.tail(T - visible).setZero();
         }
-        context_.block(b * T, h * d, T, d).noalias() = P * v_.block(b * T, h * d, T, d);
+        context_.block(b * T, h * d, T, d).noalias() = P * v.block(b * T, h * d, T, d);
       }
     }
     cached_ = this->training_;
@@ -118,6 +119,7 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     if (!cached_) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
     detail::require_shape(where, "grad_output", dY, batch_ * seq_len_, hidden_);
     const MatrixType& dC = children_[3]->backward(dY);
+    const MatrixType &q = *q_, &k = *k_, &v = *v_;
     const Index T = seq_len_, d = hidden_ / heads_;
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(d));
     detail::resize_workspace(dq_, batch_ * T, hidden_);
@@ -128,16 +130,15 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
       for (Index h = 0; h < heads_; ++h) {
         const auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
         const auto dc = dC.block(b * T, h * d, T, d);
-        dp_.noalias() = dc * v_.block(b * T, h * d, T, d).transpose();
+        dp_.noalias() = dc * v.block(b * T, h * d, T, d).transpose();
         dv_.block(b * T, h * d, T, d).noalias() = P.transpose() * dc;
         for (Index i = 0; i < T; ++i) {
           const Scalar dot = dp_.row(i).dot(P.row(i));
           dp_.row(i) = (P.row(i).array() * (dp_.row(i).array() - dot) * scale).matrix();
         }
-        dq_.block(b * T, h * d, T, d).noalias() = dp_ * k_.block(b * T, h * d, T, d);
-        dk_.block(b * T, h * d, T, d).noalias() = dp_.transpose() * q_.block(b * T, h * d, T, d);
+        dq_.block(b * T, h * d, T, d).noalias() = dp_ * k.block(b * T, h * d, T, d);
+        dk_.block(b * T, h * d, T, d).noalias() = dp_.transpose() * q.block(b * T, h * d, T, d);
       }
-    detail::resize_workspace(grad_input_, batch_ * T, hidden_);
     grad_input_ = children_[0]->backward(dq_);
     grad_input_ += children_[1]->backward(dk_);
     grad_input_ += children_[2]->backward(dv_);
@@ -218,7 +219,9 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   Index batch_ = 0, seq_len_ = 0;
   std::vector<Index> lengths_;
   bool cached_ = false;
-  MatrixType q_, k_, v_, probs_, context_, dq_, dk_, dv_, dp_, grad_input_;
+  // The projections of the last forward, in the children's own output buffers (a copy starts without them).
+  const MatrixType *q_ = nullptr, *k_ = nullptr, *v_ = nullptr;
+  MatrixType probs_, context_, dq_, dk_, dv_, dp_, grad_input_;
 };
 
 }  // namespace lora::nn
