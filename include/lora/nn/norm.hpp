@@ -64,10 +64,8 @@ class Norm final : public Module<Scalar> {
     const Input x = lora::detail::unaliased<Scalar>(X, ws.output, ws.staging);
     lora::detail::resize_workspace(ws.output, x.rows(), x.cols());
     for (Index i = 0; i < x.rows(); ++i) {
-      const Scalar r = row_rstd(x.row(i));
-      const Scalar mu = Centered ? x.row(i).mean() : Scalar(0);
-      ws.output.row(i) = ((x.row(i).array() - mu) * r * weight_.transpose().array()).matrix();
-      if (Centered) ws.output.row(i) += bias_.transpose();
+      normalize_row(x.row(i), ws.output.row(i));
+      affine_row(ws.output.row(i), ws.output.row(i));
     }
     return ws.output;
   }
@@ -151,18 +149,25 @@ class Norm final : public Module<Scalar> {
     lora::detail::require_cols(where, "input", X, dim(), "dim");
     if (X.rows() == 0) lora::detail::fail(where, "input has 0 rows");
   }
-  template <class Row>
-  Scalar row_rstd(const Row& x) const {
-    const Scalar ms = Centered ? (x.array() - x.mean()).square().mean() : x.array().square().mean();
-    return Scalar(1) / std::sqrt(ms + static_cast<Scalar>(eps_));
+  // xhat = (x - mean) * rstd (no mean for RMSNorm); returns rstd.
+  template <class Row, class Out>
+  Scalar normalize_row(const Row& x, Out&& xhat) const {
+    const Scalar mu = Centered ? x.mean() : Scalar(0);
+    const Scalar ms = (x.array() - mu).square().mean();
+    const Scalar rstd = Scalar(1) / std::sqrt(ms + static_cast<Scalar>(eps_));
+    xhat = ((x.array() - mu) * rstd).matrix();
+    return rstd;
+  }
+  // y = xhat * weight (+ bias); y may be xhat itself.
+  template <class Row, class Out>
+  void affine_row(const Row& xhat, Out&& y) const {
+    y = (xhat.array() * weight_.transpose().array()).matrix();
+    if (Centered) y += bias_.transpose();
   }
   void compute(const Input& x, MatrixType& xhat, VectorType& rstd, MatrixType& out) const {
     for (Index i = 0; i < x.rows(); ++i) {
-      rstd(i) = row_rstd(x.row(i));
-      const Scalar mu = Centered ? x.row(i).mean() : Scalar(0);
-      xhat.row(i) = ((x.row(i).array() - mu) * rstd(i)).matrix();
-      out.row(i) = (xhat.row(i).array() * weight_.transpose().array()).matrix();
-      if (Centered) out.row(i) += bias_.transpose();
+      rstd(i) = normalize_row(x.row(i), xhat.row(i));
+      affine_row(xhat.row(i), out.row(i));
     }
   }
 
