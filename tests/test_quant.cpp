@@ -48,11 +48,17 @@ std::vector<std::uint8_t> from_hex(const std::string& s) {
 
 std::vector<float> floats(const json& j) { return j.get<std::vector<float>>(); }
 
+template <class Scalar>
+Matrix<Scalar> dequantized(const quant::QuantizedWeight& q) {
+  Matrix<Scalar> D(q.out, q.in);
+  q.dequantize_rows(0, q.out, D.data());
+  return D;
+}
+
 // Dequantized values agree with the fixture's (float32, computed separately) to a float rounding or two:
 // a compiler may fuse the absmax's multiply-add.
 void check_dequantized(const quant::QuantizedWeight& q, const json& c, Index stride) {
-  Matrix<double> D(q.out, q.in);
-  q.dequantize_rows(0, q.out, D.data());
+  const Matrix<double> D = dequantized<double>(q);
   const std::vector<float> sample = floats(c["dequantized_sample"]);
   for (std::size_t k = 0; k < sample.size(); ++k) {
     const Index i = static_cast<Index>(k) * stride;
@@ -60,13 +66,6 @@ void check_dequantized(const quant::QuantizedWeight& q, const json& c, Index str
     CHECK(std::abs(D.data()[i] - sample[k]) <= 1e-6 * std::max(1.0, std::abs(static_cast<double>(sample[k]))));
   }
   CHECK(std::abs(D.sum() - c["dequantized_sum"].get<double>()) <= 1e-6 * D.cwiseAbs().sum());
-}
-
-template <class Scalar>
-Matrix<Scalar> dequantized(const quant::QuantizedWeight& q) {
-  Matrix<Scalar> D(q.out, q.in);
-  q.dequantize_rows(0, q.out, D.data());
-  return D;
 }
 
 LoraConfig config(int rank) {
