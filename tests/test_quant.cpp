@@ -1,18 +1,25 @@
 // The quantized frozen base (lora/quant): codes and scales against an independent implementation
 // (tests/data/make_quant_fixture.py, checked against bitsandbytes), products against a dense reference over
-// the dequantized matrix, LoRA training over it (central differences), and the merge rules.
+// the dequantized matrix, LoRA training over it (central differences), the merge rules, and the
+// quantized-base files (lora/io/quantized.hpp): bit-for-bit round trips and one test per refusal.
+#include <lora/io.hpp>
 #include <lora/lora.hpp>
 #include <lora/quant/merge.hpp>
 #include <lora/quant/quant.hpp>
 
 #include "gradient_check.hpp"
+#include "temp_files.hpp"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 using lora::Index;
@@ -282,4 +289,274 @@ TEST_CASE("quantizers and QuantizedBase: bad input", "[quant]") {
   const Matrix<float> Z = Matrix<float>::Zero(2, 64);
   CHECK(dequantized<float>(quant::quantize_nf4(Z)).isZero(0));
   CHECK(dequantized<float>(quant::quantize_int8(Z)).isZero(0));
+}
+
+namespace {
+
+void check_same_weight(const quant::QuantizedWeight& a, const quant::QuantizedWeight& b) {
+  CHECK(a.format == b.format);
+  CHECK(a.out == b.out);
+  CHECK(a.in == b.in);
+  CHECK(a.codes == b.codes);
+  CHECK(a.qabsmax == b.qabsmax);
+  auto same_bits = [](const std::vector<float>& x, const std::vector<float>& y) {
+    return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * 4) == 0);
+  };
+  CHECK(same_bits(a.absmax, b.absmax));
+  CHECK(same_bits(a.absmax2, b.absmax2));
+  CHECK(std::memcmp(&a.offset, &b.offset, 4) == 0);
+  if (a.format == quant::Format::nf4) {
+    CHECK(a.options.block_size == b.options.block_size);
+    CHECK(a.options.double_quant == b.options.double_quant);
+    if (a.options.double_quant) CHECK(a.options.absmax_block_size == b.options.absmax_block_size);
+  }
+  const Matrix<float> Da = dequantized<float>(a), Db = dequantized<float>(b);
+  CHECK(std::memcmp(Da.data(), Db.data(), static_cast<std::size_t>(Da.size()) * 4) == 0);
+}
+
+// A safetensors file as editable parts, to build the bad files of the refusal tests from a good one.
+struct RawFile {
+  struct Tensor {
+    lora::Dtype dtype;
+    std::vector<std::uint64_t> shape;
+    std::vector<unsigned char> bytes;
+  };
+  std::map<std::string, Tensor> tensors;
+  std::map<std::string, std::string> metadata;
+
+  explicit RawFile(const lora::SafetensorsReader& r) {
+    for (const auto& t : r.tensors()) {
+      std::vector<unsigned char> b(static_cast<std::size_t>(t.end - t.begin));
+      r.read_bytes(t, b.data());
+      tensors[t.name] = {t.dtype, t.shape, b};
+    }
+    for (const auto& kv : r.metadata()) metadata[kv.first] = kv.second;
+  }
+  void write(const std::string& path) const {
+    lora::SafetensorsWriter w;
+    for (const auto& kv : tensors) w.add_raw(kv.first, kv.second.dtype, kv.second.shape, kv.second.bytes);
+    for (const auto& kv : metadata) w.set_metadata(kv.first, kv.second);
+    w.save(path);
+  }
+};
+
+std::string io_message_of(const std::string& path) {
+  try {
+    lora::load_quantized(path);
+  } catch (const lora::io_error& e) {
+    return e.what();
+  }
+  return "(no io_error)";
+}
+
+}  // namespace
+
+TEST_CASE("quantized base files: bit-for-bit round trips, NF4 with and without double quantization, int8", "[quant][io]") {
+  lora::testing::TempDir dir;
+  quant::Nf4Options plain;
+  plain.double_quant = false;
+  quant::Nf4Options small;  // several absmax2 blocks and a short last one
+  small.block_size = 6;
+  small.absmax_block_size = 3;
+  lora::QuantizedWeights weights;
+  for (const auto& [out, in] : std::vector<std::pair<Index, Index>>{{7, 9}, {45, 70}, {1, 1}, {3, 128}}) {
+    const Matrix<float> W = random_matrix<float>(out, in, static_cast<unsigned>(out * 131 + in));
+    const std::string shape = std::to_string(out) + "x" + std::to_string(in);
+    weights["nf4dq." + shape + ".weight"] = quant::quantize_nf4(W);
+    weights["nf4." + shape + ".weight"] = quant::quantize_nf4(W, plain);
+    weights["nf4small." + shape + ".weight"] = quant::quantize_nf4(W, small);
+    weights["int8." + shape + ".weight"] = quant::quantize_int8(W);
+  }
+  const std::string path = dir / "base.safetensors";
+  lora::save_quantized(path, weights);
+  const lora::QuantizedWeights loaded = lora::load_quantized(path);
+  REQUIRE(loaded.size() == weights.size());
+  for (const auto& kv : weights) {
+    INFO(kv.first);
+    REQUIRE(loaded.count(kv.first) == 1);
+    check_same_weight(kv.second, loaded.at(kv.first));
+  }
+  // Saved again, the same bytes; one weight alone reads back too.
+  const std::string again = dir / "again.safetensors";
+  lora::save_quantized(again, loaded);
+  CHECK(lora::testing::read_file(path) == lora::testing::read_file(again));
+  const std::string one = dir / "one.safetensors";
+  lora::save_quantized(one, {{"w", weights.at("nf4dq.7x9.weight")}});
+  CHECK(lora::load_quantized(one).size() == 1);
+
+  // bitsandbytes' names and dtypes (see io/quantized.hpp).
+  const auto file = lora::SafetensorsReader::open(path);
+  CHECK(file.at("nf4dq.7x9.weight").dtype == lora::Dtype::U8);
+  CHECK(file.at("nf4dq.7x9.weight").shape == std::vector<std::uint64_t>{32, 1});
+  CHECK(file.at("nf4dq.7x9.weight.absmax").dtype == lora::Dtype::U8);
+  CHECK(file.at("nf4.7x9.weight.absmax").dtype == lora::Dtype::F32);
+  CHECK(file.at("nf4dq.7x9.weight.nested_absmax").shape == std::vector<std::uint64_t>{1});
+  CHECK(file.at("nf4small.45x70.weight.nested_absmax").shape == std::vector<std::uint64_t>{(525 + 2) / 3});
+  CHECK(file.at("int8.7x9.weight").dtype == lora::Dtype::I8);
+  CHECK(file.metadata_value("nf4dq.45x70.weight.blocksize") == std::string("64"));
+  CHECK(file.metadata_value("nf4dq.45x70.weight.nested_blocksize") == std::string("256"));
+  CHECK(file.metadata_value("int8.3x128.weight.shape") == std::string("3,128"));
+
+  // A QuantizedBase over the loaded weight computes the same outputs, bit for bit.
+  for (const char* name : {"nf4dq.45x70.weight", "nf4.45x70.weight", "int8.45x70.weight"}) {
+    INFO(name);
+    const quant::QuantizedBase<float> a(weights.at(name)), b(loaded.at(name));
+    lora::BaseWorkspace<float> work;
+    for (const Index n : {Index(3), Index(20)}) {
+      const Matrix<float> X = random_matrix<float>(n, 70, 51);
+      Matrix<float> Ya(n, 45), Yb(n, 45);
+      a.forward(X.data(), n, Ya.data(), work, false);
+      b.forward(X.data(), n, Yb.data(), work, false);
+      CHECK(std::memcmp(Ya.data(), Yb.data(), static_cast<std::size_t>(Ya.size()) * 4) == 0);
+    }
+  }
+
+  // An inconsistent weight is refused before anything is written.
+  quant::QuantizedWeight broken = weights.at("nf4dq.7x9.weight");
+  broken.qabsmax.pop_back();
+  const std::string refused = dir / "refused.safetensors";
+  CHECK(contains(message_of([&] { lora::save_quantized(refused, {{"w", broken}}); }),
+                 "save_quantized: weight 'w': qabsmax has 0 entries, expected 1"));
+  CHECK(!std::filesystem::exists(refused));
+}
+
+TEST_CASE("quantized base files: every bad file is an io_error naming the file, the tensor and both values", "[quant][io]") {
+  lora::testing::TempDir dir;
+  const Matrix<float> W = random_matrix<float>(5, 40, 61);  // 200 weights: 4 blocks of 64, the last short
+  quant::Nf4Options plain;
+  plain.double_quant = false;
+  const std::string good = dir / "good.safetensors";
+  lora::save_quantized(good, {{"dq", quant::quantize_nf4(W)}, {"nf4", quant::quantize_nf4(W, plain)},
+                              {"i8", quant::quantize_int8(W)}});
+  REQUIRE(lora::load_quantized(good).size() == 3);
+  const RawFile base(lora::SafetensorsReader::open(good));
+  const std::string bad = dir / "bad.safetensors";
+  auto refusal = [&](auto edit) {
+    RawFile f = base;
+    edit(f);
+    f.write(bad);
+    return io_message_of(bad);
+  };
+  const std::string prefix = "load_quantized: " + bad + ": ";
+
+  SECTION("truncated file") {
+    const std::string bytes = lora::testing::read_file(good);
+    lora::testing::write_file(bad, bytes.substr(0, bytes.size() - 7));
+    CHECK(contains(io_message_of(bad), bad));
+    CHECK(contains(io_message_of(bad), "reach past the end of the data section"));
+  }
+  SECTION("wrong dtype") {
+    CHECK(refusal([](RawFile& f) {
+            auto& t = f.tensors.at("nf4.absmax");
+            t.dtype = lora::Dtype::I32;
+          }) == prefix + "tensor 'nf4.absmax': dtype I32, expected F32");
+    CHECK(contains(refusal([](RawFile& f) { f.tensors.at("i8").dtype = lora::Dtype::U8; }),
+                   "tensor 'i8': dtype U8, expected I8"));
+  }
+  SECTION("wrong codes length") {
+    CHECK(refusal([](RawFile& f) {
+            auto& t = f.tensors.at("dq");
+            t.shape = {99, 1};
+            t.bytes.resize(99);
+          }) == prefix + "tensor 'dq': shape [99, 1], expected [100, 1]");
+  }
+  SECTION("absmax count") {
+    CHECK(refusal([](RawFile& f) {
+            auto& t = f.tensors.at("dq.absmax");
+            t.shape = {3};
+            t.bytes.resize(3);
+          }) == prefix + "tensor 'dq.absmax': shape [3], expected [4]");
+    CHECK(contains(refusal([](RawFile& f) {
+                     auto& t = f.tensors.at("i8.absmax");
+                     t.shape = {6};
+                     t.bytes.resize(24);
+                   }),
+                   "tensor 'i8.absmax': shape [6], expected [5]"));
+  }
+  SECTION("unknown format") {
+    CHECK(refusal([](RawFile& f) { f.metadata["nf4.quant_type"] = "fp4"; }) ==
+          prefix + "__metadata__ 'nf4.quant_type': unknown quant_type 'fp4', expected 'nf4' or 'int8'");
+  }
+  SECTION("zero, odd, huge or malformed block sizes") {
+    CHECK(refusal([](RawFile& f) { f.metadata["nf4.blocksize"] = "0"; }) ==
+          prefix + "__metadata__ 'nf4.blocksize': expected a value in [2, 1048576], found 0");
+    CHECK(contains(refusal([](RawFile& f) { f.metadata["dq.nested_blocksize"] = "0"; }),
+                   "'dq.nested_blocksize': expected a value in [1, 1048576], found 0"));
+    CHECK(contains(refusal([](RawFile& f) { f.metadata["nf4.blocksize"] = "63"; }), "blocksize must be even, found 63"));
+    CHECK(contains(refusal([](RawFile& f) { f.metadata["nf4.blocksize"] = "99999999999999999999"; }),
+                   "expected a non-negative integer, found '99999999999999999999'"));
+    CHECK(contains(refusal([](RawFile& f) { f.metadata["nf4.blocksize"] = " 64"; }),
+                   "expected a non-negative integer, found ' 64'"));
+  }
+  SECTION("missing tensor") {
+    CHECK(refusal([](RawFile& f) { f.tensors.erase("dq.nested_absmax"); }) ==
+          prefix + "tensor 'dq.nested_absmax': missing (weight 'dq' expects F32 [1])");
+    CHECK(contains(refusal([](RawFile& f) { f.tensors.erase("nf4.quant_map"); }),
+                   "tensor 'nf4.quant_map': missing (weight 'nf4' expects F32 [16])"));
+  }
+  SECTION("metadata missing") {
+    CHECK(refusal([](RawFile& f) { f.metadata.erase("i8.shape"); }) ==
+          prefix + "__metadata__ 'i8.shape' is missing (weight 'i8')");
+    CHECK(contains(refusal([](RawFile& f) { f.metadata.erase("dq.nested_offset"); }),
+                   "__metadata__ 'dq.nested_offset' is missing"));
+    CHECK(refusal([](RawFile& f) {
+            for (const char* w : {"dq", "nf4", "i8"}) f.metadata.erase(std::string(w) + ".quant_type");
+          }) == prefix + "no quantized weight: __metadata__ has no '<name>.quant_type' key");
+  }
+  SECTION("bad shapes, offsets, scales and maps") {
+    CHECK(contains(refusal([](RawFile& f) { f.metadata["i8.shape"] = "5;40"; }), "expected \"out,in\""));
+    CHECK(contains(refusal([](RawFile& f) { f.metadata["i8.shape"] = "0,40"; }),
+                   "each entry must be in [1, 2^48], found 0,40"));
+    CHECK(contains(refusal([](RawFile& f) { f.metadata["i8.shape"] = "281474976710656,281474976710656"; }),
+                   "elements overflow"));
+    CHECK(contains(refusal([](RawFile& f) { f.metadata["dq.nested_offset"] = "nan"; }),
+                   "'dq.nested_offset': expected a finite float, found 'nan'"));
+    CHECK(contains(refusal([](RawFile& f) {
+                     const float minus = -1.0f;
+                     std::memcpy(f.tensors.at("nf4.absmax").bytes.data() + 8, &minus, 4);
+                   }),
+                   "tensor 'nf4.absmax': element 2 is -1, expected an absmax >= 0"));
+    CHECK(contains(refusal([](RawFile& f) {
+                     const float nan = std::nanf("");
+                     std::memcpy(f.tensors.at("dq.nested_absmax").bytes.data(), &nan, 4);
+                   }),
+                   "tensor 'dq.nested_absmax': element 0 is NaN or Inf"));
+    CHECK(contains(refusal([](RawFile& f) { f.tensors.at("dq.nested_quant_map").bytes[4 * 7] ^= 1; }),
+                   "tensor 'dq.nested_quant_map': element 7 is"));
+    CHECK(contains(refusal([](RawFile& f) { f.tensors.at("nf4.quant_map").bytes[4 * 3 + 1] ^= 1; }),
+                   "(bitsandbytes' NF4 levels)"));
+  }
+}
+
+TEST_CASE("quantizing a base read from F32, F16 and BF16 safetensors equals quantizing the converted floats", "[quant][io]") {
+  lora::testing::TempDir dir;
+  lora::NamedTensors<float> base;
+  base.matrices["fc1.weight"] = random_matrix<float>(9, 70, 71);
+  base.matrices["fc2.weight"] = random_matrix<float>(4, 9, 72) * 3.0f;
+  base.vectors["fc1.bias"] = random_matrix<float>(9, 1, 73);
+  for (const lora::Dtype dtype : {lora::Dtype::F32, lora::Dtype::F16, lora::Dtype::BF16}) {
+    INFO(lora::to_string(dtype));
+    const std::string path = dir / "base.safetensors";
+    lora::save_base_weights(path, base, dtype);
+    const lora::NamedTensors<float> read = lora::load_base_weights<float>(path);
+    for (const quant::Format format : {quant::Format::nf4, quant::Format::int8}) {
+      const lora::QuantizedWeights q = lora::quantize_matrices(read, format);
+      REQUIRE(q.size() == 2);
+      for (const auto& kv : base.matrices) {
+        INFO(kv.first);
+        // The floats each dtype holds, converted by Eigen's own half and bfloat16 (round to nearest even).
+        Matrix<float> converted = kv.second;
+        if (dtype == lora::Dtype::F16) converted = kv.second.cast<Eigen::half>().cast<float>();
+        if (dtype == lora::Dtype::BF16) converted = kv.second.cast<Eigen::bfloat16>().cast<float>();
+        if (dtype != lora::Dtype::F32) CHECK(converted != kv.second);
+        const quant::QuantizedWeight ref =
+            format == quant::Format::nf4 ? quant::quantize_nf4(converted) : quant::quantize_int8(converted);
+        check_same_weight(ref, q.at(kv.first));
+      }
+      const std::string qpath = dir / "quantized.safetensors";
+      lora::save_quantized(qpath, q);
+      const lora::QuantizedWeights back = lora::load_quantized(qpath);
+      for (const auto& kv : q) check_same_weight(kv.second, back.at(kv.first));
+    }
+  }
 }

@@ -1,7 +1,8 @@
 // lora.hpp: file I/O, the umbrella. #include <lora/io.hpp> and link lora::io (it needs nlohmann_json;
 // the core library <lora/lora.hpp> does not).
 //   safetensors files (io/safetensors.hpp), PEFT adapter directories (io/adapter_dir.hpp),
-//   base weights (io/base_weights.hpp), adapter_config.json (io/peft_config.hpp).
+//   base weights (io/base_weights.hpp), adapter_config.json (io/peft_config.hpp),
+//   quantized bases (io/quantized.hpp).
 // Every reader validates before use and throws lora::io_error (io/error.hpp); every writer is atomic.
 #pragma once
 
@@ -14,4 +15,5 @@
 #include <lora/io/file.hpp>
 #include <lora/io/model.hpp>
 #include <lora/io/peft_config.hpp>
+#include <lora/io/quantized.hpp>
 #include <lora/io/safetensors.hpp>
