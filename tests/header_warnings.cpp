@@ -1,4 +1,5 @@
 // Compiled with -Wall -Wextra -Wpedantic -Werror -Wshadow -Wconversion: the public headers must stay clean.
+#include <lora/io.hpp>
 #include <lora/lora.hpp>
 
 int main() {
@@ -33,5 +34,11 @@ int main() {
   attention.set_layout(batch);
   const lora::Matrix<float> tokens = lora::Matrix<float>::Random(batch.num_rows(), 6);
   attention.backward(attention.forward(tokens));
+  // Quantized base files, in memory.
+  lora::NamedTensors<double> named;
+  named.matrices["w"] = W.cast<double>();
+  const std::string file = lora::detail::quantized_writer(lora::quantize_matrices(named, lora::quant::Format::nf4)).to_bytes();
+  const lora::QuantizedWeights loaded = lora::load_quantized(lora::SafetensorsReader::from_memory(file.data(), file.size()));
+  if (loaded.size() != 1 || lora::quantize_matrices(lora::NamedTensors<float>(), lora::quant::Format::int8).size() != 0) return 1;
   return layer_d.forward(X.cast<double>()).allFinite() ? 0 : 1;
 }
