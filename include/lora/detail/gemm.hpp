@@ -1,14 +1,21 @@
-// lora.hpp internals: Eigen's matrix product with packing buffers that outlive the call.
+// lora.hpp internals: the library's own packed GEMM (the BLIS recipe), with buffers that outlive the call.
 //
-// `dst.noalias() = lhs * rhs` allocates Eigen's packing buffers on every call once they pass
-// EIGEN_STACK_ALLOCATION_LIMIT (and always for a threaded product). gemm() runs Eigen's single-threaded
-// GEMM (its blocking heuristics, or the BLAS with EIGEN_USE_BLAS) with a GemmBlocking that keeps the
-// buffers, and gemm_parallel() splits a product over the threads with one GemmBlocking each, so a
-// product of a shape already seen allocates nothing. This reaches into Eigen::internal (3.4's
-// level3_blocking and gemm_functor).
+//   C [m x n, row-major] = alpha * A [m x k] * B [k x n] + beta * C      (beta == 0: C is not read)
+//
+// A and B may be row- or column-major, Maps or Blocks with any strides. Loops, outermost first:
+//   jc over n in NC columns:  pack B(pc block, jc block) into NR-column panels (kept in L3)
+//   pc over k in KC steps:    the first step applies beta, the later ones accumulate
+//   ic over m in MC rows:     pack A(ic block, pc block) into MR-row panels (kept in L2)
+//   jr, ir over NR x MR tiles: the micro-kernel (detail/gemm_kernels.hpp), its B panel held in L1
+// The pack buffers live in a GemmBlocking kept by the caller and only grow, so a product of a shape
+// already seen allocates nothing. gemm_parallel() splits a product over the threads, one GemmBlocking
+// each. With EIGEN_USE_BLAS (the LORA_USE_BLAS build) the product goes to the BLAS through Eigen, and
+// products too small to pack (a row, a column, tiny sizes) go through Eigen's ordinary product.
 #pragma once
 
 #include <lora/common.hpp>
+#include <lora/detail/gemm_kernels.hpp>
+#include <lora/detail/gemm_pack.hpp>
 #include <lora/detail/kernels.hpp>
 
 #include <algorithm>
@@ -16,80 +23,166 @@
 
 namespace lora::detail {
 
-// Packing buffers and block sizes of one product with a row-major destination (for which Eigen
-// computes the transposed product, so its "rows" are the destination's columns).
+// Pack buffers and block sizes of one call site. Copies start with empty buffers of their own.
 template <class Scalar>
-class GemmBlocking : public Eigen::internal::level3_blocking<Scalar, Scalar> {
+class GemmBlocking {
  public:
+  using Kernel = gemm_kernel::Kernel<Scalar>;
+  static constexpr int MR = Kernel::MR, NR = Kernel::NR;
+
   GemmBlocking() = default;
-  // Copies get their own buffers: the base class holds raw pointers into them.
-  GemmBlocking(const GemmBlocking&) {}
-  GemmBlocking& operator=(const GemmBlocking&) { return *this; }
-
-  // Block sizes for a single-threaded run (Eigen re-computes them through initParallel when it threads).
-  void configure(Index rows, Index cols, Index depth) {
-    this->m_mc = cols;
-    this->m_nc = rows;
-    this->m_kc = depth;
-    Eigen::internal::computeProductBlockingSizes<Scalar, Scalar, 1>(this->m_kc, this->m_mc, this->m_nc, Index(1));
-    allocateAll();
+  GemmBlocking(const GemmBlocking& other) : mc_(other.mc_), kc_(other.kc_), nc_(other.nc_) {}
+  GemmBlocking& operator=(const GemmBlocking& other) {
+    mc_ = other.mc_;
+    kc_ = other.kc_;
+    nc_ = other.nc_;
+    return *this;
   }
 
-  // Called by Eigen's parallelize_gemm before it starts its threads.
-  void initParallel(Index rows, Index cols, Index depth, Index num_threads) {
-    this->m_mc = cols;
-    this->m_nc = rows;
-    this->m_kc = depth;
-    Index m = this->m_mc;
-    Eigen::internal::computeProductBlockingSizes<Scalar, Scalar, 1>(this->m_kc, m, this->m_nc, num_threads);
+  Index mc() const { return mc_; }
+  Index kc() const { return kc_; }
+  Index nc() const { return nc_; }
+  // Block sizes other than the kernel's defaults (tests reach every block edge with small ones):
+  // mc a multiple of MR, nc a multiple of NR, all positive.
+  void set_block_sizes(Index mc, Index kc, Index nc) {
+    if (mc <= 0 || mc % MR != 0 || kc <= 0 || nc <= 0 || nc % NR != 0)
+      fail("GemmBlocking::set_block_sizes", "need mc > 0 a multiple of ", MR, ", kc > 0 and nc > 0 a multiple of ", NR,
+           ", got mc = ", mc, ", kc = ", kc, ", nc = ", nc);
+    mc_ = mc;
+    kc_ = kc;
+    nc_ = nc;
   }
-  void allocateA() { this->m_blockA = grow(buffer_A_, this->m_mc * this->m_kc); }
-  void allocateB() { this->m_blockB = grow(buffer_B_, this->m_kc * this->m_nc); }
-  void allocateAll() {
-    allocateA();
-    allocateB();
+
+  // Buffers for an m x n x k product (grown, never shrunk).
+  void reserve(Index m, Index n, Index k) {
+    const Index kc = std::min(kc_, k);
+    grow(a_, round_up(std::min(mc_, m), MR) * kc);
+    grow(b_, kc * round_up(std::min(nc_, n), NR));
   }
+  Scalar* packed_a() { return a_.data(); }
+  Scalar* packed_b() { return b_.data(); }
 
  private:
-  static Scalar* grow(Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& buffer, Index size) {
+  static Index round_up(Index x, Index to) { return (x + to - 1) / to * to; }
+  static void grow(Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& buffer, Index size) {
     if (buffer.size() < size) buffer.resize(size);
-    return buffer.data();
   }
-  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> buffer_A_, buffer_B_;
+  Index mc_ = Kernel::MC, kc_ = Kernel::KC, nc_ = Kernel::NC;
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> a_, b_;
 };
 
-// dst = lhs * rhs for dense row-major dst (no aliasing), Eigen's GEMM with persistent buffers, on the
-// calling thread. Shapes too small for Eigen's GEMM (or vectors) go through Eigen's ordinary product.
-// Eigen's own threaded GEMM is not used: each of its threads allocates a packing buffer on every call once
-// the blocks pass EIGEN_STACK_ALLOCATION_LIMIT (it does on CPUs with a large L2); gemm_parallel() threads
-// instead.
+// The operands of one packed product: A(i, p) = a[i * a_rs + p * a_cs], B(p, j) = b[p * b_rs + j * b_cs],
+// C(i, j) = c[i * ldc + j].
+template <class Scalar>
+struct GemmOperands {
+  Index m = 0, n = 0, k = 0;
+  const Scalar* a = nullptr;
+  Index a_rs = 0, a_cs = 0;
+  const Scalar* b = nullptr;
+  Index b_rs = 0, b_cs = 0;
+  Scalar* c = nullptr;
+  Index ldc = 0;
+  Scalar alpha = 1, beta = 0;
+};
+
+// The packed product on the calling thread (k >= 1).
+template <class Scalar>
+void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g) {
+  using Kernel = gemm_kernel::Kernel<Scalar>;
+  constexpr int MR = Kernel::MR, NR = Kernel::NR;
+  LORA_ASSERT(g.k >= 1);
+  blocking.reserve(g.m, g.n, g.k);
+  Scalar* const pa = blocking.packed_a();
+  Scalar* const pb = blocking.packed_b();
+  const Index MC = blocking.mc(), KC = blocking.kc(), NC = blocking.nc();
+  for (Index jc = 0; jc < g.n; jc += NC) {
+    const Index nc = std::min(NC, g.n - jc);
+    for (Index pc = 0; pc < g.k; pc += KC) {
+      const Index kc = std::min(KC, g.k - pc);
+      const Scalar beta = pc == 0 ? g.beta : Scalar(1);
+      gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, pb);
+      for (Index ic = 0; ic < g.m; ic += MC) {
+        const Index mc = std::min(MC, g.m - ic);
+        gemm_pack::pack_a<MR>(g.a + ic * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, mc, kc, pa);
+        for (Index jr = 0; jr < nc; jr += NR) {
+          const Index cols = std::min<Index>(NR, nc - jr);
+          for (Index ir = 0; ir < mc; ir += MR) {
+            Kernel::run(kc, pa + ir * kc, pb + jr * kc, g.c + (ic + ir) * g.ldc + jc + jr, g.ldc,
+                        std::min<Index>(MR, mc - ir), cols, g.alpha, beta);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Keeps a parameter out of template argument deduction (alpha, beta take the blocking's scalar).
+template <class T>
+struct gemm_scalar {
+  using type = T;
+};
+
+// dst = alpha * lhs * rhs + beta * dst for a row-major dst (no aliasing), on the calling thread.
 template <class Scalar, class Lhs, class Rhs, class Dst>
-void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& dst) {
+void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& dst,
+          typename gemm_scalar<Scalar>::type alpha = Scalar(1), typename gemm_scalar<Scalar>::type beta = Scalar(0)) {
   using namespace Eigen;
   static_assert(Dst::Flags & RowMajorBit, "lora::detail::gemm writes row-major destinations");
-  if (lhs.rows() <= 1 || rhs.cols() <= 1 || lhs.cols() == 0 ||
-      lhs.cols() + lhs.rows() + rhs.cols() < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
-    dst.noalias() = lhs * rhs;
+  LORA_ASSERT(lhs.cols() == rhs.rows() && dst.rows() == lhs.rows() && dst.cols() == rhs.cols());
+  constexpr bool direct = (Lhs::Flags & DirectAccessBit) && (Rhs::Flags & DirectAccessBit) &&
+                          (Dst::Flags & DirectAccessBit);
+#ifdef EIGEN_USE_BLAS
+  constexpr bool packed = false;  // the BLAS runs the product (through Eigen's product)
+#else
+  constexpr bool packed = direct;
+#endif
+  const Index m = lhs.rows(), k = lhs.cols(), n = rhs.cols();
+  bool small = m <= 1 || n <= 1 || k == 0 || m + n + k < 20;
+  if constexpr (packed) small = small || dst.colStride() != 1;
+  if (!packed || small) {
+    (void)blocking;
+    if (beta == Scalar(0)) {
+      if (alpha == Scalar(1))
+        dst.noalias() = lhs * rhs;
+      else
+        dst.noalias() = alpha * (lhs * rhs);
+    } else {
+      if (beta != Scalar(1)) dst *= beta;
+      dst.noalias() += alpha * (lhs * rhs);
+    }
     return;
   }
-  using Gemm = internal::general_matrix_matrix_product<Index, Scalar, (Lhs::Flags & RowMajorBit) ? RowMajor : ColMajor,
-                                                       false, Scalar, (Rhs::Flags & RowMajorBit) ? RowMajor : ColMajor,
-                                                       false, RowMajor, 1>;
-  using Functor = internal::gemm_functor<Scalar, Index, Gemm, Lhs, Rhs, Dst, GemmBlocking<Scalar>>;
-  blocking.configure(dst.rows(), dst.cols(), lhs.cols());
-  dst.setZero();
-  Functor(lhs, rhs, dst, Scalar(1), blocking)(0, lhs.rows(), 0, rhs.cols());
+  if constexpr (packed) {
+    GemmOperands<Scalar> g;
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    g.a = lhs.data();
+    g.a_rs = lhs.rowStride();
+    g.a_cs = lhs.colStride();
+    g.b = rhs.data();
+    g.b_rs = rhs.rowStride();
+    g.b_cs = rhs.colStride();
+    g.c = dst.data();
+    g.ldc = dst.rowStride();
+    g.alpha = alpha;
+    g.beta = beta;
+    packed_gemm(blocking, g);
+  }
 }
 
 // One GemmBlocking per thread of gemm_parallel().
 template <class Scalar>
 using GemmBuffers = std::vector<GemmBlocking<Scalar>>;
 
-// dst = lhs * rhs split over the threads, each running gemm() on its part with its own buffers: no
-// allocation once the buffers have seen the shape. Many rows: the threads take rows of lhs and dst; few
-// rows (dX = dY W0 while decoding): columns of rhs and dst.
+// dst = alpha * lhs * rhs + beta * dst split over the threads, each running gemm() on its part with its
+// own buffers: no allocation once the buffers have seen the shape. Each thread packs all of the operand
+// it does not split, so the split goes along the longer of m and n (a thread then repacks the smaller
+// operand); few rows (dX = dY W0 while decoding) always split the columns.
 template <class Scalar, class Lhs, class Rhs, class Dst>
-void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs, Dst& dst) {
+void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs, Dst& dst,
+                   typename gemm_scalar<Scalar>::type alpha = Scalar(1),
+                   typename gemm_scalar<Scalar>::type beta = Scalar(0)) {
   const Index m = lhs.rows(), p = rhs.cols();
 #ifdef EIGEN_USE_BLAS
   const int threads = 1;  // the BLAS threads its own products
@@ -97,24 +190,25 @@ void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs,
   const int threads =
       threads_for(static_cast<double>(m) * static_cast<double>(lhs.cols()) * static_cast<double>(p));
 #endif
-  if (static_cast<int>(buffers.size()) < threads) buffers.resize(static_cast<std::size_t>(threads));
+  if (static_cast<int>(buffers.size()) < std::max(threads, 1)) buffers.resize(static_cast<std::size_t>(std::max(threads, 1)));
   if (threads <= 1) {
-    gemm(buffers.front(), lhs, rhs, dst);
+    gemm(buffers.front(), lhs, rhs, dst, alpha, beta);
     return;
   }
-  const bool by_rows = m >= 16 * threads;
+  constexpr Index MR = GemmBlocking<Scalar>::MR, NR = GemmBlocking<Scalar>::NR;
+  const bool by_rows = m > p && m >= 4 * MR * threads;
   parallel_region(threads, [&](int t, int nt) {
     GemmBlocking<Scalar>& own = buffers[static_cast<std::size_t>(t)];
     if (by_rows) {
-      const auto rows = split(m, kernel::MR, t, nt);
+      const auto rows = split(m, MR, t, nt);
       if (rows.first >= rows.second) return;
       auto d = dst.middleRows(rows.first, rows.second - rows.first);
-      gemm(own, lhs.middleRows(rows.first, rows.second - rows.first), rhs, d);
+      gemm(own, lhs.middleRows(rows.first, rows.second - rows.first), rhs, d, alpha, beta);
     } else {
-      const auto cols = split(p, 16, t, nt);
+      const auto cols = split(p, NR, t, nt);
       if (cols.first >= cols.second) return;
       auto d = dst.middleCols(cols.first, cols.second - cols.first);
-      gemm(own, lhs, rhs.middleCols(cols.first, cols.second - cols.first), d);
+      gemm(own, lhs, rhs.middleCols(cols.first, cols.second - cols.first), d, alpha, beta);
     }
   });
 }

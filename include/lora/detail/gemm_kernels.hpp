@@ -1,0 +1,116 @@
+// lora.hpp internals: the register-blocked micro-kernels of the packed GEMM (detail/gemm.hpp).
+//
+// One micro-kernel, written once over a small vector interface V (load, broadcast, fma, store):
+//   C[MR x NR] = alpha * Apanel[MR x kc] * Bpanel[kc x NR] + beta * C      (beta == 0: C is not read)
+// with NR = NV * V::width. The accumulators (MR x NV vectors) stay in registers; each step of p loads NV
+// vectors of the B panel and broadcasts MR values of the A panel. A tile clipped at the edge of C is
+// computed in full (the panels are zero-padded) and stored through a small buffer.
+//
+// The instruction set is chosen at compile time from the compiler's target flags:
+//   __AVX512F__              gemm_kernels_avx512.hpp  12 x 32 float, 12 x 16 double
+//   __AVX2__ && __FMA__      gemm_kernels_avx2.hpp     6 x 16 float,  6 x 8 double
+//   otherwise, or LORA_GEMM_PORTABLE                   4 x 2 packets of Eigen's widest packet
+// Each kernel also names its default block sizes (MC, KC, NC) for the caches of the CPUs it targets.
+#pragma once
+
+#include <lora/common.hpp>
+
+#include <algorithm>
+
+namespace lora::detail::gemm_kernel {
+
+// C tile = alpha * A panel * B panel + beta * C tile, rows x cols of it written (rows <= MR, cols <= NR).
+template <class V, int MR, int NV>
+inline void micro_kernel(Index kc, const typename V::Scalar* __restrict a, const typename V::Scalar* __restrict b,
+                         typename V::Scalar* c, Index ldc, Index rows, Index cols, typename V::Scalar alpha,
+                         typename V::Scalar beta) {
+  using Scalar = typename V::Scalar;
+  using T = typename V::type;
+  constexpr int W = V::width, NR = NV * W;
+  T acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (Index p = 0; p < kc; ++p, a += MR, b += NR) {
+    T bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T ar = V::broadcast(a[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
+    }
+  }
+  const T va = V::broadcast(alpha), vb = V::broadcast(beta);
+  if (rows == MR && cols == NR) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        Scalar* dst = c + r * ldc + v * W;
+        const T scaled = V::mul(va, acc[r][v]);
+        V::store(dst, beta == Scalar(0) ? scaled : V::fma(vb, V::load(dst), scaled));
+      }
+    return;
+  }
+  Scalar tile[MR * NR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) V::store(tile + r * NR + v * W, acc[r][v]);
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < cols; ++j) {
+      Scalar& dst = c[r * ldc + j];
+      dst = beta == Scalar(0) ? alpha * tile[r * NR + j] : alpha * tile[r * NR + j] + beta * dst;
+    }
+}
+
+// The vector interface over Eigen's packets: any CPU Eigen vectorises for (and scalars where it does not).
+template <class S>
+struct EigenPacket {
+  using Scalar = S;
+  using type = typename Eigen::internal::packet_traits<S>::type;
+  static constexpr int width = Eigen::internal::unpacket_traits<type>::size;
+  static EIGEN_ALWAYS_INLINE type zero() { return Eigen::internal::pset1<type>(S(0)); }
+  static EIGEN_ALWAYS_INLINE type load(const S* p) { return Eigen::internal::ploadu<type>(p); }
+  static EIGEN_ALWAYS_INLINE type broadcast(S x) { return Eigen::internal::pset1<type>(x); }
+  static EIGEN_ALWAYS_INLINE type fma(type a, type b, type c) { return Eigen::internal::pmadd(a, b, c); }
+  static EIGEN_ALWAYS_INLINE type mul(type a, type b) { return Eigen::internal::pmul(a, b); }
+  static EIGEN_ALWAYS_INLINE void store(S* p, type x) { Eigen::internal::pstoreu(p, x); }
+};
+
+// Portable: 4 rows x 2 packets (4 x 8 floats with SSE, 4 x 16 with AVX). KC = 256 keeps a B panel
+// (KC x NR) in a 32 KiB L1; MC = 128 keeps the A block (MC x KC) in a 256 KiB L2.
+template <class S>
+struct PortableKernel {
+  using V = EigenPacket<S>;
+  static constexpr int MR = 4, NV = 2, NR = NV * V::width;
+  static constexpr Index MC = 128, KC = 256, NC = 2048;
+  static constexpr const char* name = "portable";
+  static void run(Index kc, const S* a, const S* b, S* c, Index ldc, Index rows, Index cols, S alpha, S beta) {
+    micro_kernel<V, MR, NV>(kc, a, b, c, ldc, rows, cols, alpha, beta);
+  }
+};
+
+}  // namespace lora::detail::gemm_kernel
+
+#if !defined(LORA_GEMM_PORTABLE) && defined(__AVX512F__)
+#include <lora/detail/gemm_kernels_avx512.hpp>
+namespace lora::detail::gemm_kernel {
+template <class S>
+using Kernel = Avx512Kernel<S>;
+}
+#elif !defined(LORA_GEMM_PORTABLE) && defined(__AVX2__) && defined(__FMA__)
+#include <lora/detail/gemm_kernels_avx2.hpp>
+namespace lora::detail::gemm_kernel {
+template <class S>
+using Kernel = Avx2Kernel<S>;
+}
+#else
+namespace lora::detail::gemm_kernel {
+template <class S>
+using Kernel = PortableKernel<S>;
+}
+#endif

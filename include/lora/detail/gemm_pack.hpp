@@ -1,0 +1,54 @@
+// lora.hpp internals: packing the operands of the packed GEMM (include/lora/detail/gemm.hpp).
+//
+// A block of A (mc x kc) becomes panels of MR rows: panel q holds, for each p in [0, kc), the MR values
+// A(q MR + r, p) side by side. A block of B (kc x nc) becomes panels of NR columns: panel q holds, for
+// each p, the NR values B(p, q NR + c). Rows (columns) past the block's edge are zeros, so the
+// micro-kernel always runs a full MR x NR tile and only its store is clipped. Sources are read through
+// (row stride, column stride), which covers row- and column-major matrices, Maps and Blocks.
+#pragma once
+
+#include <lora/common.hpp>
+
+#include <algorithm>
+
+namespace lora::detail::gemm_pack {
+
+// A(i, p) = a[i * rs + p * cs], i in [0, mc), p in [0, kc), into ceil(mc / MR) panels of MR x kc at dst.
+template <int MR, class Scalar>
+void pack_a(const Scalar* a, Index rs, Index cs, Index mc, Index kc, Scalar* dst) {
+  for (Index i = 0; i < mc; i += MR, dst += MR * kc) {
+    const Index rows = std::min<Index>(MR, mc - i);
+    const Scalar* src = a + i * rs;
+    if (rows == MR && rs == 1) {  // column-major: each step of p reads MR contiguous values
+      for (Index p = 0; p < kc; ++p)
+        for (int r = 0; r < MR; ++r) dst[p * MR + r] = src[p * cs + r];
+    } else if (rows == MR) {  // row-major (or any stride): each row is read along its length
+      for (int r = 0; r < MR; ++r)
+        for (Index p = 0; p < kc; ++p) dst[p * MR + r] = src[r * rs + p * cs];
+    } else {
+      for (Index p = 0; p < kc; ++p)
+        for (int r = 0; r < MR; ++r) dst[p * MR + r] = r < rows ? src[r * rs + p * cs] : Scalar(0);
+    }
+  }
+}
+
+// B(p, j) = b[p * rs + j * cs], p in [0, kc), j in [0, nc), into ceil(nc / NR) panels of kc x NR at dst.
+template <int NR, class Scalar>
+void pack_b(const Scalar* b, Index rs, Index cs, Index kc, Index nc, Scalar* dst) {
+  for (Index j = 0; j < nc; j += NR, dst += NR * kc) {
+    const Index cols = std::min<Index>(NR, nc - j);
+    const Scalar* src = b + j * cs;
+    if (cols == NR && cs == 1) {  // row-major: NR contiguous values per step of p
+      for (Index p = 0; p < kc; ++p)
+        for (int c = 0; c < NR; ++c) dst[p * NR + c] = src[p * rs + c];
+    } else if (cols == NR) {  // column-major (B = W^T with W row-major): each column read along its length
+      for (int c = 0; c < NR; ++c)
+        for (Index p = 0; p < kc; ++p) dst[p * NR + c] = src[c * cs + p * rs];
+    } else {
+      for (Index p = 0; p < kc; ++p)
+        for (int c = 0; c < NR; ++c) dst[p * NR + c] = c < cols ? src[c * cs + p * rs] : Scalar(0);
+    }
+  }
+}
+
+}  // namespace lora::detail::gemm_pack
