@@ -1,13 +1,17 @@
 // Transformer building blocks: LayerNorm, RMSNorm, Embedding (with LoRA), TokenBatch.
+#include <lora/io.hpp>
 #include <lora/nn/attention.hpp>
 #include <lora/nn/embedding.hpp>
 #include <lora/nn/norm.hpp>
 #include <lora/nn/token_batch.hpp>
 
 #include "gradient_check.hpp"
+#include "temp_files.hpp"
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -350,4 +354,150 @@ TEST_CASE("MultiHeadSelfAttention: named children, replacement, parameters, erro
   CHECK(relative_error(Y.row(0).transpose(), bias) < 1e-15);
   auto copy = att.clone();
   CHECK(copy->num_parameters() == att.num_parameters());
+}
+
+// ---- the module tree: containers walk any module with children ---------------------------------------
+
+namespace {
+
+// layers.0 Linear 3 -> 4, layers.1 attention (hidden 4, 2 heads), layers.2 Linear 4 -> 2.
+lora::nn::Sequential<double> attention_model(unsigned seed) {
+  lora::nn::Sequential<double> m;
+  m.add(lora::nn::Linear<double>(3, 4, true, seed));
+  m.add(lora::nn::MultiHeadSelfAttention<double>(4, 2, false, seed + 1));
+  m.add(lora::nn::Linear<double>(4, 2, true, seed + 10));
+  return m;
+}
+
+lora::nn::MultiHeadSelfAttention<double>& attention_of(lora::nn::Sequential<double>& m) {
+  return dynamic_cast<lora::nn::MultiHeadSelfAttention<double>&>(m[1]);
+}
+
+lora::nn::LoraInjectConfig query_value_config() {
+  lora::nn::LoraInjectConfig c;
+  c.target_modules = {"query", "value"};
+  c.rank = 2;
+  c.alpha = 4;
+  c.init = lora::InitMethod::random;  // B != 0: the adapters change the output
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("Module tree: a Sequential lists, finds and replaces the children of an attention block",
+          "[transformer][tree]") {
+  auto m = attention_model(80);
+  CHECK(m.module_names() == std::vector<std::string>{"layers.0", "layers.1.query", "layers.1.key", "layers.1.value",
+                                                      "layers.1.dense", "layers.2"});
+  CHECK(m.num_children() == 3);
+  CHECK(m.child_name(1) == "1");
+  CHECK(m.child(1).num_children() == 4);
+  CHECK(m.child(1).child_name(3) == "dense");
+  CHECK(&m.module("layers.1.key") == &attention_of(m).child("key"));
+  CHECK(m.base_tensor_names().size() == 12);
+  CHECK(m.base_tensor("layers.1.value.bias") == dynamic_cast<lora::nn::Linear<double>&>(attention_of(m).child("value")).bias());
+
+  // Replacement through the tree keeps the widths check and hands back the old module.
+  CHECK(contains(message_of([&] { m.replace_module("layers.1.key", std::make_unique<lora::nn::Linear<double>>(4, 3)); }),
+                 "expected 4 -> 4"));
+  CHECK(contains(message_of([&] { m.child(1).replace_child(4, std::make_unique<lora::nn::Linear<double>>(4, 4)); }),
+                 "no child 4"));
+  CHECK(contains(message_of([&] { m.replace_child(0, nullptr); }), "null"));
+  auto fresh = std::make_unique<lora::nn::Linear<double>>(4, 4, true, 5);
+  const lora::nn::Module<double>* fresh_ptr = fresh.get();
+  const lora::nn::Module<double>* old_ptr = &m.module("layers.1.key");
+  auto old = m.replace_module("layers.1.key", std::move(fresh));
+  CHECK(old.get() == old_ptr);
+  CHECK(&m.module("layers.1.key") == fresh_ptr);
+
+  // set_requires_grad on a sub-tree reaches the children of the attention block.
+  m.set_requires_grad("layers.1", false);
+  CHECK(m.child(1).num_trainable_parameters() == 0);
+  CHECK(m.child(0).num_trainable_parameters() == 16);
+  m.set_requires_grad("layers.1.dense", true);
+  CHECK(m.child(1).num_trainable_parameters() == 20);
+}
+
+TEST_CASE("Module tree: inject_lora by PEFT names into attention, gradients, merge/unmerge, adapter files",
+          "[transformer][tree][gradcheck]") {
+  auto model = attention_model(90);
+  lora::nn::inject_lora(model, query_value_config());
+  std::vector<std::string> adapted;
+  for (const auto& entry : model.lora_layers()) adapted.push_back(entry.first);
+  CHECK(adapted == std::vector<std::string>{"layers.1.query", "layers.1.value"});
+  CHECK(dynamic_cast<lora::nn::LoraLayer<double>*>(&attention_of(model).child("query")) != nullptr);
+  CHECK(dynamic_cast<lora::nn::Linear<double>*>(&attention_of(model).child("key")) != nullptr);
+
+  // Only A and B of the two adapters train; the gradient check runs through the injected model.
+  lora::ParameterList<double> params = model.parameters();
+  std::vector<std::string> names;
+  for (const auto& p : params) names.push_back(p.name);
+  CHECK(names == std::vector<std::string>{"layers.1.query.lora_A.default.weight", "layers.1.query.lora_B.default.weight",
+                                          "layers.1.value.lora_A.default.weight", "layers.1.value.lora_B.default.weight"});
+  const lora::nn::TokenBatch tokens({{1, 2, 3}, {4}}, 10);
+  attention_of(model).set_layout(tokens);
+  check_module_gradients(model, random_matrix<double>(6, 3, 91), 92);
+
+  // merge folds the adapters into W0 (same output), unmerge restores the base.
+  model.eval();
+  const Matrix<double> X = random_matrix<double>(6, 3, 93);
+  const Matrix<double> Y = model.forward(X);
+  const Matrix<double> W0 = model.base_tensor("layers.1.query.weight");
+  model.merge();
+  CHECK(model.merged());
+  CHECK(relative_error(model.forward(X), Y) < 1e-12);
+  model.unmerge();
+  CHECK(!model.merged());
+  CHECK(relative_error(model.base_tensor("layers.1.query.weight"), W0) < 1e-14);
+  CHECK(relative_error(model.forward(X), Y) < 1e-12);
+
+  // The adapter file holds PEFT's keys for the paths under the attention block and reloads to the
+  // same outputs into a fresh model with the same base.
+  lora::testing::TempDir dir;
+  lora::AdapterSaveOptions f64;
+  f64.dtype = lora::Dtype::F64;
+  lora::save_adapter(dir / "adapter", model, "default", f64);
+  std::vector<std::string> keys;
+  const lora::SafetensorsReader file = lora::SafetensorsReader::open(dir / "adapter/adapter_model.safetensors");
+  for (const auto& t : file.tensors())
+    keys.push_back(t.name);
+  std::sort(keys.begin(), keys.end());
+  CHECK(keys == std::vector<std::string>{"base_model.model.layers.1.query.lora_A.weight",
+                                         "base_model.model.layers.1.query.lora_B.weight",
+                                         "base_model.model.layers.1.value.lora_A.weight",
+                                         "base_model.model.layers.1.value.lora_B.weight"});
+  auto reloaded = attention_model(90);
+  lora::from_pretrained(reloaded, dir / "adapter");
+  reloaded.eval();
+  attention_of(reloaded).set_layout(tokens);
+  CHECK(reloaded.forward(X) == Y);
+
+  // load_adapter as a second adapter into the injected model reaches the attention children too.
+  lora::load_adapter(dir / "adapter", reloaded, "second");
+  CHECK(reloaded.lora_layers().front().second->has_adapter("second"));
+}
+
+TEST_CASE("Module tree: modules_to_save on an attention child, errors name the paths", "[transformer][tree]") {
+  auto model = attention_model(100);
+  lora::nn::LoraInjectConfig c = query_value_config();
+  c.modules_to_save = {"dense"};
+  lora::nn::inject_lora(model, c);
+  const auto saved = model.saved_modules();
+  REQUIRE(saved.size() == 1);
+  CHECK(saved.front().first == "layers.1.dense");
+  CHECK(dynamic_cast<lora::nn::ModulesToSave<double>*>(&attention_of(model).child("dense")) != nullptr);
+  // The trainable copy's parameters are under the PEFT path.
+  bool found = false;
+  for (const auto& p : model.parameters()) found = found || p.name == "layers.1.dense.modules_to_save.default.weight";
+  CHECK(found);
+
+  // A target that matches nothing names the paths that exist, the attention children among them.
+  auto other = attention_model(101);
+  lora::nn::LoraInjectConfig bad = query_value_config();
+  bad.target_modules = {"q_proj"};
+  const std::string message = message_of([&] { lora::nn::inject_lora(other, bad); });
+  CHECK(contains(message, "q_proj"));
+  CHECK(contains(message, "layers.1.query"));
+  CHECK(other.lora_layers().empty());
+  CHECK(contains(message_of([&] { other.module("layers.1.output"); }), "layers.1.dense"));
 }

@@ -26,6 +26,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lora::nn {
@@ -159,32 +160,42 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
 
   // Children, in order, under Hugging Face's names: "query", "key", "value", "dense" (BERT's
   // attention.output.dense).
-  static const char* child_name(int i) {
-    static const char* names[4] = {"query", "key", "value", "dense"};
-    return names[i];
+  // (Module's child interface; the named forms below forward to it.)
+  std::size_t num_children() const override { return 4; }
+  std::string child_name(std::size_t i) const override {
+    if (i >= 4) this->no_child("MultiHeadSelfAttention::child_name", i);
+    return projection_name(static_cast<int>(i));
+  }
+  Module<Scalar>& child(std::size_t i) override {
+    if (i >= 4) this->no_child("MultiHeadSelfAttention::child", i);
+    return *children_[i];
+  }
+  const Module<Scalar>& child(std::size_t i) const override {
+    if (i >= 4) this->no_child("MultiHeadSelfAttention::child", i);
+    return *children_[i];
+  }
+  // replace_child(i, module)
+  //   requires: i < 4; module non-null with in_features = out_features = hidden.
+  //   ensures:  the child is replaced (e.g. a Linear by a LoRA layer over it) and returned; the cached
+  //             forward is dropped.
+  ModulePtr replace_child(std::size_t i, ModulePtr module) override {
+    this->check_replacement("MultiHeadSelfAttention::replace_child", i, module.get());
+    module->train(this->training_);
+    cached_ = false;
+    return std::exchange(children_[i], std::move(module));
   }
   void for_each_child(const std::function<void(const std::string&, Module<Scalar>&)>& fn) {
-    for (int i = 0; i < 4; ++i) fn(child_name(i), *children_[i]);
+    for (int i = 0; i < 4; ++i) fn(projection_name(i), *children_[i]);
   }
   Module<Scalar>& child(const std::string& name) { return *children_[index_of("MultiHeadSelfAttention::child", name)]; }
-  // replace_child(name, module)
-  //   requires: name is one of the children; module non-null with in_features = out_features = hidden.
-  //   ensures:  the child is replaced (e.g. a Linear by a LoRA layer over it); the cached forward is dropped.
-  void replace_child(const std::string& name, ModulePtr module) {
-    constexpr const char* where = "MultiHeadSelfAttention::replace_child";
-    const int i = index_of(where, name);
-    if (!module) detail::fail(where, "the replacement for '", name, "' is null");
-    if (module->in_features() != hidden_ || module->out_features() != hidden_)
-      detail::fail(where, "the replacement for '", name, "' is ", module->in_features(), " -> ", module->out_features(),
-                   ", expected ", hidden_, " -> ", hidden_);
-    module->train(this->training_);
-    children_[i] = std::move(module);
-    cached_ = false;
+  ModulePtr replace_child(const std::string& name, ModulePtr module) {
+    return replace_child(static_cast<std::size_t>(index_of("MultiHeadSelfAttention::replace_child", name)),
+                         std::move(module));
   }
 
   // Children's parameters as "<prefix><child>.<name>".
   void collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) override {
-    for (int i = 0; i < 4; ++i) children_[i]->collect_parameters(out, prefix + child_name(i) + ".");
+    for (int i = 0; i < 4; ++i) children_[i]->collect_parameters(out, prefix + projection_name(i) + ".");
   }
   Index num_parameters() const override {
     Index n = 0;
@@ -207,9 +218,13 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<MultiHeadSelfAttention>(*this); }
 
  private:
+  static const char* projection_name(int i) {
+    static const char* names[4] = {"query", "key", "value", "dense"};
+    return names[i];
+  }
   int index_of(const char* where, const std::string& name) const {
     for (int i = 0; i < 4; ++i)
-      if (name == child_name(i)) return i;
+      if (name == projection_name(i)) return i;
     detail::fail(where, "no child '", name, "' (children: query, key, value, dense)");
   }
 

@@ -76,6 +76,41 @@ class Module {
   virtual std::unique_ptr<Module> clone() const = 0;
 
  protected:
+  [[noreturn]] void no_child(const char* where, std::size_t i) const {
+    detail::fail(where, type_name(), " has ", num_children(), " children; there is no child ", i);
+  }
+  // The checks every replace_child makes: index in range, non-null, same widths as the old child.
+  void check_replacement(const char* where, std::size_t i, const Module* module) const {
+    if (i >= num_children()) no_child(where, i);
+    if (!module) detail::fail(where, "the replacement for '", child_name(i), "' is null");
+    const Module& old = child(i);
+    if (old.in_features() != module->in_features() || old.out_features() != module->out_features())
+      detail::fail(where, "the replacement for '", child_name(i), "' (", old.describe(), ") is ",
+                   module->describe(), ", ", module->in_features(), " -> ", module->out_features(), ", expected ",
+                   old.in_features(), " -> ", old.out_features());
+  }
+
+ public:
+  // ---- children ------------------------------------------------------------------------------------
+  // A module may own child modules under names (no '.'), which make the dotted paths of the model tree:
+  // Sequential's "0", "1", ..., attention's "query", "key", "value", "dense". Containers walk them to
+  // list, find and replace modules (Sequential::named_modules, inject_lora). A leaf has none.
+  virtual std::size_t num_children() const { return 0; }
+  // requires: i < num_children() (throws otherwise).
+  virtual std::string child_name(std::size_t i) const {
+    no_child("Module::child_name", i);
+    return {};  // not reached
+  }
+  virtual Module& child(std::size_t i) { no_child("Module::child", i); }
+  virtual const Module& child(std::size_t i) const { no_child("Module::child", i); }
+  // Puts `module` (non-null, same widths as the child) in place of child i, in this module's training
+  // mode, and returns the old child. Throws and changes nothing on bad input.
+  virtual std::unique_ptr<Module> replace_child(std::size_t i, std::unique_ptr<Module> module) {
+    (void)module;
+    no_child("Module::replace_child", i);
+  }
+
+ protected:
   Module(const Module&) = default;
   Module& operator=(const Module&) = default;
 

@@ -73,7 +73,25 @@ class Sequential final : public Module<Scalar> {
   std::size_t size() const { return children_.size(); }
   Module<Scalar>& operator[](std::size_t i) { return *children_.at(i).module; }
   const Module<Scalar>& operator[](std::size_t i) const { return *children_.at(i).module; }
-  const std::string& child_name(std::size_t i) const { return children_.at(i).name; }
+  // Module's child interface: the modules in order, under their names.
+  std::size_t num_children() const override { return children_.size(); }
+  std::string child_name(std::size_t i) const override {
+    if (i >= children_.size()) this->no_child("Sequential::child_name", i);
+    return children_[i].name;
+  }
+  Module<Scalar>& child(std::size_t i) override {
+    if (i >= children_.size()) this->no_child("Sequential::child", i);
+    return *children_[i].module;
+  }
+  const Module<Scalar>& child(std::size_t i) const override {
+    if (i >= children_.size()) this->no_child("Sequential::child", i);
+    return *children_[i].module;
+  }
+  ModulePtr replace_child(std::size_t i, ModulePtr module) override {
+    this->check_replacement("Sequential::replace_child", i, module.get());
+    module->train(this->training_);
+    return std::exchange(children_[i].module, std::move(module));
+  }
   const std::string& name() const { return name_; }
 
   // ---- Module ----------------------------------------------------------------------------------------
@@ -197,15 +215,15 @@ class Sequential final : public Module<Scalar> {
     lora_config_ = other.lora_config_;
   }
 
-  // Calls fn(path, parent, index) for every non-container module, depth first.
-  template <class Self, class Fn>
-  static void visit(Self& self, const std::string& prefix, Fn&& fn) {
-    for (std::size_t i = 0; i < self.children_.size(); ++i) {
-      auto& c = self.children_[i];
-      const std::string path = prefix + c.name;
-      if (auto* nested = dynamic_cast<std::conditional_t<std::is_const_v<Self>, const Sequential*, Sequential*>>(
-              c.module.get()))
-        visit(*nested, path + ".", fn);
+  // Calls fn(path, parent, index) for every module without children (a leaf) under `self`, depth first,
+  // through every module that has children (Sequential, attention, ...). An empty Sequential lists nothing.
+  template <class M, class Fn>
+  static void visit(M& self, const std::string& prefix, Fn&& fn) {
+    for (std::size_t i = 0; i < self.num_children(); ++i) {
+      auto& c = self.child(i);
+      const std::string path = prefix + self.child_name(i);
+      if (c.num_children() > 0 || dynamic_cast<const Sequential*>(&c))
+        visit(c, path + ".", fn);
       else
         fn(path, self, i);
     }
@@ -292,8 +310,8 @@ std::string Sequential<Scalar>::describe() const {
 template <class Scalar>
 std::vector<std::pair<std::string, Module<Scalar>*>> Sequential<Scalar>::named_modules() {
   std::vector<std::pair<std::string, Module<Scalar>*>> out;
-  visit(*this, root_prefix(), [&](const std::string& path, Sequential& parent, std::size_t i) {
-    out.emplace_back(path, parent.children_[i].module.get());
+  visit(*this, root_prefix(), [&](const std::string& path, Module<Scalar>& parent, std::size_t i) {
+    out.emplace_back(path, &parent.child(i));
   });
   return out;
 }
@@ -301,8 +319,8 @@ std::vector<std::pair<std::string, Module<Scalar>*>> Sequential<Scalar>::named_m
 template <class Scalar>
 std::vector<std::pair<std::string, const Module<Scalar>*>> Sequential<Scalar>::named_modules() const {
   std::vector<std::pair<std::string, const Module<Scalar>*>> out;
-  visit(*this, root_prefix(), [&](const std::string& path, const Sequential& parent, std::size_t i) {
-    out.emplace_back(path, parent.children_[i].module.get());
+  visit(*this, root_prefix(), [&](const std::string& path, const Module<Scalar>& parent, std::size_t i) {
+    out.emplace_back(path, &parent.child(i));
   });
   return out;
 }
@@ -353,14 +371,13 @@ typename Sequential<Scalar>::ModulePtr Sequential<Scalar>::replace_module(const 
   if (!module) detail::fail(where, "the module is null");
   ModulePtr old_module;
   bool done = false;
-  visit(*this, root_prefix(), [&](const std::string& p, Sequential& parent, std::size_t i) {
+  visit(*this, root_prefix(), [&](const std::string& p, Module<Scalar>& parent, std::size_t i) {
     if (done || p != path) return;
-    const Module<Scalar>& old = *parent.children_[i].module;
-    if (old.in_features() != module->in_features() || old.out_features() != module->out_features())
-      detail::fail(where, "'", path, "' is ", old.describe(), "; the replacement ", module->describe(),
-                   " has other widths");
-    module->train(old.training());
-    old_module = std::exchange(parent.children_[i].module, std::move(module));
+    try {
+      old_module = parent.replace_child(i, std::move(module));
+    } catch (const std::invalid_argument& e) {
+      detail::fail(where, "'", path, "': ", e.what());
+    }
     done = true;
   });
   if (!done) detail::fail(where, "no module named '", path, "'; the model has: ", known_paths());
