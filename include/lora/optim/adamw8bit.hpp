@@ -165,14 +165,19 @@ class AdamW8bit {
     return out;
   }
 
-  // The Adam update of n values with their float32 moments m and v (updated in place).
-  static void adam(Scalar* p, const Scalar* g, float* m, float* v, Index n, const Step& s) {
+  // The Adam update of the n values from row-major position k0 of p (views with an outer stride) with
+  // their float32 moments m and v (updated in place).
+  static void adam(Parameter<Scalar>& p, Index k0, float* m, float* v, Index n, const Step& s) {
+    const Index cols = p.value.cols();
+    Index r = k0 / cols, c = k0 % cols;
     for (Index j = 0; j < n; ++j) {
-      const auto gj = static_cast<float>(g[j]);
+      Scalar& pj = p.value.data()[r * p.value.outerStride() + c];
+      const auto gj = static_cast<float>(p.grad.data()[r * p.grad.outerStride() + c]);
+      if (++c == cols) c = 0, ++r;
       m[j] = m[j] * s.beta1 + (1.0f - s.beta1) * gj;
       v[j] = v[j] * s.beta2 + (1.0f - s.beta2) * (gj * gj);
       const float u = s.step_size * (m[j] / (std::sqrt(v[j]) + s.c2_eps));
-      p[j] = (p[j] + static_cast<Scalar>(u)) * static_cast<Scalar>(s.decay);
+      pj = (pj + static_cast<Scalar>(u)) * static_cast<Scalar>(s.decay);
     }
   }
 
@@ -210,10 +215,8 @@ class AdamW8bit {
     const Step st{static_cast<float>(options_.beta1), static_cast<float>(options_.beta2),
                   static_cast<float>(-lr * c2 / c1), static_cast<float>(c2 * options_.eps),
                   static_cast<float>(wd > 0 ? 1 - lr * wd : 1.0)};
-    Scalar* P = p.value.data();
-    const Scalar* G = p.grad.data();
     if (!s.quantized) {
-      adam(P, G, s.m.data(), s.v.data(), n, st);
+      adam(p, 0, s.m.data(), s.v.data(), n, st);
       return;
     }
     const auto& smap = quant::dynamic_map();
@@ -230,7 +233,7 @@ class AdamW8bit {
         m[j] = smap[mc[j]] * s.m_absmax[ub];
         v[j] = umap[vc[j]] * s.v_absmax[ub];
       }
-      adam(P + i0, G + i0, m, v, len, st);
+      adam(p, i0, m, v, len, st);
       s.m_absmax[ub] = requantize(m, len, smap, signed_zero_code(), mc);
       s.v_absmax[ub] = requantize(v, len, umap, 0, vc);
     }
