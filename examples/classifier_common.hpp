@@ -30,6 +30,7 @@ constexpr lora::Index kBatch = 128;
 struct Setup {
   lora::data::ClusterTask task_a, task_b;
   Data a_train, a_test, b_train, b_test;
+  std::string optimizer = "adamw";  // train_and_evaluate's: "adamw" or "adamw8bit" (8-bit moments)
 };
 
 inline Setup make_setup() {
@@ -69,7 +70,8 @@ struct RunResult {
   std::size_t optimizer_bytes = 0;
 };
 
-// Trains every trainable parameter of `model` on `train` with AdamW, printing one line per epoch
+// Trains every trainable parameter of `model` on `train` with AdamW (AdamW8bit if setup.optimizer is
+// "adamw8bit"), printing one line per epoch
 // (epoch, loss, accuracy on the batches, elapsed time), then measures the held-out accuracies.
 inline RunResult train_and_evaluate(const std::string& method, Model& model, lora::Index base_params,
                                     const Data& train, int epochs, double lr, const Setup& setup,
@@ -80,22 +82,32 @@ inline RunResult train_and_evaluate(const std::string& method, Model& model, lor
   r.percent_of_base = 100.0 * static_cast<double>(r.trainable) / static_cast<double>(base_params);
   const auto start = std::chrono::steady_clock::now();
   if (epochs > 0 && r.trainable > 0) {
-    lora::optim::AdamWOptions options;
-    options.lr = lr;
-    lora::optim::AdamW<Scalar> optimizer(options);
     auto params = model.parameters();
     lora::data::MiniBatches<Scalar> batches(train, kBatch, /*seed=*/11);
     std::vector<double> epoch_seconds;
-    for (int epoch = 1; epoch <= epochs; ++epoch) {
-      batches.shuffle();
-      const auto stats = lora::nn::train_epoch(model, batches, [&] { optimizer.step(params); });
-      epoch_seconds.push_back(stats.seconds);
-      if (progress)
-        std::printf("  %-12s epoch %2d/%d  loss %.4f  accuracy %.3f  %6.1f s\n", method.c_str(), epoch, epochs,
-                    stats.loss, stats.accuracy, seconds_since(start));
-      std::fflush(stdout);
+    auto run = [&](auto& optimizer) {
+      for (int epoch = 1; epoch <= epochs; ++epoch) {
+        batches.shuffle();
+        const auto stats = lora::nn::train_epoch(model, batches, [&] { optimizer.step(params); });
+        epoch_seconds.push_back(stats.seconds);
+        if (progress)
+          std::printf("  %-12s epoch %2d/%d  loss %.4f  accuracy %.3f  %6.1f s\n", method.c_str(), epoch, epochs,
+                      stats.loss, stats.accuracy, seconds_since(start));
+        std::fflush(stdout);
+      }
+      r.optimizer_bytes = optimizer.state_bytes();
+    };
+    if (setup.optimizer == "adamw8bit") {
+      lora::optim::AdamW8bitOptions options;
+      options.lr = lr;
+      lora::optim::AdamW8bit<Scalar> optimizer(options);
+      run(optimizer);
+    } else {
+      lora::optim::AdamWOptions options;
+      options.lr = lr;
+      lora::optim::AdamW<Scalar> optimizer(options);
+      run(optimizer);
     }
-    r.optimizer_bytes = optimizer.state_bytes();
     std::sort(epoch_seconds.begin(), epoch_seconds.end());
     r.seconds_per_epoch = epoch_seconds[epoch_seconds.size() / 2];
   }
@@ -146,6 +158,18 @@ inline std::string output_dir_from_args(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; ++i)
     if (std::string(argv[i]) == "--out") return argv[i + 1];
   return "finetune_classifier_out";
+}
+
+// "--optimizer adamw|adamw8bit": the fine-tuning optimiser (default adamw); anything else is an error.
+inline std::string optimizer_from_args(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--optimizer") {
+      const std::string name = argv[i + 1];
+      if (name != "adamw" && name != "adamw8bit")
+        lora::detail::fail("optimizer_from_args", "--optimizer must be adamw or adamw8bit, got '", name, "'");
+      return name;
+    }
+  return "adamw";
 }
 
 constexpr double kLrFull = 1e-3;   // full fine-tuning and pretraining

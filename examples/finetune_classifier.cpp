@@ -2,9 +2,10 @@
 //
 // A 32 -> 1024 -> 1024 -> 10 MLP is pretrained on task A and kept. Task B moves A's class blobs by a rigid
 // motion and relabels some of them (include/lora/data.hpp explains the structure), so the frozen base
-// does poorly on it. Each method starts from a copy of the same base and trains on B with AdamW; the table
-// at the end compares trainable parameters, accuracy on B's held-out set, accuracy kept on A, time and
-// optimiser memory. Then the LoRA model is merged: same predictions, the plain MLP's speed.
+// does poorly on it. Each method starts from a copy of the same base and trains on B with AdamW (AdamW8bit,
+// 8-bit moments, with --optimizer adamw8bit); the table at the end compares trainable parameters, accuracy
+// on B's held-out set, accuracy kept on A, time and optimiser memory. Then the LoRA model is merged: same
+// predictions, the plain MLP's speed.
 //
 // Files (in --out DIR, default finetune_classifier_out): the pretrained base as base.safetensors, the LoRA
 // adapter as a PEFT adapter directory (adapter/), and the held-out accuracies in accuracy.txt, which
@@ -50,7 +51,7 @@ std::vector<double> median_forward_ms(std::vector<Model*> models, const lora::Ma
 int main(int argc, char** argv) {
   const auto program_start = std::chrono::steady_clock::now();
   threads_from_args(argc, argv);
-  const Setup setup = make_setup();
+  Setup setup = make_setup();
   std::printf("Task A: %d classes of 3 blobs in %d dimensions; task B: the blobs rotated and shifted, some "
               "relabelled.\n",
               setup.task_a.num_classes(), setup.task_a.dim());
@@ -73,7 +74,9 @@ int main(int argc, char** argv) {
 
   // ---- the four methods on B -----------------------------------------------------------------------
   std::vector<RunResult> results;
-  std::printf("Fine-tuning on task B, %d epochs each:\n", kFinetuneEpochs);
+  setup.optimizer = optimizer_from_args(argc, argv);  // pretraining above is always AdamW
+  std::printf("Fine-tuning on task B, %d epochs each, with %s (--optimizer adamw|adamw8bit):\n", kFinetuneEpochs,
+              setup.optimizer.c_str());
   {
     Model frozen = base;
     freeze_all_but(frozen, "");

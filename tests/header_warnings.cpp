@@ -40,5 +40,20 @@ int main() {
   const std::string file = lora::detail::quantized_writer(lora::quantize_matrices(named, lora::quant::Format::nf4)).to_bytes();
   const lora::QuantizedWeights loaded = lora::load_quantized(lora::SafetensorsReader::from_memory(file.data(), file.size()));
   if (loaded.size() != 1 || lora::quantize_matrices(lora::NamedTensors<float>(), lora::quant::Format::int8).size() != 0) return 1;
+  // AdamW with 8-bit states, float and double, under a schedule.
+  lora::ParameterList<float> params;
+  layer.collect_parameters(params, "layer.");
+  lora::optim::AdamW8bitOptions adam8_options;
+  adam8_options.min_8bit_size = 1;
+  lora::optim::AdamW8bit<float> adam8(adam8_options);
+  lora::optim::LrScheduler<lora::optim::AdamW8bit<float>> scheduler(adam8, lora::optim::LrSchedule::linear(1, 4));
+  adam8.step(params);
+  scheduler.step();
+  const bool states_ok = adam8.exp_avg("layer.lora_A.default.weight").allFinite() && adam8.state_bytes() > 0;
+  lora::ParameterList<double> params_d;
+  layer_d.collect_parameters(params_d, "layer.");
+  lora::optim::AdamW8bit<double> adam8_d;
+  adam8_d.step(params_d);
+  if (!states_ok || adam8_d.exp_avg_sq("layer.lora_B.default.weight").size() == 0) return 1;
   return layer_d.forward(X.cast<double>()).allFinite() ? 0 : 1;
 }

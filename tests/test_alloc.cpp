@@ -278,3 +278,39 @@ TEST_CASE("two models train different adapters over one shared base", "[alloc][b
   CHECK(first.forward(X) != second.forward(X));
 #endif
 }
+
+TEMPLATE_TEST_CASE("steady-state AdamW8bit steps do not allocate", "[alloc][optim]", float, double) {
+#ifndef LORA_TEST_COUNTS_MALLOC
+  SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");
+#else
+  using Scalar = TestType;
+  lora::LoraConfig config;
+  config.rank = 8;
+  config.bias = lora::BiasMode::all;
+  config.init = lora::InitMethod::random;
+  // lora_B [640 x 8] = 5120 values: 8-bit in blocks of 2048 (the last shorter); lora_A and the bias: float32.
+  lora::LoraLinear<Scalar> layer(Matrix<Scalar>::Random(640, 96), lora::Vector<Scalar>::Random(640), config);
+  const Matrix<Scalar> X = Matrix<Scalar>::Random(16, 96), dY = Matrix<Scalar>::Random(16, 640);
+  lora::ParameterList<Scalar> params;
+  layer.collect_parameters(params, "layer.");
+  lora::optim::AdamW8bit<Scalar> adam;
+  lora::optim::LrScheduler<lora::optim::AdamW8bit<Scalar>> scheduler(adam, lora::optim::LrSchedule::cosine(2, 10));
+  auto step = [&] {
+    layer.zero_grad();
+    layer.forward(X);
+    layer.backward(dY);
+    lora::optim::clip_grad_norm(params, 1.0);
+    adam.step(params);
+    scheduler.step();
+  };
+  const long first = allocation_count();
+  step();  // first sight: the states
+  CHECK(allocation_count() > first);
+  step();
+  const long before = allocation_count();
+  for (int i = 0; i < 3; ++i) step();
+  CHECK(allocation_count() - before == 0);
+  CHECK(adam.quantized("layer.lora_B.default.weight"));
+  CHECK(!adam.quantized("layer.lora_A.default.weight"));
+#endif
+}

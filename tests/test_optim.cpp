@@ -1,12 +1,15 @@
 // Optimisers, clipping and schedules: single steps computed by hand, LoRA+, state kept by name, errors,
-// and no allocation in steady state. PyTorch reference values are in test_optim_reference.cpp.
+// no allocation in steady state, and AdamW8bit (against a numpy reference and against AdamW). PyTorch
+// reference values are in test_optim_reference.cpp.
 #include <lora/lora.hpp>
 
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <limits>
 #include <new>
 #include <stdexcept>
@@ -649,4 +652,289 @@ TEST_CASE("AdamW with LoRA+ and a cosine schedule trains a LoraLinear", "[optim]
   INFO("loss " << first_loss << " -> " << loss);
   CHECK(loss < 1e-6 * first_loss);  // measured: 0.13 -> 1.7e-12
   CHECK(adam.lr() == 0);  // the cosine ends at 0
+}
+
+// ---- AdamW8bit ----
+
+namespace {
+
+nlohmann::json load_adamw8bit_fixture() {
+  const std::string path = std::string(LORA_TEST_DATA_DIR) + "/optim/adamw8bit.json";
+  std::ifstream in(path);
+  if (!in) FAIL("cannot open " << path);
+  return nlohmann::json::parse(in);
+}
+
+Matrix<float> from_json(const nlohmann::json& values, Index rows, Index cols) {
+  const std::vector<float> v = values.get<std::vector<float>>();
+  REQUIRE(static_cast<Index>(v.size()) == rows * cols);
+  Matrix<float> m(rows, cols);
+  std::copy(v.begin(), v.end(), m.data());
+  return m;
+}
+
+// The neighbours of x in the ascending table t: t[lo] <= x <= t[hi], hi = lo + 1 (x inside the table).
+std::pair<float, float> bracket(const std::array<float, 256>& t, float x) {
+  auto it = std::upper_bound(t.begin(), t.end(), x);
+  if (it == t.end()) --it;
+  if (it == t.begin()) ++it;
+  return {*(it - 1), *it};
+}
+
+// 0.5 mean_i || x_i W + b - y_i ||^2 and its gradients.
+struct LeastSquares {
+  Matrix<float> X, Y;
+  float loss(const Matrix<float>& W, const Matrix<float>& b) const {
+    const Matrix<float> R = (X * W).rowwise() + b.row(0) - Y;
+    return 0.5f * R.squaredNorm() / static_cast<float>(X.rows());
+  }
+  void gradients(const Matrix<float>& W, const Matrix<float>& b, Matrix<float>& gW, Matrix<float>& gb) const {
+    const Matrix<float> R = ((X * W).rowwise() + b.row(0) - Y) / static_cast<float>(X.rows());
+    gW.noalias() = X.transpose() * R;
+    gb.array() = R.colwise().sum().array();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("dynamic_map_unsigned is bitsandbytes' create_dynamic_map(signed=False)", "[optim][adamw8bit]") {
+  const auto& u = lora::quant::dynamic_map_unsigned();
+  const nlohmann::json fixture = load_adamw8bit_fixture();
+  const std::vector<float> expected = fixture.at("unsigned_map").get<std::vector<float>>();
+  REQUIRE(expected.size() == 256);
+  for (std::size_t i = 0; i < 256; ++i) {
+    INFO("entry " << i);
+    CHECK(u[i] == expected[i]);
+  }
+  for (std::size_t i = 1; i < 256; ++i) CHECK(u[i - 1] < u[i]);
+  // By hand: 0; 1e-6 times the midpoint of linspace(0.1, 1, 3)'s first two; 1 - 0.9/256 (the last midpoint of
+  // linspace(0.1, 1, 129)); 1.
+  CHECK(u[0] == 0.0f);
+  CHECK(u[1] == Approx(0.325e-6).epsilon(1e-6));
+  CHECK(u[254] == Approx(1 - 0.9 / 256).epsilon(1e-6));
+  CHECK(u[255] == 1.0f);
+}
+
+TEST_CASE("dynamic codes are the nearest map entries: dequantized within half a step", "[optim][adamw8bit]") {
+  std::srand(5);
+  for (const bool is_signed : {true, false}) {
+    const auto& t = is_signed ? lora::quant::dynamic_map() : lora::quant::dynamic_map_unsigned();
+    for (int k = 0; k < 4000; ++k) {
+      // Uniform values and values spread over the map's decades.
+      const float r = static_cast<float>(std::rand()) / static_cast<float>(RAND_MAX);
+      float x = k % 2 ? r : std::pow(10.0f, -7.0f * r);
+      if (is_signed && k % 3 == 0) x = -x;
+      const std::uint8_t c = is_signed ? lora::quant::detail::dynamic_code(x) : lora::quant::detail::dynamic_code_unsigned(x);
+      const auto [lo, hi] = bracket(t, x);
+      INFO("x = " << x << ", code " << int(c) << ", between " << lo << " and " << hi);
+      CHECK(std::abs(t[c] - x) <= 0.5f * (hi - lo));
+      CHECK((t[c] == lo || t[c] == hi));
+    }
+  }
+}
+
+TEST_CASE("AdamW8bit: three steps match the numpy reference (8-bit blocks and a float32 bias)",
+          "[optim][adamw8bit]") {
+  const nlohmann::json f = load_adamw8bit_fixture();
+  const nlohmann::json& o = f.at("options");
+  AdamW8bitOptions options;
+  options.lr = o.at("lr");
+  options.beta1 = o.at("beta1");
+  options.beta2 = o.at("beta2");
+  options.eps = o.at("eps");
+  options.weight_decay = o.at("weight_decay");
+  options.block_size = o.at("block_size");
+  options.min_8bit_size = o.at("min_8bit_size");
+  AdamW8bit<float> adam(options);
+
+  std::vector<Owned<float>> owned_params;
+  for (const char* name : {"weight", "bias"}) {
+    const nlohmann::json& p = f.at("params").at(name);
+    const Index rows = p.at("rows"), cols = p.at("cols");
+    owned_params.push_back({name, std::string(name) == "bias" ? ParameterRole::bias : ParameterRole::weight,
+                            from_json(p.at("initial"), rows, cols), Matrix<float>(rows, cols)});
+  }
+  ParameterList<float> params = views(owned_params);
+  for (std::size_t t = 0; t < 3; ++t) {
+    for (Owned<float>& p : owned_params)  // into the buffer the list views (a move would replace it)
+      p.grad.array() = from_json(f.at("params").at(p.name).at("grads").at(t), p.value.rows(), p.value.cols()).array();
+    adam.step(params);
+    for (Owned<float>& p : owned_params) {
+      const Matrix<float> expected =
+          from_json(f.at("params").at(p.name).at("values").at(t), p.value.rows(), p.value.cols());
+      INFO(p.name << " after step " << t + 1);
+      CHECK((p.value - expected).cwiseAbs().maxCoeff() <= 1e-6f);
+    }
+  }
+  CHECK(adam.quantized("weight"));
+  CHECK(!adam.quantized("bias"));
+  const nlohmann::json& w = f.at("params").at("weight");
+  CHECK(*adam.codes("weight", true) == w.at("m_codes").get<std::vector<std::uint8_t>>());
+  CHECK(*adam.codes("weight", false) == w.at("v_codes").get<std::vector<std::uint8_t>>());
+  const std::vector<float> m_absmax = w.at("m_absmax"), v_absmax = w.at("v_absmax");
+  REQUIRE(adam.absmax("weight", true)->size() == 3);
+  for (std::size_t b = 0; b < 3; ++b) {
+    CHECK((*adam.absmax("weight", true))[b] == Approx(m_absmax[b]).epsilon(1e-6));
+    CHECK((*adam.absmax("weight", false))[b] == Approx(v_absmax[b]).epsilon(1e-6));
+  }
+  CHECK(adam.codes("bias", true) == nullptr);
+}
+
+TEST_CASE("AdamW8bit: the first step's states are the moments to within the map's step", "[optim][adamw8bit]") {
+  std::srand(8);
+  AdamW8bitOptions options;
+  options.block_size = 500;
+  options.min_8bit_size = 1;
+  AdamW8bit<float> adam(options);
+  std::vector<Owned<float>> owned_params{{"w", ParameterRole::weight, Matrix<float>::Random(30, 40),
+                                          Matrix<float>::Random(30, 40)}};
+  owned_params[0].grad.array() *= (3 * Matrix<float>::Random(30, 40).array()).exp();  // a few decades
+  ParameterList<float> params = views(owned_params);
+  adam.step(params);
+  const Matrix<float>& g = owned_params[0].grad;
+  const Matrix<float> m = adam.exp_avg("w"), v = adam.exp_avg_sq("w");
+  REQUIRE(m.rows() == 30);
+  const float* gd = g.data();
+  for (const bool first : {true, false}) {
+    const auto& t = first ? lora::quant::dynamic_map() : lora::quant::dynamic_map_unsigned();
+    const float* deq = first ? m.data() : v.data();
+    const std::vector<float>& absmax = *adam.absmax("w", first);
+    REQUIRE(absmax.size() == 3);
+    for (Index i = 0; i < g.size(); ++i) {
+      const float exact = first ? 0.1f * gd[i] : 0.001f * gd[i] * gd[i];
+      const float a = absmax[static_cast<std::size_t>(i / 500)];
+      const auto [lo, hi] = bracket(t, exact / a);
+      INFO((first ? "m" : "v") << " value " << i << ": " << exact << " dequantized " << deq[i]);
+      CHECK(std::abs(deq[i] - exact) <= a * (0.5f * (hi - lo) + 1e-6f));
+    }
+  }
+  CHECK(adam.exp_avg("unknown").size() == 0);
+}
+
+TEST_CASE("AdamW8bit follows 32-bit AdamW for 200 steps of least squares", "[optim][adamw8bit]") {
+  std::srand(21);
+  LeastSquares ls;
+  ls.X = Matrix<float>::Random(256, 64);
+  const Matrix<float> W_true = Matrix<float>::Random(64, 96), b_true = Matrix<float>::Random(1, 96);
+  ls.Y = ((ls.X * W_true).rowwise() + b_true.row(0)) + 0.01f * Matrix<float>::Random(256, 96);
+  // W: 6144 values, 8-bit in blocks of 2048; b: 96 values, float32 moments.
+  auto run = [&](auto& optimizer, std::vector<Owned<float>>& p) {
+    p = {{"W", ParameterRole::weight, Matrix<float>::Zero(64, 96), Matrix<float>::Zero(64, 96)},
+         {"b", ParameterRole::bias, Matrix<float>::Zero(1, 96), Matrix<float>::Zero(1, 96)}};
+    ParameterList<float> params = views(p);
+    for (int s = 0; s < 200; ++s) {
+      ls.gradients(p[0].value, p[1].value, p[0].grad, p[1].grad);
+      optimizer.step(params);
+    }
+    return ls.loss(p[0].value, p[1].value);
+  };
+  AdamWOptions o32;
+  o32.lr = 1e-2;
+  AdamW8bitOptions o8;
+  o8.lr = 1e-2;
+  AdamW<float> adam32(o32);
+  AdamW8bit<float> adam8(o8);
+  std::vector<Owned<float>> p32, p8;
+  const float initial = ls.loss(Matrix<float>::Zero(64, 96), Matrix<float>::Zero(1, 96));
+  const float loss32 = run(adam32, p32), loss8 = run(adam8, p8);
+  const float dW = (p8[0].value - p32[0].value).cwiseAbs().maxCoeff();
+  const float db = (p8[1].value - p32[1].value).cwiseAbs().maxCoeff();
+  const float scale = p32[0].value.cwiseAbs().maxCoeff();
+  std::printf("AdamW8bit vs AdamW, 200 steps of least squares: loss %.6g -> %.6g (32-bit) / %.6g (8-bit); "
+              "largest |W8 - W32| %.3g (|W32| <= %.3g), |b8 - b32| %.3g\n",
+              static_cast<double>(initial), static_cast<double>(loss32), static_cast<double>(loss8),
+              static_cast<double>(dW), static_cast<double>(scale), static_cast<double>(db));
+  CHECK(adam8.quantized("W"));
+  CHECK(!adam8.quantized("b"));
+  CHECK(loss32 < 0.2f * initial);
+  CHECK(loss8 <= 1.05f * loss32);
+  CHECK(dW <= 0.05f * scale);  // measured 0.024 (lr 0.01: about two and a half steps)
+  CHECK(db <= 0.05f * scale);
+}
+
+TEST_CASE("AdamW8bit::state_bytes: 2 bytes a value and 2 absmax a block, 8 bytes a value below the threshold",
+          "[optim][adamw8bit]") {
+  for (const Index block : {Index(2048), Index(1000)}) {
+    AdamW8bitOptions options;
+    options.block_size = block;
+    AdamW8bit<double> adam(options);
+    CHECK(adam.state_bytes() == 0);
+    CHECK(adam.workspace_bytes() == 2 * sizeof(float) * static_cast<std::size_t>(block));
+    std::vector<Owned<double>> p{{"a", ParameterRole::weight, Matrix<double>::Ones(64, 96), Matrix<double>::Ones(64, 96)},
+                                 {"b", ParameterRole::weight, Matrix<double>::Ones(64, 64), Matrix<double>::Ones(64, 64)},
+                                 {"c", ParameterRole::weight, Matrix<double>::Ones(4095, 1), Matrix<double>::Ones(4095, 1)},
+                                 {"d", ParameterRole::bias, Matrix<double>::Ones(1, 96), Matrix<double>::Ones(1, 96)}};
+    ParameterList<double> params = views(p);
+    adam.step(params);
+    const auto blocks = [&](std::size_t n) { return (n + static_cast<std::size_t>(block) - 1) / static_cast<std::size_t>(block); };
+    const std::size_t expected = (2 * 6144 + 8 * blocks(6144)) + (2 * 4096 + 8 * blocks(4096)) + 8 * 4095 + 8 * 96;
+    CHECK(adam.state_bytes() == expected);
+    CHECK(adam.quantized("b"));
+    CHECK(!adam.quantized("c"));
+    adam.step(params);
+    CHECK(adam.state_bytes() == expected);
+    CHECK(adam.step_count("a") == 2);
+  }
+}
+
+TEST_CASE("AdamW8bit: bad options and bad input throw naming the function and values", "[optim][adamw8bit][errors]") {
+  auto make = [](auto change) {
+    return error_of([&] {
+      AdamW8bitOptions o;
+      change(o);
+      AdamW8bit<float> a(o);
+    });
+  };
+  CHECK(make([](AdamW8bitOptions& o) { o.block_size = 0; }) ==
+        "AdamW8bit::AdamW8bit: block_size must be > 0, got 0");
+  CHECK(make([](AdamW8bitOptions& o) { o.block_size = -64; }) ==
+        "AdamW8bit::AdamW8bit: block_size must be > 0, got -64");
+  CHECK(make([](AdamW8bitOptions& o) { o.min_8bit_size = -1; }) ==
+        "AdamW8bit::AdamW8bit: min_8bit_size must be >= 0, got -1");
+  CHECK(make([](AdamW8bitOptions& o) { o.amsgrad = true; }) ==
+        "AdamW8bit::AdamW8bit: amsgrad is not supported with 8-bit states, got amsgrad = true");
+  CHECK(make([](AdamW8bitOptions& o) { o.lr = 0; }) == "AdamW8bit::AdamW8bit: lr must be finite and > 0, got 0");
+  CHECK(make([](AdamW8bitOptions& o) { o.beta2 = 1; }) == "AdamW8bit::AdamW8bit: beta2 must be in [0, 1), got 1");
+  AdamW8bitOptions small;
+  small.min_8bit_size = 4;
+  AdamW8bit<float> adam(small);
+  CHECK(error_of([&] { adam.set_lr(-1); }) == "AdamW8bit::set_lr: lr must be finite and >= 0, got -1");
+  std::vector<Owned<float>> p{owned<float>("w", ParameterRole::weight, {{1, 2, 3}, {4, 5, 6}}, {{1, 1, 1}, {1, 1, 1}}),
+                              owned<float>("x", ParameterRole::weight, {{1, 2}}, {{1, 1}})};
+  ParameterList<float> params = views(p);
+  adam.step(params);
+  const Matrix<float> before = p[0].value;
+  const std::vector<std::uint8_t> codes = *adam.codes("w", true);
+  p[1].grad(0, 1) = std::numeric_limits<float>::quiet_NaN();
+  CHECK(error_of([&] { adam.step(params); }) == "AdamW8bit::step: the gradient of 'x' contains NaN or Inf");
+  CHECK(p[0].value == before);  // nothing changed
+  CHECK(*adam.codes("w", true) == codes);
+  CHECK(adam.step_count("w") == 1);
+}
+
+TEST_CASE("AdamW8bit: a steady-state step with a schedule allocates nothing", "[optim][adamw8bit][alloc]") {
+  AdamW8bitOptions options;
+  options.block_size = 64;
+  options.min_8bit_size = 100;
+  AdamW8bit<float> adam(options);
+  LrScheduler<AdamW8bit<float>> scheduler(adam, LrSchedule::linear(2, 20));
+  std::vector<Owned<float>> p{{"w", ParameterRole::weight, Matrix<float>::Random(20, 15), Matrix<float>::Random(20, 15)},
+                              {"b", ParameterRole::bias, Matrix<float>::Random(1, 15), Matrix<float>::Random(1, 15)}};
+  ParameterList<float> params = views(p);
+  auto train_step = [&](bool forbid) {
+    counting = true;
+    Eigen::internal::set_is_malloc_allowed(!forbid);
+    adam.step(params);
+    scheduler.step();
+    Eigen::internal::set_is_malloc_allowed(true);
+    counting = false;
+  };
+  allocations = 0;
+  train_step(false);
+  CHECK(allocations > 0);  // first sight: state is allocated
+  allocations = 0;
+  for (int s = 0; s < 5; ++s) train_step(true);
+  CHECK(allocations == 0);
+  CHECK(adam.step_count("w") == 6);
+  CHECK(adam.lr() == Approx(1e-3 * (20 - 6) / 18.0));
 }

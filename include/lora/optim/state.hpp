@@ -45,9 +45,15 @@ struct GroupRules {
   bool decays(ParameterRole role) const { return decay_biases || role != ParameterRole::bias; }
 };
 
+// No state beyond the Scalar buffers.
+struct NoExtraState {
+  std::size_t bytes() const { return 0; }
+};
+
 // Optimiser state of each parameter, found by name, so that the parameter list may be rebuilt every step.
-// Buffers are allocated by the optimiser on a parameter's first update and reused afterwards.
-template <class Scalar, std::size_t MaxBuffers>
+// Buffers are allocated by the optimiser on a parameter's first update and reused afterwards. `Extra` is
+// state of another form (8-bit codes, say); its bytes() counts in bytes().
+template <class Scalar, std::size_t MaxBuffers, class Extra = NoExtraState>
 class StateStore {
  public:
   struct Entry {
@@ -56,6 +62,7 @@ class StateStore {
     std::int64_t steps = 0;        // updates applied to this parameter
     std::uint64_t last_call = 0;   // the resolve() call that last saw it: finds a name given twice
     std::array<Matrix<Scalar>, MaxBuffers> buffers;
+    Extra extra;
   };
 
   // Checks the whole list before the optimiser changes anything: value and grad have the same shape,
@@ -98,8 +105,10 @@ class StateStore {
 
   std::size_t bytes() const {
     std::size_t total = 0;
-    for (const auto& [name, e] : entries_)
+    for (const auto& [name, e] : entries_) {
       for (const Matrix<Scalar>& b : e.buffers) total += static_cast<std::size_t>(b.size()) * sizeof(Scalar);
+      total += e.extra.bytes();
+    }
     return total;
   }
 
