@@ -6,7 +6,8 @@ Written from bitsandbytes' description of its block-wise 8-bit Adam (float32 thr
   unsigned_map  create_dynamic_map(signed=False) evaluated with torch's float32 linspace
   steps         three AdamW8bit steps on a 600-value parameter (blocks of 256, so 256 + 256 + 88; 8-bit)
                 and a 6-value bias (float32 moments), with given gradients: values after each step, codes
-                and absmax values after the last
+                and absmax values after the last; codes are the nearest entries, except that m keeps its sign
+                (bitsandbytes' kernel) and a positive v takes the smallest positive entry rather than 0
 """
 import json
 import math
@@ -92,6 +93,13 @@ def step(p, g, st, t, lr, beta1, beta2, eps, wd):
             a = f32(np.abs(x).max())
             absmax[b] = a
             codes[s] = nearest((x / a).astype(np.float32), table) if a > 0 else zero
+            c = codes[s]
+            if table is DYN:  # m keeps its sign (bitsandbytes' kernel)
+                flip = np.signbit(DYN[c]) != np.signbit(x)
+                c[flip] += np.where(x[flip] > 0, 1, -1)
+            else:  # a positive v never codes to 0
+                c[(x > 0) & (UMAP[c] == 0)] = int(np.argmax(UMAP > 0))
+            codes[s] = c
     return out
 
 

@@ -11,7 +11,13 @@
 //   p = p + step_size m / (sqrt(v) + c2 eps),   step_size = -lr c2 / c1,   c1 = 1 - beta1^t,
 //                                               c2 = sqrt(1 - beta2^t)
 //   p = p (1 - lr wd)                                                (decay after the update, if wd > 0)
-//   8-bit: absmax = max |m| (|v|) over the block, code = nearest map entry to m / absmax (v / absmax)
+//   8-bit: absmax = max |m| (|v|) over the block, code = nearest map entry to m / absmax (v / absmax),
+//          except that m keeps its sign (as bitsandbytes' kernel: a code on the other side of zero moves one
+//          step back) and a positive v never codes to 0 but to the smallest positive level (3.25e-7). The
+//          second rule is ours: bitsandbytes rounds v to 0 when it is below half that level times its block's
+//          largest, and a later step with a zero gradient then divides a non-zero m by c2 eps alone, a step
+//          hundreds of times lr (measured: 0.37 at lr 1e-3; the LoRA run of finetune_classifier, whose ReLU
+//          layers give exact zero gradients, went to NaN in its first epoch).
 // The update uses the new moments before they are requantized. Mathematically the same as AdamW's
 // (lr / c1) m / (sqrt(v) / c2 + eps); the decay differs from torch's AdamW (applied first) by lr^2 wd terms.
 // Assumptions where bitsandbytes' CUDA kernel is not reproduced bit for bit: the nearest code is exact
@@ -236,7 +242,28 @@ class AdamW8bit {
       adam(p, i0, m, v, len, st);
       s.m_absmax[ub] = requantize(m, len, smap, signed_zero_code(), mc);
       s.v_absmax[ub] = requantize(v, len, umap, 0, vc);
+      keep_signs(m, len, smap, mc);
+      keep_positive(v, len, umap, vc);
     }
+  }
+
+  // As bitsandbytes' kernel: a first moment keeps its sign through quantization (a code whose level has the
+  // other sign bit moves one step towards the value's side).
+  static void keep_signs(const float* x, Index n, const std::array<float, 256>& map, std::uint8_t* codes) {
+    for (Index j = 0; j < n; ++j) {
+      const float level = map[codes[j]];
+      if (std::signbit(level) != std::signbit(x[j])) codes[j] = static_cast<std::uint8_t>(x[j] > 0 ? codes[j] + 1 : codes[j] - 1);
+    }
+  }
+  // A positive second moment never codes to 0 (it takes the smallest positive level instead); see the header.
+  static void keep_positive(const float* x, Index n, const std::array<float, 256>& map, std::uint8_t* codes) {
+    for (Index j = 0; j < n; ++j)
+      if (x[j] > 0 && map[codes[j]] == 0.0f) codes[j] = smallest_positive_code(map);
+  }
+  static std::uint8_t smallest_positive_code(const std::array<float, 256>& map) {
+    std::size_t i = 0;
+    while (i + 1 < map.size() && map[i] <= 0.0f) ++i;
+    return static_cast<std::uint8_t>(i);
   }
 
   static std::uint8_t signed_zero_code() {
