@@ -1,21 +1,24 @@
 // lora.hpp internals: the register-blocked micro-kernels of the packed GEMM (detail/gemm.hpp).
 //
-// One micro-kernel, written once over a small vector interface V (load, broadcast, fma, store):
+// One micro-kernel, written once over a small vector interface V (load, broadcast, fma, store), Eigen's
+// widest packet for the compiler's target (SSE, AVX, AVX-512: the same instructions hand-written
+// intrinsics would use):
 //   C[MR x NR] = alpha * Apanel[MR x kc] * Bpanel[kc x NR] + beta * C      (beta == 0: C is not read)
 // with NR = NV * V::width. The accumulators (MR x NV vectors) stay in registers; each step of p loads NV
 // vectors of the B panel and broadcasts MR values of the A panel. A tile clipped at the edge of C is
 // computed in full (the panels are zero-padded) and stored through a small buffer.
 //
-// The instruction set is chosen at compile time from the compiler's target flags:
-//   __AVX512F__              gemm_kernels_avx512.hpp  12 x 32 float, 12 x 16 double
-//   __AVX2__ && __FMA__      gemm_kernels_avx2.hpp     6 x 16 float,  6 x 8 double
-//   otherwise, or LORA_GEMM_PORTABLE                   4 x 2 packets of Eigen's widest packet
+// The tile shape is chosen at compile time from the compiler's target flags:
+//   __AVX512F__              12 x 32 float, 12 x 16 double
+//   __AVX2__ && __FMA__       6 x 16 float,  6 x 8 double
+//   otherwise, or LORA_GEMM_PORTABLE   4 x 2 packets
 // Each kernel also names its default block sizes (MC, KC, NC) for the caches of the CPUs it targets.
 #pragma once
 
 #include <lora/common.hpp>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace lora::detail::gemm_kernel {
 
@@ -81,36 +84,59 @@ struct EigenPacket {
   static EIGEN_ALWAYS_INLINE void store(S* p, type x) { Eigen::internal::pstoreu(p, x); }
 };
 
-// Portable: 4 rows x 2 packets (4 x 8 floats with SSE, 4 x 16 with AVX). KC = 256 keeps a B panel
-// (KC x NR) in a 32 KiB L1; MC = 128 keeps the A block (MC x KC) in a 256 KiB L2.
-template <class S>
-struct PortableKernel {
+// A kernel: MR rows x NV packets, with default block sizes.
+template <class S, int MR_, Index MC_, Index KC_, Index NC_>
+struct PacketKernel {
   using V = EigenPacket<S>;
-  static constexpr int MR = 4, NV = 2, NR = NV * V::width;
-  static constexpr Index MC = 128, KC = 256, NC = 2048;
-  static constexpr const char* name = "portable";
+  static constexpr int MR = MR_, NV = 2, NR = NV * V::width;
+  static constexpr Index MC = MC_, KC = KC_, NC = NC_;
   static void run(Index kc, const S* a, const S* b, S* c, Index ldc, Index rows, Index cols, S alpha, S beta) {
     micro_kernel<V, MR, NV>(kc, a, b, c, ldc, rows, cols, alpha, beta);
   }
 };
 
-}  // namespace lora::detail::gemm_kernel
+template <class S>
+constexpr Index scaled(Index float_size) {  // doubles: half as many values in the same bytes
+  return std::is_same_v<S, float> ? float_size : float_size / 2;
+}
+
+// AVX-512: 24 accumulators, two B loads and twelve broadcasts per step (the broadcasts fold into the FMAs
+// as embedded {1toN} memory operands), leaving 6 of the 32 zmm registers to the compiler; the BLIS
+// Skylake-X shape (its 32 x 12 column-major kernel is this one transposed). 14 x 32 would use 28
+// accumulators and leave the compiler too few registers to keep them all live. Block sizes for Sapphire
+// Rapids (48 KiB L1d, 2 MiB L2): KC = 256 keeps a B panel (KC x NR: 32 KiB) in L1; the A block (MC x KC:
+// 240 KiB) takes an eighth of L2: MC = 240 ran 10-20 % faster than an A block filling half of L2
+// (MC = 960) on 1024^3 (docs/packed-gemm.md); NC bounds the packed B block (KC x NC: 4 MiB) in L3.
+template <class S>
+struct Avx512Kernel : PacketKernel<S, 12, scaled<S>(240), 256, scaled<S>(4096)> {
+  static constexpr const char* name = "avx512";
+};
+
+// AVX2 + FMA: 12 accumulators, two B loads and six broadcasts per step, the 16 ymm registers of AVX2
+// (the BLIS Haswell/Zen shape). Block sizes for Zen 3 (32 KiB L1d, 512 KiB L2): KC = 256 keeps a B panel
+// (KC x NR: 16 KiB) in L1 beside the A panels streaming from L2; MC keeps the A block (MC x KC: 240 KiB)
+// in half of L2; NC bounds the packed B block (KC x NC: 4 MiB) in L3.
+template <class S>
+struct Avx2Kernel : PacketKernel<S, 6, scaled<S>(240), 256, scaled<S>(4096)> {
+  static constexpr const char* name = "avx2";
+};
+
+// Portable: 4 rows x 2 packets (4 x 8 floats with SSE). KC = 256 keeps a B panel (KC x NR) in a 32 KiB
+// L1; MC = 128 keeps the A block (MC x KC) in a 256 KiB L2.
+template <class S>
+struct PortableKernel : PacketKernel<S, 4, 128, 256, 2048> {
+  static constexpr const char* name = "portable";
+};
 
 #if !defined(LORA_GEMM_PORTABLE) && defined(__AVX512F__)
-#include <lora/detail/gemm_kernels_avx512.hpp>
-namespace lora::detail::gemm_kernel {
 template <class S>
 using Kernel = Avx512Kernel<S>;
-}
 #elif !defined(LORA_GEMM_PORTABLE) && defined(__AVX2__) && defined(__FMA__)
-#include <lora/detail/gemm_kernels_avx2.hpp>
-namespace lora::detail::gemm_kernel {
 template <class S>
 using Kernel = Avx2Kernel<S>;
-}
 #else
-namespace lora::detail::gemm_kernel {
 template <class S>
 using Kernel = PortableKernel<S>;
-}
 #endif
+
+}  // namespace lora::detail::gemm_kernel
