@@ -19,10 +19,10 @@ void pack_a(const Scalar* a, Index rs, Index cs, Index mc, Index kc, Scalar* dst
   for (Index i = 0; i < mc; i += MR, dst += MR * kc) {
     const Index rows = std::min<Index>(MR, mc - i);
     const Scalar* src = a + i * rs;
-    if (rows == MR && rs == 1) {  // column-major: each step of p reads MR contiguous values
+    if (rows == MR && rs == 1) {  // contiguous along i (A column-major, B row-major): MR values a step
       for (Index p = 0; p < kc; ++p)
         for (int r = 0; r < MR; ++r) dst[p * MR + r] = src[p * cs + r];
-    } else if (rows == MR) {  // row-major (or any stride): each row is read along its length
+    } else if (rows == MR) {  // any other stride (A row-major, B = W^T with W row-major): row by row
       for (int r = 0; r < MR; ++r)
         for (Index p = 0; p < kc; ++p) dst[p * MR + r] = src[r * rs + p * cs];
     } else {
@@ -32,23 +32,11 @@ void pack_a(const Scalar* a, Index rs, Index cs, Index mc, Index kc, Scalar* dst
   }
 }
 
-// B(p, j) = b[p * rs + j * cs], p in [0, kc), j in [0, nc), into ceil(nc / NR) panels of kc x NR at dst.
+// B(p, j) = b[p * rs + j * cs], p in [0, kc), j in [0, nc), into ceil(nc / NR) panels of kc x NR at dst:
+// the panels of B's columns are pack_a's panels of B^T's rows.
 template <int NR, class Scalar>
 void pack_b(const Scalar* b, Index rs, Index cs, Index kc, Index nc, Scalar* dst) {
-  for (Index j = 0; j < nc; j += NR, dst += NR * kc) {
-    const Index cols = std::min<Index>(NR, nc - j);
-    const Scalar* src = b + j * cs;
-    if (cols == NR && cs == 1) {  // row-major: NR contiguous values per step of p
-      for (Index p = 0; p < kc; ++p)
-        for (int c = 0; c < NR; ++c) dst[p * NR + c] = src[p * rs + c];
-    } else if (cols == NR) {  // column-major (B = W^T with W row-major): each column read along its length
-      for (int c = 0; c < NR; ++c)
-        for (Index p = 0; p < kc; ++p) dst[p * NR + c] = src[c * cs + p * rs];
-    } else {
-      for (Index p = 0; p < kc; ++p)
-        for (int c = 0; c < NR; ++c) dst[p * NR + c] = c < cols ? src[c * cs + p * rs] : Scalar(0);
-    }
-  }
+  pack_a<NR>(b, cs, rs, nc, kc, dst);
 }
 
 }  // namespace lora::detail::gemm_pack
