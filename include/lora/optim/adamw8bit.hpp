@@ -187,12 +187,23 @@ class AdamW8bit {
     }
   }
 
-  // absmax of x[0, n) and the nearest codes of x / absmax (all 0 for absmax 0).
-  static float requantize(const float* x, Index n, const std::array<float, 256>& map, std::uint8_t zero_code,
-                          std::uint8_t* codes) {
+  // absmax of x[0, n) and the codes of x / absmax (all zero_code for absmax 0): the nearest map entry, but
+  // a first moment keeps its sign (as bitsandbytes' kernel: a code on the other side of zero moves one step
+  // back) and a positive second moment never codes to 0 (the smallest positive level; see the header).
+  static float requantize(const float* x, Index n, bool first, std::uint8_t* codes) {
+    const auto& map = first ? quant::dynamic_map() : quant::dynamic_map_unsigned();
     float a = 0;
     for (Index j = 0; j < n; ++j) a = std::max(a, std::abs(x[j]));
-    for (Index j = 0; j < n; ++j) codes[j] = a > 0 ? quant::detail::nearest_code(map, x[j] / a) : zero_code;
+    if (a == 0) {
+      std::fill_n(codes, n, first ? signed_zero_code() : std::uint8_t{0});
+      return a;
+    }
+    for (Index j = 0; j < n; ++j) {
+      std::uint8_t c = quant::detail::nearest_code(map, x[j] / a);
+      if (first && std::signbit(map[c]) != std::signbit(x[j])) c = static_cast<std::uint8_t>(x[j] > 0 ? c + 1 : c - 1);
+      if (!first && x[j] > 0 && map[c] == 0.0f) c = 1;  // map[0] = 0 < map[1]
+      codes[j] = c;
+    }
     return a;
   }
 
@@ -240,30 +251,9 @@ class AdamW8bit {
         v[j] = umap[vc[j]] * s.v_absmax[ub];
       }
       adam(p, i0, m, v, len, st);
-      s.m_absmax[ub] = requantize(m, len, smap, signed_zero_code(), mc);
-      s.v_absmax[ub] = requantize(v, len, umap, 0, vc);
-      keep_signs(m, len, smap, mc);
-      keep_positive(v, len, umap, vc);
+      s.m_absmax[ub] = requantize(m, len, true, mc);
+      s.v_absmax[ub] = requantize(v, len, false, vc);
     }
-  }
-
-  // As bitsandbytes' kernel: a first moment keeps its sign through quantization (a code whose level has the
-  // other sign bit moves one step towards the value's side).
-  static void keep_signs(const float* x, Index n, const std::array<float, 256>& map, std::uint8_t* codes) {
-    for (Index j = 0; j < n; ++j) {
-      const float level = map[codes[j]];
-      if (std::signbit(level) != std::signbit(x[j])) codes[j] = static_cast<std::uint8_t>(x[j] > 0 ? codes[j] + 1 : codes[j] - 1);
-    }
-  }
-  // A positive second moment never codes to 0 (it takes the smallest positive level instead); see the header.
-  static void keep_positive(const float* x, Index n, const std::array<float, 256>& map, std::uint8_t* codes) {
-    for (Index j = 0; j < n; ++j)
-      if (x[j] > 0 && map[codes[j]] == 0.0f) codes[j] = smallest_positive_code(map);
-  }
-  static std::uint8_t smallest_positive_code(const std::array<float, 256>& map) {
-    std::size_t i = 0;
-    while (i + 1 < map.size() && map[i] <= 0.0f) ++i;
-    return static_cast<std::uint8_t>(i);
   }
 
   static std::uint8_t signed_zero_code() {
