@@ -77,14 +77,10 @@ inline void check_quantized_weight(const char* where, const std::string& name, c
   if (!std::isfinite(q.offset)) fail(where, "weight '", name, "': offset is not finite");
 }
 
-inline std::vector<unsigned char> float_bytes(const float* v, std::size_t n) {
-  std::vector<unsigned char> b(n * 4);
-  for (std::size_t i = 0; i < n; ++i) {
-    std::uint32_t u = 0;
-    std::memcpy(&u, v + i, 4);
-    store_le32(b.data() + 4 * i, u);
-  }
-  return b;
+// A float32 vector (std::vector or std::array) as the writer's F32 tensor.
+template <class Floats>
+Eigen::Map<const Eigen::VectorXf> f32(const Floats& v) {
+  return Eigen::Map<const Eigen::VectorXf>(v.data(), static_cast<Index>(v.size()));
 }
 
 inline std::string shortest_float(float v) {
@@ -104,21 +100,21 @@ inline SafetensorsWriter quantized_writer(const QuantizedWeights& weights) {
     w.set_metadata(name + ".shape", concat(out, ",", in));
     if (q.format == quant::Format::int8) {
       w.add_raw(name, Dtype::I8, {out, in}, {q.codes.begin(), q.codes.end()});
-      w.add_raw(name + ".absmax", Dtype::F32, {out}, float_bytes(q.absmax.data(), q.absmax.size()));
+      w.add_vector(name + ".absmax", f32(q.absmax));
       continue;
     }
     w.set_metadata(name + ".blocksize", std::to_string(q.options.block_size));
     w.add_raw(name, Dtype::U8, {q.codes.size(), 1}, {q.codes.begin(), q.codes.end()});
-    w.add_raw(name + ".quant_map", Dtype::F32, {16}, float_bytes(quant::nf4_levels().data(), 16));
+    w.add_vector(name + ".quant_map", f32(quant::nf4_levels()));
     if (!q.options.double_quant) {
-      w.add_raw(name + ".absmax", Dtype::F32, {q.absmax.size()}, float_bytes(q.absmax.data(), q.absmax.size()));
+      w.add_vector(name + ".absmax", f32(q.absmax));
       continue;
     }
     w.set_metadata(name + ".nested_blocksize", std::to_string(q.options.absmax_block_size));
     w.set_metadata(name + ".nested_offset", shortest_float(q.offset));
     w.add_raw(name + ".absmax", Dtype::U8, {q.qabsmax.size()}, {q.qabsmax.begin(), q.qabsmax.end()});
-    w.add_raw(name + ".nested_absmax", Dtype::F32, {q.absmax2.size()}, float_bytes(q.absmax2.data(), q.absmax2.size()));
-    w.add_raw(name + ".nested_quant_map", Dtype::F32, {256}, float_bytes(quant::dynamic_map().data(), 256));
+    w.add_vector(name + ".nested_absmax", f32(q.absmax2));
+    w.add_vector(name + ".nested_quant_map", f32(quant::dynamic_map()));
   }
   return w;
 }
