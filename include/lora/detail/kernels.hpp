@@ -195,6 +195,7 @@ template <class Scalar>
 void pack_panels(const Scalar* V, Index ldv, Index K, Index j0, Index j1, Scalar* dst) {
   using P = Packet<Scalar>;
   constexpr Index ps = packet_size<Scalar>, w = nr<Scalar>;
+  if (K == 0) return;  // empty panels; V (no rows) may be null, and null + j is undefined
   for (Index j = j0; j < j1; j += w, dst += K * w) {
     const Index cols = std::min(w, j1 - j);
     const Scalar* v = V + j;
@@ -315,7 +316,8 @@ Scalar rank_update_panels(const RankUpdate<Scalar>& a, const Scalar* panels, Ind
     const Index jce = std::min(j1, jc + chunk);
     for (Index i = i0; i < i1; i += MR) {
       const Index rows = std::min<Index>(MR, i1 - i);
-      const Scalar* u = a.U + i * a.u_row + k0 * a.u_k;
+      // K = 0 reads no U, which may then be null (null + offset is undefined).
+      const Scalar* u = K == 0 ? a.U : a.U + i * a.u_row + k0 * a.u_k;
       for (Index j = jc; j < jce; j += w) {
         const Scalar m =
             tile<TrackMax>(a, first, u, panels + (j - pj0) / w * K * w, K, rows, i, j, std::min(w, jce - j));
