@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 
 #include <Eigen/SVD>

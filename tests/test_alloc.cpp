@@ -3,6 +3,7 @@
 // around a loop of calls with a fixed batch size. Its own executable, because it replaces malloc.
 #include <lora/lora.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>

@@ -2,6 +2,7 @@
 // save), byte counts that overflow, float8, and safetensors files written by other software.
 #include <lora/io.hpp>
 
+#include "instances.hpp"
 #include "temp_files.hpp"
 
 #include <catch2/catch.hpp>

@@ -2,6 +2,7 @@
 // interoperability with fixtures written by an independent writer and a PyTorch reference.
 #include <lora/io.hpp>
 
+#include "instances.hpp"
 #include "temp_files.hpp"
 
 #include <catch2/catch.hpp>
@@ -432,8 +433,9 @@ TEST_CASE("adapter_config.json: fields, defaults and faults", "[io][config]") {
       {R"({"modules_to_save": "head"})", "field 'modules_to_save'"},
   };
   for (const auto& [text, words] : faults) {
-    INFO(text);
-    CHECK_THAT(io_error_of([&] { lora::PeftLoraConfig::parse(text, "cfg.json"); }),
+    const std::string& json = text;  // a structured binding cannot be captured in C++17
+    INFO(json);
+    CHECK_THAT(io_error_of([&] { lora::PeftLoraConfig::parse(json, "cfg.json"); }),
                Catch::Contains("cfg.json") && Catch::Contains(words));
   }
 }
@@ -483,8 +485,9 @@ TEST_CASE("adapter_config.json: PEFT's layer selection fields", "[io][config]") 
       {R"({"target_modules": ".*q", "layers_pattern": "h"})", "layers_pattern cannot be used with a string"},
   };
   for (const auto& [text, words] : faults) {
-    INFO(text);
-    CHECK_THAT(io_error_of([&] { lora::PeftLoraConfig::parse(text, "cfg.json"); }),
+    const std::string& json = text;  // a structured binding cannot be captured in C++17
+    INFO(json);
+    CHECK_THAT(io_error_of([&] { lora::PeftLoraConfig::parse(json, "cfg.json"); }),
                Catch::Contains("cfg.json") && Catch::Contains(words));
   }
 }

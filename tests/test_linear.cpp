@@ -1,6 +1,7 @@
 // LoraLinear: forward against a dense reference, gradients against central differences, bad input, init.
 #include <lora/lora.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>

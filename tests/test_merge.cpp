@@ -1,6 +1,7 @@
 // LoraLinear::merge / unmerge: equivalence, exact restore, drift, and the all-or-nothing guarantee.
 #include <lora/lora.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>

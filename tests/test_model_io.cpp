@@ -1,6 +1,8 @@
 // Adapter and base-weight files for an nn::Sequential model: round trips and from_pretrained.
 #include <lora/io.hpp>
 
+#include "instances.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <nlohmann/json.hpp>

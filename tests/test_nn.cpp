@@ -2,6 +2,7 @@
 // freezing, bias modes, modules_to_save, errors), parameter counts, merge, base weights by name.
 #include <lora/lora.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>

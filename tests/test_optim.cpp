@@ -65,9 +65,9 @@ struct Owned {
 };
 
 template <class Scalar>
-Owned<Scalar> owned(std::string name, ParameterRole role, std::initializer_list<std::initializer_list<Scalar>> value,
-                    std::initializer_list<std::initializer_list<Scalar>> grad) {
-  return {std::move(name), role, Matrix<Scalar>(value), Matrix<Scalar>(grad)};
+Owned<Scalar> owned(std::string name, ParameterRole role, std::initializer_list<std::initializer_list<double>> value,
+                    std::initializer_list<std::initializer_list<double>> grad) {
+  return {std::move(name), role, Matrix<double>(value).cast<Scalar>(), Matrix<double>(grad).cast<Scalar>()};
 }
 
 template <class Scalar>

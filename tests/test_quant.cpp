@@ -7,6 +7,7 @@
 #include <lora/quant/merge.hpp>
 #include <lora/quant/quant.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 #include "temp_files.hpp"
 

@@ -3,6 +3,7 @@
 // all-or-none model merges. Each regression test names the bug it guards against.
 #include <lora/lora.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>

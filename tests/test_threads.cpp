@@ -3,6 +3,7 @@
 // this file under ThreadSanitizer (without OpenMP, whose runtime TSan cannot see into).
 #include <lora/lora.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>

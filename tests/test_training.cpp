@@ -2,6 +2,7 @@
 #include <lora/data.hpp>
 #include <lora/lora.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>

@@ -5,6 +5,7 @@
 #include <lora/nn/norm.hpp>
 #include <lora/nn/token_batch.hpp>
 
+#include "instances.hpp"
 #include "gradient_check.hpp"
 #include "temp_files.hpp"
 #include <catch2/catch.hpp>

@@ -1,0 +1,199 @@
+// The packed GEMM (lora/detail/gemm.hpp) against a double reference: every tail, block edge, layout and
+// thread split. Also built once per micro-kernel (tests/CMakeLists.txt: lora_add_kernel_variant), with
+// LORA_TEST_GEMM_KERNEL naming the kernel that build's flags must select.
+#include <lora/detail/gemm.hpp>
+
+#include "gradient_check.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <string>
+#include <unistd.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(LORA_TEST_REQUIRES_AVX512) && (defined(__GNUC__) || defined(__clang__))
+// This build's code uses AVX-512: on a CPU without it, report the skip (CTest's SKIP_RETURN_CODE) before
+// any of it runs.
+__attribute__((constructor(101))) static void skip_without_avx512() {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512dq") ||
+      !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl")) {
+    std::fputs("skipped: this CPU has no AVX-512 (F, DQ, BW, VL)\n", stderr);
+    _exit(77);
+  }
+}
+#endif
+
+using lora::Index;
+using lora::Matrix;
+using lora::testing::contains;
+using lora::testing::message_of;
+using lora::testing::random_matrix;
+
+namespace {
+
+// C = alpha A B + beta C0 in double, and per element the bound on a correct result's rounding error:
+// (k + 2) eps (|alpha| sum_p |A(i, p) B(p, j)| + |beta C0(i, j)|), far below any one missing or wrong term.
+template <class Scalar, class A, class B>
+void gemm_reference(const A& a, const B& b, const Matrix<Scalar>& c0, Scalar alpha, Scalar beta, Matrix<double>& ref,
+                    Matrix<double>& bound) {
+  // Eigen's double products, not a loop of a(i, p) * b(p, j): unoptimised sanitizer builds run these
+  // shapes (517 x 301 x 333) in seconds instead of minutes.
+  const Matrix<double> ad = a.template cast<double>(), bd = b.template cast<double>();
+  const Matrix<double> base = beta == Scalar(0) ? Matrix<double>::Zero(c0.rows(), c0.cols()).eval()
+                                                : (static_cast<double>(beta) * c0.template cast<double>()).eval();
+  ref = static_cast<double>(alpha) * (ad * bd) + base;
+  const Matrix<double> a_abs = ad.cwiseAbs(), b_abs = bd.cwiseAbs();  // one product type to compile
+  const Matrix<double> magnitude = std::abs(static_cast<double>(alpha)) * (a_abs * b_abs) + base.cwiseAbs();
+  const double eps = std::numeric_limits<Scalar>::epsilon();
+  bound = (static_cast<double>(ad.cols() + 2) * eps * magnitude).array() + std::numeric_limits<double>::min();
+}
+
+// Entries of C off the reference by more than the bound (NaN counts as off).
+template <class Scalar>
+Index wrong_entries(const Matrix<Scalar>& c, const Matrix<double>& ref, const Matrix<double>& bound) {
+  Index wrong = 0;
+  for (Index i = 0; i < c.rows(); ++i)
+    for (Index j = 0; j < c.cols(); ++j)
+      if (!(std::abs(static_cast<double>(c(i, j)) - ref(i, j)) <= bound(i, j))) ++wrong;
+  return wrong;
+}
+
+}  // namespace
+
+#ifdef LORA_TEST_GEMM_KERNEL
+TEST_CASE("the packed GEMM runs the micro-kernel its build flags select", "[kernels][gemm]") {
+  CHECK(std::string(lora::detail::gemm_kernel::Kernel<float>::name) == LORA_TEST_GEMM_KERNEL);
+  CHECK(std::string(lora::detail::gemm_kernel::Kernel<double>::name) == LORA_TEST_GEMM_KERNEL);
+}
+#endif
+
+TEMPLATE_TEST_CASE("the packed GEMM equals a double reference at every tail, block edge and layout", "[kernels][gemm]",
+                   float, double) {
+  using Scalar = TestType;
+  using Blocking = lora::detail::GemmBlocking<Scalar>;
+  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using ColMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  constexpr Index MR = Blocking::MR, NR = Blocking::NR;
+  // Small blocks put block edges (MC, KC, NC) inside small products; the defaults run once per shape too.
+  const bool small_blocks = GENERATE(true, false);
+  const Index m = GENERATE(Index(1), Index(2), MR - 1, MR + 1, 2 * MR + 3, Index(61));
+  const Index n = GENERATE(Index(1), NR - 1, NR + 1, 3 * NR + 5);
+  const Index k = GENERATE(Index(1), Index(3), Index(17), Index(70));
+  const int layout = GENERATE(0, 1, 2, 3);  // A row/col-major x B row/col-major, then strided views
+  const int mode = GENERATE(0, 1, 2);       // assign, accumulate, alpha and beta
+  const int threads = GENERATE(1, 2);
+  CAPTURE(small_blocks, m, n, k, layout, mode, threads);
+  const lora::testing::ThreadSmallWork small_work(1);
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#endif
+  const Scalar alpha = mode == 2 ? Scalar(0.75) : Scalar(1);
+  const Scalar beta = mode == 0 ? Scalar(0) : mode == 1 ? Scalar(1) : Scalar(-1.5);
+
+  // Strided views: A and B as blocks of wider matrices (an outer stride larger than the size), B as the
+  // transpose of a weight (Y = X W^T).
+  const Matrix<Scalar> a_wide = random_matrix<Scalar>(m + 3, k + 5, 11);
+  const Matrix<Scalar> b_wide = random_matrix<Scalar>(k + 4, n + 7, 12);
+  const RowMajor a_row = a_wide.block(2, 1, m, k);
+  const ColMajor a_col = a_row;
+  const RowMajor b_row = b_wide.block(1, 3, k, n);
+  const RowMajor w = b_row.transpose();  // B = W^T: column-major through the transpose
+  Matrix<Scalar> c0 = random_matrix<Scalar>(m, n, 13);
+  Matrix<double> ref, bound;
+  gemm_reference<Scalar>(a_row, b_row, c0, alpha, beta, ref, bound);
+
+  lora::detail::GemmBuffers<Scalar> buffers(2);
+  if (small_blocks)
+    for (Blocking& b : buffers) b.set_block_sizes(2 * MR, 16, 2 * NR);
+  Matrix<Scalar> c = c0;
+  if (mode == 0) c.setConstant(std::numeric_limits<Scalar>::quiet_NaN());  // assign must not read C
+  // The destination is a block of a wider matrix too: the columns beside it must stay untouched.
+  Matrix<Scalar> c_wide = Matrix<Scalar>::Constant(m + 2, n + 3, Scalar(7));
+  c_wide.block(1, 2, m, n) = c;
+  auto dst = c_wide.block(1, 2, m, n);
+  const auto run = [&](const auto& lhs, const auto& rhs) {
+    lora::detail::gemm_parallel(buffers, lhs, rhs, dst, alpha, beta);
+  };
+  switch (layout) {
+    case 0:
+      run(a_row, b_row);
+      break;
+    case 1:
+      run(a_col, w.transpose());
+      break;
+    case 2:  // Blocks of wider matrices, row-major A
+      run(a_wide.block(2, 1, m, k), b_wide.block(1, 3, k, n));
+      break;
+    default: {  // Maps with an outer stride, column-major A
+      ColMajor a_tall = ColMajor::Zero(m + 4, k);
+      a_tall.topRows(m) = a_col;
+      const Eigen::Map<const ColMajor, 0, Eigen::OuterStride<>> a_map(a_tall.data(), m, k, Eigen::OuterStride<>(m + 4));
+      const Matrix<Scalar> w_wide = [&] {
+        Matrix<Scalar> x = Matrix<Scalar>::Zero(n, k + 9);
+        x.leftCols(k) = w;
+        return x;
+      }();
+      run(a_map, w_wide.leftCols(k).transpose());
+    }
+  }
+  c = dst;
+  CHECK(wrong_entries(c, ref, bound) == 0);
+  Matrix<Scalar> outside = c_wide;
+  outside.block(1, 2, m, n).setConstant(Scalar(7));
+  CHECK((outside.array() == Scalar(7)).all());
+#ifdef _OPENMP
+  omp_set_num_threads(omp_get_num_procs());
+#endif
+}
+
+TEMPLATE_TEST_CASE("the packed GEMM splits large products over the threads and reuses its buffers", "[kernels][gemm]",
+                   float, double) {
+  using Scalar = TestType;
+  // Past the default block sizes (KC = 256, MC = 240 on AVX-512), so every loop takes several steps.
+  // Six of the nine pairs of m in {5, 263, 517} and n in {9, 130, 333}: the largest (517 x 333) adds no
+  // loop step the others do not take, and takes minutes in an unoptimised sanitizer build.
+  const auto [m, n] = GENERATE(table<Index, Index>({{5, 9}, {5, 333}, {263, 130}, {263, 333}, {517, 9}, {517, 130}}));
+  const Index k = 301;
+  const int threads = GENERATE(1, 2);
+  CAPTURE(m, n, threads);
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#endif
+  const lora::testing::ThreadSmallWork small_work(1);
+  const Matrix<Scalar> a = random_matrix<Scalar>(m, k, 21), w = random_matrix<Scalar>(n, k, 22);
+  Matrix<Scalar> c0 = Matrix<Scalar>::Zero(m, n), c(m, n);
+  Matrix<double> ref, bound;
+  gemm_reference<Scalar>(a, w.transpose(), c0, Scalar(1), Scalar(0), ref, bound);
+  lora::detail::GemmBuffers<Scalar> buffers;
+  for (int call = 0; call < 2; ++call) {  // the second call runs on the buffers the first one grew
+    c.setConstant(Scalar(-3));
+    lora::detail::gemm_parallel(buffers, a, w.transpose(), c);
+    CHECK(wrong_entries(c, ref, bound) == 0);
+  }
+  // Accumulate: C += A W^T twice over.
+  gemm_reference<Scalar>(a, w.transpose(), c, Scalar(1), Scalar(1), ref, bound);
+  lora::detail::gemm_parallel(buffers, a, w.transpose(), c, Scalar(1), Scalar(1));
+  CHECK(wrong_entries(c, ref, bound) == 0);
+#ifdef _OPENMP
+  omp_set_num_threads(omp_get_num_procs());
+#endif
+}
+
+TEST_CASE("GemmBlocking rejects block sizes the kernel cannot tile", "[kernels][gemm]") {
+  using Blocking = lora::detail::GemmBlocking<float>;
+  Blocking b;
+  const Index mc = b.mc(), kc = b.kc(), nc = b.nc();
+  CHECK(contains(message_of([&] { b.set_block_sizes(Blocking::MR + 1, 8, Blocking::NR); }), "set_block_sizes"));
+  CHECK(contains(message_of([&] { b.set_block_sizes(Blocking::MR, 0, Blocking::NR); }), "kc = 0"));
+  CHECK(contains(message_of([&] { b.set_block_sizes(Blocking::MR, 8, Blocking::NR - 1); }), "nc = "));
+  CHECK((b.mc() == mc && b.kc() == kc && b.nc() == nc));  // a rejected change leaves the blocking as it was
+  b.set_block_sizes(2 * Blocking::MR, 8, 3 * Blocking::NR);
+  CHECK((b.mc() == 2 * Blocking::MR && b.kc() == 8 && b.nc() == 3 * Blocking::NR));
+}
