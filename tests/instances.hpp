@@ -1,6 +1,6 @@
 // The library's class templates, instantiated once for float and once for double in the static library
 // lora_test_instances (instances_float.cpp, instances_double.cpp) instead of in every test translation
-// unit that uses them: each test TU that includes this header compiles in about half the time.
+// unit that uses them (test_nn.cpp at -O2: 163 s without, 77 s with this header).
 //
 // A TU compiled with other macros than the library (test_optim: EIGEN_RUNTIME_NO_MALLOC, asserts on)
 // must not include it, or it would run members compiled without those checks.

@@ -8,9 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
-#include <cstdio>
 #include <limits>
-#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -23,8 +21,6 @@ using lora::Matrix;
 using lora::Vector;
 using lora::testing::relative_error;
 using lora::testing::tolerance;
-using lora::testing::contains;
-using lora::testing::message_of;
 using lora::testing::random_matrix;
 
 namespace {
