@@ -1,7 +1,9 @@
 // The packed GEMM (lora/detail/gemm.hpp) against a double reference: every tail, block edge, layout and
-// thread split. Also built once per micro-kernel (tests/CMakeLists.txt: lora_add_kernel_variant), with
-// LORA_TEST_GEMM_KERNEL naming the kernel that build's flags must select.
+// thread split; and the quantized base's decode kernels (lora/quant/decode.hpp) at every alignment and
+// tail. Also built once per instruction set (tests/CMakeLists.txt: lora_add_kernel_variant), with
+// LORA_TEST_GEMM_KERNEL naming the kernels that build's flags must select.
 #include <lora/detail/gemm.hpp>
+#include <lora/quant/decode.hpp>
 
 #include "gradient_check.hpp"
 
@@ -9,8 +11,11 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <limits>
+#include <random>
 #include <string>
+#include <vector>
 #include <unistd.h>
 
 #ifdef _OPENMP
@@ -71,6 +76,7 @@ Index wrong_entries(const Matrix<Scalar>& c, const Matrix<double>& ref, const Ma
 TEST_CASE("the packed GEMM runs the micro-kernel its build flags select", "[kernels][gemm]") {
   CHECK(std::string(lora::detail::gemm_kernel::Kernel<float>::name) == LORA_TEST_GEMM_KERNEL);
   CHECK(std::string(lora::detail::gemm_kernel::Kernel<double>::name) == LORA_TEST_GEMM_KERNEL);
+  CHECK(std::string(lora::quant::kernel::name) == LORA_TEST_GEMM_KERNEL);
 }
 #endif
 
@@ -196,4 +202,145 @@ TEST_CASE("GemmBlocking rejects block sizes the kernel cannot tile", "[kernels][
   CHECK((b.mc() == mc && b.kc() == kc && b.nc() == nc));  // a rejected change leaves the blocking as it was
   b.set_block_sizes(2 * Blocking::MR, 8, 3 * Blocking::NR);
   CHECK((b.mc() == 2 * Blocking::MR && b.kc() == 8 && b.nc() == 3 * Blocking::NR));
+}
+
+namespace {
+
+// The decode kernels' inputs: random code bytes, 16 levels, per block a positive absmax or (double
+// quantization) an 8-bit code into a 256-entry map with a scale per group of 3 blocks, activations.
+struct DecodeCase {
+  std::vector<std::uint8_t> codes, qabsmax;
+  std::vector<float> levels, absmax, dyn, absmax2, x;
+  lora::quant::kernel::Nf4Scales scales;
+  DecodeCase(unsigned seed, bool double_quant)
+      : codes(512), qabsmax(600), levels(16), absmax(600), dyn(256), absmax2(200), x(8 * 300) {
+    std::mt19937 gen(seed);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (auto& c : codes) c = static_cast<std::uint8_t>(gen() & 0xFF);
+    for (auto& c : qabsmax) c = static_cast<std::uint8_t>(gen() & 0xFF);
+    for (auto& l : levels) l = u(gen);
+    for (auto& a : absmax) a = 0.5f + std::abs(u(gen));
+    for (auto& v : dyn) v = u(gen);
+    for (auto& a : absmax2) a = 0.5f + std::abs(u(gen));
+    for (auto& v : x) v = u(gen);
+    if (double_quant) {
+      scales.qabsmax = qabsmax.data();
+      scales.dyn = dyn.data();
+      scales.absmax2 = absmax2.data();
+      scales.group = 3;
+      scales.offset = 1.25f;
+    } else {
+      scales.absmax = absmax.data();
+    }
+  }
+  // NF4 weight j of the run starting at code `first`, as QuantizedWeight::dequantize_rows makes it.
+  float nf4(Index first, Index j, Index block) const {
+    const auto i = static_cast<std::size_t>(first + j), b = i / static_cast<std::size_t>(block);
+    const float a = scales.qabsmax ? dyn[qabsmax[b]] * absmax2[b / 3] + 1.25f : absmax[b];
+    return levels[lora::quant::kernel::nibble(codes.data(), first + j)] * a;
+  }
+};
+
+// |got - sum_j w_j x_j| within (len + 2) eps sum_j |w_j x_j| (plus the least normal), in double.
+template <class Weight>
+bool dot_close(float got, Index len, const float* x, Weight&& w) {
+  double ref = 0, magnitude = 0;
+  for (Index j = 0; j < len; ++j) {
+    const double t = static_cast<double>(w(j)) * static_cast<double>(x[j]);
+    ref += t;
+    magnitude += std::abs(t);
+  }
+  const double bound = static_cast<double>(len + 2) * std::numeric_limits<float>::epsilon() * magnitude +
+                       std::numeric_limits<double>::min();
+  return std::abs(static_cast<double>(got) - ref) <= bound;
+}
+
+}  // namespace
+
+TEST_CASE("the NF4 decode kernels equal a scalar decode at every alignment, block size and tail", "[kernels][quant]") {
+  namespace kernel = lora::quant::kernel;
+  const bool double_quant = GENERATE(false, true);
+  const DecodeCase d(31, double_quant);
+  const Index first = GENERATE(0, 1, 2, 7, 64, 65);
+  const Index block = GENERATE(2, 6, 16, 64);
+  Index wrong_decode = 0, wrong_dot = 0;
+  for (const Index len : {0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 130, 299}) {
+    CAPTURE(double_quant, first, block, len);
+    std::vector<float> dst(static_cast<std::size_t>(len) + 1, -7.0f);
+    kernel::nf4_decode(d.codes.data(), first, len, block, d.levels.data(), d.scales, dst.data());
+    for (Index j = 0; j < len; ++j)
+      if (!(dst[static_cast<std::size_t>(j)] == d.nf4(first, j, block))) ++wrong_decode;  // bit for bit
+    CHECK(dst[static_cast<std::size_t>(len)] == -7.0f);  // nothing past the run
+    for (const Index n : {1, 2, 3, 4, 5, 6, 7, 8}) {
+      const Index ldx = 300;
+      float out[8];
+      kernel::with_rows(n, [&](auto rows) {
+        kernel::nf4_dot<decltype(rows)::value>(d.codes.data(), first, len, block, d.levels.data(), d.scales, d.x.data(),
+                                               ldx, out);
+      });
+      for (Index k = 0; k < n; ++k)
+        if (!dot_close(out[k], len, d.x.data() + k * ldx, [&](Index j) { return d.nf4(first, j, block); })) ++wrong_dot;
+    }
+  }
+  CHECK(wrong_decode == 0);
+  CHECK(wrong_dot == 0);
+}
+
+TEST_CASE("the NF4 decoding GEMV over reordered activations equals a scalar decode", "[kernels][quant]") {
+  namespace kernel = lora::quant::kernel;
+  const bool double_quant = GENERATE(false, true);
+  const DecodeCase d(33, double_quant);
+  const Index pw = kernel::pair_width;
+  CHECK(kernel::pairs_fit(4096, 64));  // the shapes of real models, on every instruction set
+  CHECK(!kernel::pairs_fit(70, 64));
+  CHECK(!kernel::pairs_fit(pw, pw + 2));
+  Index wrong = 0;
+  for (const Index block : {pw, 2 * pw, Index(64)}) {
+    for (const Index blocks_per_row : {1, 2}) {
+      const Index in = block * blocks_per_row;
+      if (!kernel::pairs_fit(in, block) || 3 * in > 1000 || 8 * in > 2400) continue;
+      std::vector<float> xp(8 * static_cast<std::size_t>(in));
+      for (Index k = 0; k < 8; ++k) kernel::pair_layout(d.x.data() + k * in, in, xp.data() + k * in);
+      for (const Index row : {0, 1, 2}) {
+        for (const Index n : {1, 2, 3, 4, 5, 6, 7, 8}) {
+          CAPTURE(double_quant, block, in, row, n);
+          float out[8];
+          kernel::with_rows(n, [&](auto rows) {
+            kernel::nf4_dot_pairs<decltype(rows)::value>(d.codes.data(), row * in, in, block, d.levels.data(), d.scales,
+                                                         xp.data(), in, out);
+          });
+          for (Index k = 0; k < n; ++k)
+            if (!dot_close(out[k], in, d.x.data() + k * in, [&](Index j) { return d.nf4(row * in, j, block); })) ++wrong;
+        }
+      }
+    }
+  }
+  CHECK(wrong == 0);
+}
+
+TEST_CASE("the int8 decode kernels equal a scalar decode at every tail", "[kernels][quant]") {
+  namespace kernel = lora::quant::kernel;
+  const DecodeCase d(32, false);
+  const auto* codes = reinterpret_cast<const std::int8_t*>(d.codes.data());
+  const float scale = 0.37f / 127.0f;
+  for (const Index len : {0, 1, 2, 7, 8, 9, 15, 16, 17, 33, 64, 65, 299}) {
+    CAPTURE(len);
+    std::vector<float> dst(static_cast<std::size_t>(len) + 1, -7.0f);
+    kernel::int8_decode(codes + 3, len, scale, dst.data());
+    Index wrong = 0;
+    for (Index j = 0; j < len; ++j)
+      if (!(dst[static_cast<std::size_t>(j)] == static_cast<float>(codes[3 + j]) * scale)) ++wrong;
+    CHECK(wrong == 0);
+    CHECK(dst[static_cast<std::size_t>(len)] == -7.0f);
+    for (const Index n : {1, 2, 3, 4, 5, 6, 7, 8}) {
+      CAPTURE(n);
+      float out[8];
+      kernel::with_rows(n, [&](auto rows) {
+        kernel::int8_dot<decltype(rows)::value>(codes + 3, len, scale, d.x.data() + 1, 300, out);
+      });
+      for (Index k = 0; k < n; ++k)
+        CHECK(dot_close(out[k], len, d.x.data() + 1 + k * 300,
+                        [&](Index j) { return static_cast<float>(codes[3 + j]) * scale; }));
+    }
+  }
 }

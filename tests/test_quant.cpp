@@ -146,7 +146,7 @@ TEMPLATE_TEST_CASE("QuantizedBase products equal a dense product over the dequan
   const double tol = 1e-5;
   lora::testing::ThreadSmallWork small_work;  // the 2-thread splits run at these sizes too
   for (const bool int8 : {false, true}) {
-    for (const Index in : {Index(70), Index(128)}) {
+    for (const Index in : {Index(70), Index(71), Index(128)}) {
       const Index out = 45;
       const Matrix<float> W = random_matrix<float>(out, in, 11);
       const quant::QuantizedWeight q = int8 ? quant::quantize_int8(W) : quant::quantize_nf4(W);

@@ -17,11 +17,13 @@
 
 #include <lora/base.hpp>
 #include <lora/detail/kernels.hpp>
+#include <lora/quant/decode.hpp>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace lora::quant {
@@ -201,16 +203,35 @@ struct QuantizedWeight {
 
   Index blocks() const { return (out * in + options.block_size - 1) / options.block_size; }
   // absmax of NF4 block b, as dequantization uses it.
-  float block_absmax(Index b) const {
-    if (!options.double_quant) return absmax[static_cast<std::size_t>(b)];
-    return dynamic_map()[qabsmax[static_cast<std::size_t>(b)]] *
-               absmax2[static_cast<std::size_t>(b / options.absmax_block_size)] +
-           offset;
+  float block_absmax(Index b) const { return scales().at(b); }
+  // The block scales as the decode kernels read them (quant/decode.hpp).
+  kernel::Nf4Scales scales() const {
+    kernel::Nf4Scales s;
+    if (!options.double_quant) {
+      s.absmax = absmax.data();
+      return s;
+    }
+    s.qabsmax = qabsmax.data();
+    s.dyn = dynamic_map().data();
+    s.absmax2 = absmax2.data();
+    s.group = options.absmax_block_size;
+    s.offset = offset;
+    return s;
   }
   // Rows [first, first + count) dequantized (float) into dst (count x in, row-major).
   template <class T>
   void dequantize_rows(Index first, Index count, T* dst) const {
     const Index begin = first * in, end = (first + count) * in;
+    if constexpr (std::is_same_v<T, float>) {  // the SIMD decode (quant/decode.hpp), the same values
+      if (format == Format::int8) {
+        for (Index r = first; r < first + count; ++r, dst += in)
+          kernel::int8_decode(reinterpret_cast<const std::int8_t*>(codes.data()) + r * in, in,
+                              absmax[static_cast<std::size_t>(r)] / 127.0f, dst);
+      } else {
+        kernel::nf4_decode(codes.data(), begin, end - begin, options.block_size, nf4_levels().data(), scales(), dst);
+      }
+      return;
+    }
     if (format == Format::int8) {
       for (Index r = first; r < first + count; ++r) {
         const float s = absmax[static_cast<std::size_t>(r)] / 127.0f;
@@ -321,7 +342,7 @@ class QuantizedBase final : public FrozenBase<Scalar> {
   void forward(const Scalar* X, Index n, Scalar* Y, BaseWorkspace<Scalar>& work, bool add_bias) const override {
     const Index in = this->in_features(), out = this->out_features();
     if (n <= small_batch) {
-      fused_forward(X, n, Y);
+      fused_forward(X, n, Y, work);
     } else {
       auto& tile = work.tile;
       const Index T = std::min<Index>(tile_rows, out);
@@ -365,14 +386,23 @@ class QuantizedBase final : public FrozenBase<Scalar> {
   static constexpr Index small_batch = 8;
   static constexpr Index tile_rows = 64;
 
-  void fused_forward(const Scalar* X, Index n, Scalar* Y) const {
+  void fused_forward(const Scalar* X, Index n, Scalar* Y, BaseWorkspace<Scalar>& work) const {
     const Index in = this->in_features(), out = this->out_features();
     const double flops = static_cast<double>(n) * static_cast<double>(in) * static_cast<double>(out);
+    const Scalar* Xp = nullptr;  // X in kernel::pair_layout, for the NF4 path that decodes without shuffles
+    if constexpr (std::is_same_v<Scalar, float>) {
+      if (q_.format == Format::nf4 && kernel::pairs_fit(in, q_.options.block_size)) {
+        auto& xp = work.decode_x;
+        if (xp.rows() < small_batch || xp.cols() != in) xp.resize(small_batch, in);
+        for (Index k = 0; k < n; ++k) kernel::pair_layout(X + k * in, in, xp.data() + k * in);
+        Xp = xp.data();
+      }
+    }
     lora::detail::parallel_for(out, 1, lora::detail::threads_for(flops), [&](Index r0, Index r1) {
       Scalar acc[small_batch];
       for (Index r = r0; r < r1; ++r) {
         for (Index k = 0; k < n; ++k) acc[k] = 0;
-        row_dot(r, X, n, acc);
+        row_dot(r, X, Xp, n, acc);
         for (Index k = 0; k < n; ++k) Y[k * out + r] = static_cast<Scalar>(acc[k]);
       }
     });
@@ -380,8 +410,24 @@ class QuantizedBase final : public FrozenBase<Scalar> {
 
   // acc[k] = sum_j X[k, j] W0[r, j], reading row r's codes once; accumulated in Scalar (float for a float
   // model), so a double model's products are exact up to double rounding.
-  void row_dot(Index r, const Scalar* X, Index n, Scalar* acc) const {
+  // Xp: X in kernel::pair_layout (float NF4 rows that kernel::pairs_fit), else nullptr.
+  void row_dot(Index r, const Scalar* X, const Scalar* Xp, Index n, Scalar* acc) const {
     const Index in = this->in_features();
+    if constexpr (std::is_same_v<Scalar, float>) {  // the SIMD decode (quant/decode.hpp)
+      kernel::with_rows(n, [&](auto rows) {
+        constexpr int N = decltype(rows)::value;
+        if (Xp)
+          kernel::nf4_dot_pairs<N>(q_.codes.data(), r * in, in, q_.options.block_size, nf4_levels().data(), q_.scales(),
+                                   Xp, in, acc);
+        else if (q_.format == Format::int8)
+          kernel::int8_dot<N>(reinterpret_cast<const std::int8_t*>(q_.codes.data()) + r * in, in,
+                              q_.absmax[static_cast<std::size_t>(r)] / 127.0f, X, in, acc);
+        else
+          kernel::nf4_dot<N>(q_.codes.data(), r * in, in, q_.options.block_size, nf4_levels().data(), q_.scales(), X, in,
+                             acc);
+      });
+      return;
+    }
     if (q_.format == Format::int8) {
       const std::int8_t* c = reinterpret_cast<const std::int8_t*>(q_.codes.data()) + r * in;
       for (Index k = 0; k < n; ++k) {
