@@ -221,35 +221,12 @@ struct QuantizedWeight {
   // Rows [first, first + count) dequantized (float) into dst (count x in, row-major).
   template <class T>
   void dequantize_rows(Index first, Index count, T* dst) const {
-    const Index begin = first * in, end = (first + count) * in;
-    if constexpr (std::is_same_v<T, float>) {  // the SIMD decode (quant/decode.hpp), the same values
-      if (format == Format::int8) {
-        for (Index r = first; r < first + count; ++r, dst += in)
-          kernel::int8_decode(reinterpret_cast<const std::int8_t*>(codes.data()) + r * in, in,
-                              absmax[static_cast<std::size_t>(r)] / 127.0f, dst);
-      } else {
-        kernel::nf4_decode(codes.data(), begin, end - begin, options.block_size, nf4_levels().data(), scales(), dst);
-      }
-      return;
-    }
     if (format == Format::int8) {
-      for (Index r = first; r < first + count; ++r) {
-        const float s = absmax[static_cast<std::size_t>(r)] / 127.0f;
-        for (Index j = 0; j < in; ++j)
-          *dst++ = static_cast<T>(static_cast<float>(static_cast<std::int8_t>(codes[r * in + j])) * s);
-      }
-      return;
-    }
-    const auto& lv = nf4_levels();
-    const Index bs = options.block_size;
-    Index i = begin;
-    while (i < end) {
-      const Index b = i / bs, stop = std::min(end, (b + 1) * bs);
-      const float a = block_absmax(b);
-      for (; i < stop; ++i) {
-        const std::uint8_t byte = codes[static_cast<std::size_t>(i / 2)];
-        *dst++ = static_cast<T>(lv[(i & 1) ? (byte & 0xF) : (byte >> 4)] * a);
-      }
+      for (Index r = first; r < first + count; ++r, dst += in)
+        kernel::int8_decode(reinterpret_cast<const std::int8_t*>(codes.data()) + r * in, in,
+                            absmax[static_cast<std::size_t>(r)] / 127.0f, dst);
+    } else {
+      kernel::nf4_decode(codes.data(), first * in, count * in, options.block_size, nf4_levels().data(), scales(), dst);
     }
   }
   std::size_t bytes() const {
@@ -439,20 +416,13 @@ class QuantizedBase final : public FrozenBase<Scalar> {
       }
       return;
     }
-    const auto& lv = nf4_levels();
-    const Index bs = q_.options.block_size, begin = r * in, end = begin + in;
-    Index i = begin;
-    while (i < end) {
-      const Index b = i / bs, stop = std::min(end, (b + 1) * bs);
-      const float a = q_.block_absmax(b);
-      for (; i < stop; ++i) {
-        // The weight exactly as dequantize_rows makes it (a float product), so every path multiplies by
-        // the same W0.
-        const std::uint8_t byte = q_.codes[static_cast<std::size_t>(i / 2)];
-        const Scalar w = static_cast<Scalar>(lv[(i & 1) ? (byte & 0xF) : (byte >> 4)] * a);
-        for (Index k = 0; k < n; ++k) acc[k] += w * X[k * in + (i - begin)];
-      }
-    }
+    // The weights exactly as dequantize_rows makes them (float products), so every path multiplies by the
+    // same W0.
+    kernel::nf4_each(q_.codes.data(), r * in, in, q_.options.block_size, nf4_levels().data(), q_.scales(),
+                     [&](Index j, float w) {
+                       const Scalar ws = static_cast<Scalar>(w);
+                       for (Index k = 0; k < n; ++k) acc[k] += ws * X[k * in + j];
+                     });
   }
 
   QuantizedWeight q_;
