@@ -155,11 +155,21 @@ TEMPLATE_TEST_CASE("QuantizedBase products equal a dense product over the dequan
       const Matrix<Scalar> D = dequantized<Scalar>(q);
       CHECK(base.dense_weight() == nullptr);
       CHECK(base.max_abs() == Approx(static_cast<double>(D.cwiseAbs().maxCoeff())).epsilon(1e-6));
-      lora::BaseWorkspace<Scalar> work;
-      for (const int threads : {1, 2}) {
+      using Blocking = lora::detail::GemmBlocking<Scalar>;
+      for (const int threads : {1, 2}) for (const bool small_blocks : {false, true}) {
         lora::set_num_threads(threads);
-        for (const Index n : {Index(1), Index(3), Index(8), Index(17), Index(64)}) {
-          INFO((int8 ? "int8" : "nf4") << ", in " << in << ", n " << n << ", threads " << threads);
+        // Small block sizes put every panel and block edge inside these products: an odd kc starts the
+        // dequantized segments at odd codes, and nc cuts W0's rows (forward) and columns (dX) mid-panel.
+        lora::BaseWorkspace<Scalar> work;
+        if (small_blocks) {
+          work.forward.resize(2);
+          work.backward.resize(2);
+          for (auto* buffers : {&work.forward, &work.backward})
+            for (Blocking& b : *buffers) b.set_block_sizes(Blocking::MR, 13, 2 * Blocking::NR);
+        }
+        for (const Index n : {Index(1), Index(3), Index(8), Index(9), Index(17), Index(64)}) {
+          INFO((int8 ? "int8" : "nf4") << ", in " << in << ", n " << n << ", threads " << threads
+                                       << (small_blocks ? ", small blocks" : ""));
           const Matrix<Scalar> X = random_matrix<Scalar>(n, in, 13);
           Matrix<Scalar> Y(n, out), dX(n, in);
           base.forward(X.data(), n, Y.data(), work, true);

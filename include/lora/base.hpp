@@ -22,9 +22,9 @@ namespace lora {
 template <class Scalar>
 struct BaseWorkspace {
   detail::GemmBuffers<Scalar> forward, backward;
-  // A quantized base's dequantized tile of W0 rows, and the <= 8 activation rows its decoding GEMV reads
-  // reordered (lora/quant/quant.hpp); kept at their sizes.
-  Matrix<Scalar> tile, decode_x;
+  // The <= 8 activation rows a quantized base's decoding GEMV reads reordered (lora/quant/quant.hpp), kept
+  // at its size.
+  Matrix<Scalar> decode_x;
 };
 
 template <class Scalar>

@@ -85,9 +85,11 @@ struct GemmOperands {
   Scalar alpha = 1, beta = 0;
 };
 
-// The packed product on the calling thread (k >= 1).
-template <class Scalar>
-void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g) {
+// The packed product on the calling thread (k >= 1), each block of B packed by
+// pack_b(pc, kc, jc, nc, dst): B(pc + p, jc + j), p < kc, j < nc, into gemm_pack::pack_b's panels at dst
+// (zeros past column nc). A B that is not in memory as values (a quantized W0) decodes itself there.
+template <class Scalar, class PackB>
+void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, PackB&& pack_b) {
   using Kernel = gemm_kernel::Kernel<Scalar>;
   constexpr int MR = Kernel::MR, NR = Kernel::NR;
   LORA_ASSERT(g.k >= 1);
@@ -100,7 +102,7 @@ void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g) 
     for (Index pc = 0; pc < g.k; pc += KC) {
       const Index kc = std::min(KC, g.k - pc);
       const Scalar beta = pc == 0 ? g.beta : Scalar(1);
-      gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, pb);
+      pack_b(pc, kc, jc, nc, pb);
       for (Index ic = 0; ic < g.m; ic += MC) {
         const Index mc = std::min(MC, g.m - ic);
         gemm_pack::pack_a<MR>(g.a + ic * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, mc, kc, pa);
@@ -114,6 +116,15 @@ void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g) 
       }
     }
   }
+}
+
+// The packed product on the calling thread (k >= 1), B read from memory through (g.b, g.b_rs, g.b_cs).
+template <class Scalar>
+void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g) {
+  constexpr int NR = GemmBlocking<Scalar>::NR;
+  packed_gemm(blocking, g, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+    gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, dst);
+  });
 }
 
 // Keeps a parameter out of template argument deduction (alpha, beta take the blocking's scalar).
@@ -175,10 +186,16 @@ void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& d
 template <class Scalar>
 using GemmBuffers = std::vector<GemmBlocking<Scalar>>;
 
-// dst = alpha * lhs * rhs + beta * dst split over the threads, each running gemm() on its part with its
-// own buffers: no allocation once the buffers have seen the shape. Each thread packs all of the operand
-// it does not split, so the split goes along the longer of m and n (a thread then repacks the smaller
-// operand); few rows (dX = dY W0 while decoding) always split the columns.
+// Whether a product of m x p split over `threads` goes by rows (else by columns). Each thread packs all
+// of the operand it does not split, so the split goes along the longer of m and p; few rows (dX = dY W0
+// while decoding) always split the columns.
+template <class Scalar>
+bool split_rows(Index m, Index p, int threads) {
+  return m > p && m >= 4 * GemmBlocking<Scalar>::MR * threads;
+}
+
+// dst = alpha * lhs * rhs + beta * dst split over the threads (split_rows), each running gemm() on its
+// part with its own buffers: no allocation once the buffers have seen the shape.
 template <class Scalar, class Lhs, class Rhs, class Dst>
 void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs, Dst& dst,
                    typename gemm_scalar<Scalar>::type alpha = Scalar(1),
@@ -196,7 +213,7 @@ void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs,
     return;
   }
   constexpr Index MR = GemmBlocking<Scalar>::MR, NR = GemmBlocking<Scalar>::NR;
-  const bool by_rows = m > p && m >= 4 * MR * threads;
+  const bool by_rows = split_rows<Scalar>(m, p, threads);
   parallel_region(threads, [&](int t, int nt) {
     GemmBlocking<Scalar>& own = buffers[static_cast<std::size_t>(t)];
     if (by_rows) {
@@ -209,6 +226,40 @@ void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs,
       if (cols.first >= cols.second) return;
       auto d = dst.middleCols(cols.first, cols.second - cols.first);
       gemm(own, lhs, rhs.middleCols(cols.first, cols.second - cols.first), d, alpha, beta);
+    }
+  });
+}
+
+// packed_gemm(blocking, g, pack_b) split over the threads as gemm_parallel splits (pack_b sees the
+// whole product's coordinates), one GemmBlocking of `buffers` each. Threads run even in the BLAS build:
+// a B that packs itself has no BLAS product.
+template <class Scalar, class PackB>
+void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scalar>& g, PackB&& pack_b) {
+  const int threads = std::max(
+      threads_for(static_cast<double>(g.m) * static_cast<double>(g.k) * static_cast<double>(g.n)), 1);
+  if (static_cast<int>(buffers.size()) < threads) buffers.resize(static_cast<std::size_t>(threads));
+  if (threads == 1) {
+    packed_gemm(buffers.front(), g, pack_b);
+    return;
+  }
+  constexpr Index MR = GemmBlocking<Scalar>::MR, NR = GemmBlocking<Scalar>::NR;
+  const bool by_rows = split_rows<Scalar>(g.m, g.n, threads);
+  parallel_region(threads, [&](int t, int nt) {
+    GemmBlocking<Scalar>& own = buffers[static_cast<std::size_t>(t)];
+    GemmOperands<Scalar> part = g;
+    const auto range = by_rows ? split(g.m, MR, t, nt) : split(g.n, NR, t, nt);
+    if (range.first >= range.second) return;
+    if (by_rows) {
+      part.m = range.second - range.first;
+      part.a += range.first * g.a_rs;
+      part.c += range.first * g.ldc;
+      packed_gemm(own, part, pack_b);
+    } else {
+      part.n = range.second - range.first;
+      part.c += range.first;
+      packed_gemm(own, part, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+        pack_b(pc, kc, range.first + jc, nc, dst);
+      });
     }
   });
 }

@@ -222,12 +222,19 @@ struct QuantizedWeight {
   template <class T>
   void dequantize_rows(Index first, Index count, T* dst) const {
     if (format == Format::int8) {
-      for (Index r = first; r < first + count; ++r, dst += in)
-        kernel::int8_decode(reinterpret_cast<const std::int8_t*>(codes.data()) + r * in, in,
-                            absmax[static_cast<std::size_t>(r)] / 127.0f, dst);
+      for (Index r = first; r < first + count; ++r, dst += in) dequantize(r, 0, in, dst);
     } else {
       kernel::nf4_decode(codes.data(), first * in, count * in, options.block_size, nf4_levels().data(), scales(), dst);
     }
+  }
+  // W0(r, c0 .. c0 + len) dequantized (float) into dst[0 .. len); the caller keeps it inside row r.
+  template <class T>
+  void dequantize(Index r, Index c0, Index len, T* dst) const {
+    if (format == Format::int8)
+      kernel::int8_decode(reinterpret_cast<const std::int8_t*>(codes.data()) + r * in + c0, len,
+                          absmax[static_cast<std::size_t>(r)] / 127.0f, dst);
+    else
+      kernel::nf4_decode(codes.data(), r * in + c0, len, options.block_size, nf4_levels().data(), scales(), dst);
   }
   std::size_t bytes() const {
     return codes.size() + absmax.size() * 4 + qabsmax.size() + absmax2.size() * 4 +
@@ -291,9 +298,10 @@ QuantizedWeight quantize_int8(const Eigen::MatrixBase<Derived>& W) {
   return q;
 }
 
-// A frozen base stored quantized. Products dequantize W0 tile by tile (rows of `tile_rows`) into the
-// caller's workspace; nothing of W0's full size is ever made dense. n <= 8 (decoding): a fused pass that
-// reads each code once and accumulates in float.
+// A frozen base stored quantized. The products (n > 8: training, prefill) run the library's packed GEMM
+// with W0 dequantized block by block straight into its packed panels (KC x NC values at a time, per
+// thread): nothing of W0's full size is ever made dense, and they scale over the threads as the dense
+// base's do. n <= 8 (decoding): a fused pass that reads each code once and accumulates in float.
 template <class Scalar>
 class QuantizedBase final : public FrozenBase<Scalar> {
  public:
@@ -321,31 +329,63 @@ class QuantizedBase final : public FrozenBase<Scalar> {
     if (n <= small_batch) {
       fused_forward(X, n, Y, work);
     } else {
-      auto& tile = work.tile;
-      const Index T = std::min<Index>(tile_rows, out);
-      if (tile.rows() != T || tile.cols() != in) tile.resize(T, in);
-      for (Index r0 = 0; r0 < out; r0 += T) {
-        const Index rc = std::min(T, out - r0);
-        q_.dequantize_rows(r0, rc, tile.data());
-        lora::detail::row_dots(n, rc, in, X, in, tile.data(), in, Y + r0, out);
-      }
+      // Y = X B with B = W0^T: B(p, j) = W0(j, p); a panel's NR columns are NR rows of W0.
+      lora::detail::GemmOperands<Scalar> g;
+      g.m = n;
+      g.n = out;
+      g.k = in;
+      g.a = X;
+      g.a_rs = in;
+      g.a_cs = 1;
+      g.c = Y;
+      g.ldc = out;
+      lora::detail::packed_gemm_parallel(work.forward, g, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+        for (Index q = 0; q < nc; q += NR, dst += NR * kc) {
+          for (Index c = 0; c < NR; ++c) {
+            if (q + c >= nc) {
+              for (Index p = 0; p < kc; ++p) dst[p * NR + c] = Scalar(0);
+              continue;
+            }
+            Scalar chunk[pack_chunk];
+            for (Index p0 = 0; p0 < kc; p0 += pack_chunk) {
+              const Index len = std::min(pack_chunk, kc - p0);
+              q_.dequantize(jc + q + c, pc + p0, len, chunk);
+              for (Index p = 0; p < len; ++p) dst[(p0 + p) * NR + c] = chunk[p];
+            }
+          }
+        }
+      });
     }
     if (add_bias && this->has_bias()) Eigen::Map<Matrix<Scalar>>(Y, n, out).rowwise() += this->bias().transpose();
   }
 
   void backward_input(const Scalar* dY, Index n, Scalar* dX, BaseWorkspace<Scalar>& work) const override {
     const Index in = this->in_features(), out = this->out_features();
-    auto& tile = work.tile;
-    const Index T = std::min<Index>(tile_rows, out);
-    if (tile.rows() != T || tile.cols() != in) tile.resize(T, in);
-    Eigen::Map<Matrix<Scalar>> dXm(dX, n, in);
-    dXm.setZero();
-    Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>> dYm(dY, n, out, Eigen::OuterStride<>(out));
-    for (Index r0 = 0; r0 < out; r0 += T) {
-      const Index rc = std::min(T, out - r0);
-      q_.dequantize_rows(r0, rc, tile.data());
-      dXm.noalias() += dYm.middleCols(r0, rc).lazyProduct(tile.topRows(rc));
-    }
+    // dX = dY B with B = W0: a panel's row p holds NR consecutive weights of W0's row pc + p.
+    lora::detail::GemmOperands<Scalar> g;
+    g.m = n;
+    g.n = in;
+    g.k = out;
+    g.a = dY;
+    g.a_rs = out;
+    g.a_cs = 1;
+    g.c = dX;
+    g.ldc = in;
+    lora::detail::packed_gemm_parallel(work.backward, g, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+      Scalar chunk[pack_chunk];
+      for (Index p = 0; p < kc; ++p) {
+        for (Index j0 = 0; j0 < nc; j0 += pack_chunk) {
+          const Index len = std::min(pack_chunk, nc - j0);
+          q_.dequantize(pc + p, jc + j0, len, chunk);
+          for (Index q = 0; q < len; q += NR) {
+            Scalar* panel = dst + (j0 + q) * kc + p * NR;
+            const Index cols = std::min(NR, len - q);
+            std::copy(chunk + q, chunk + q + cols, panel);
+            std::fill(panel + cols, panel + NR, Scalar(0));
+          }
+        }
+      }
+    });
   }
 
   void dense_rows(Index first, Index count, Scalar* dst) const override { q_.dequantize_rows(first, count, dst); }
@@ -361,7 +401,9 @@ class QuantizedBase final : public FrozenBase<Scalar> {
 
  private:
   static constexpr Index small_batch = 8;
-  static constexpr Index tile_rows = 64;
+  static constexpr Index NR = lora::detail::GemmBlocking<Scalar>::NR;
+  // Weights dequantized per call while packing (a multiple of NR, on the stack).
+  static constexpr Index pack_chunk = 8 * NR;
 
   void fused_forward(const Scalar* X, Index n, Scalar* Y, BaseWorkspace<Scalar>& work) const {
     const Index in = this->in_features(), out = this->out_features();
