@@ -1,6 +1,6 @@
 // lora.hpp internals: the decode kernels of a quantized base (quant/quant.hpp). Each decodes a run of NF4
 // or int8 codes once into vector registers and either multiplies it into up to 8 activation rows (the
-// decoding GEMV, n = 1 .. 8) or stores it (the tiles of the larger products).
+// decoding GEMV, n = 1 .. 8) or stores it (the packed GEMM panels of the larger products).
 //
 // A decoded weight is exactly the float QuantizedWeight::dequantize_rows makes: NF4 `level[code] * absmax`
 // (the levels are scaled by the block's absmax once per block, the same IEEE products), int8
