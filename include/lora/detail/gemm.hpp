@@ -140,7 +140,7 @@ void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& d
   using namespace Eigen;
   static_assert(Dst::Flags & RowMajorBit, "lora::detail::gemm writes row-major destinations");
   LORA_ASSERT(lhs.cols() == rhs.rows() && dst.rows() == lhs.rows() && dst.cols() == rhs.cols());
-  constexpr bool direct = (Lhs::Flags & DirectAccessBit) && (Rhs::Flags & DirectAccessBit) &&
+  [[maybe_unused]] constexpr bool direct = (Lhs::Flags & DirectAccessBit) && (Rhs::Flags & DirectAccessBit) &&
                           (Dst::Flags & DirectAccessBit);
 #ifdef EIGEN_USE_BLAS
   constexpr bool packed = false;  // the BLAS runs the product (through Eigen's product)
