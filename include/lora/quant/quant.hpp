@@ -330,16 +330,7 @@ class QuantizedBase final : public FrozenBase<Scalar> {
       fused_forward(X, n, Y, work);
     } else {
       // Y = X B with B = W0^T: B(p, j) = W0(j, p); a panel's NR columns are NR rows of W0.
-      lora::detail::GemmOperands<Scalar> g;
-      g.m = n;
-      g.n = out;
-      g.k = in;
-      g.a = X;
-      g.a_rs = in;
-      g.a_cs = 1;
-      g.c = Y;
-      g.ldc = out;
-      lora::detail::packed_gemm_parallel(work.forward, g, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+      lora::detail::packed_gemm_parallel(work.forward, operands(n, out, in, X, Y), [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
         for (Index q = 0; q < nc; q += NR, dst += NR * kc) {
           for (Index c = 0; c < NR; ++c) {
             if (q + c >= nc) {
@@ -362,16 +353,7 @@ class QuantizedBase final : public FrozenBase<Scalar> {
   void backward_input(const Scalar* dY, Index n, Scalar* dX, BaseWorkspace<Scalar>& work) const override {
     const Index in = this->in_features(), out = this->out_features();
     // dX = dY B with B = W0: a panel's row p holds NR consecutive weights of W0's row pc + p.
-    lora::detail::GemmOperands<Scalar> g;
-    g.m = n;
-    g.n = in;
-    g.k = out;
-    g.a = dY;
-    g.a_rs = out;
-    g.a_cs = 1;
-    g.c = dX;
-    g.ldc = in;
-    lora::detail::packed_gemm_parallel(work.backward, g, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+    lora::detail::packed_gemm_parallel(work.backward, operands(n, in, out, dY, dX), [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
       Scalar chunk[pack_chunk];
       for (Index p = 0; p < kc; ++p) {
         for (Index j0 = 0; j0 < nc; j0 += pack_chunk) {
@@ -402,6 +384,20 @@ class QuantizedBase final : public FrozenBase<Scalar> {
  private:
   static constexpr Index small_batch = 8;
   static constexpr Index NR = lora::detail::GemmBlocking<Scalar>::NR;
+
+  // C [m x n] = A [m x k] B, A and C row-major with packed rows; B packs itself.
+  static lora::detail::GemmOperands<Scalar> operands(Index m, Index n, Index k, const Scalar* a, Scalar* c) {
+    lora::detail::GemmOperands<Scalar> g;
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    g.a = a;
+    g.a_rs = k;
+    g.a_cs = 1;
+    g.c = c;
+    g.ldc = n;
+    return g;
+  }
   // Weights dequantized per call while packing (a multiple of NR, on the stack).
   static constexpr Index pack_chunk = 8 * NR;
 
