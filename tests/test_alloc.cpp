@@ -194,6 +194,41 @@ TEMPLATE_TEST_CASE("steady-state nn::Linear forward and backward do not allocate
 #endif
 }
 
+TEMPLATE_TEST_CASE("steady-state nn::Linear over a quantized base does not allocate", "[alloc][nn][quant]", float, double) {
+#ifndef LORA_TEST_COUNTS_MALLOC
+  SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");
+#else
+  using Scalar = TestType;
+  const Index n = GENERATE(1, 32);
+  const bool int8 = GENERATE(false, true);
+  const int threads = GENERATE(1, 2);
+  CAPTURE(n, int8, threads);
+  const lora::testing::ThreadSmallWork small_work;
+  const int saved_threads = lora::num_threads();
+  lora::set_num_threads(threads);
+  const Matrix<float> W = Matrix<float>::Random(200, 128);
+  lora::nn::Linear<Scalar> layer(
+      lora::quant::make_quantized_base<Scalar>(int8 ? lora::quant::quantize_int8(W) : lora::quant::quantize_nf4(W),
+                                               lora::Vector<Scalar>::Random(200)));
+  layer.set_trainable(false, true);
+  const Matrix<Scalar> X = Matrix<Scalar>::Random(n, 128), dY = Matrix<Scalar>::Random(n, 200);
+  auto step = [&] {
+    layer.train();
+    layer.forward(X);
+    layer.backward(dY);
+    layer.eval();
+    layer.forward(X);
+  };
+  step();
+  step();
+  const long before = allocation_count();
+  for (int i = 0; i < 3; ++i) step();
+  const long allocations = allocation_count() - before;
+  lora::set_num_threads(saved_threads);
+  CHECK(allocations == 0);
+#endif
+}
+
 TEST_CASE("a layer over a shared base allocates its adapter, not a copy of W0", "[alloc][base]") {
 #ifndef LORA_TEST_COUNTS_MALLOC
   SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");

@@ -5,6 +5,7 @@
 #include <lora/io.hpp>
 #include <lora/lora.hpp>
 #include <lora/quant/merge.hpp>
+#include <lora/quant/model.hpp>
 #include <lora/quant/quant.hpp>
 
 #include "instances.hpp"
@@ -278,6 +279,182 @@ TEST_CASE("merging into a quantized base: refused, merge_and_dequantize, merge_a
   CHECK(contains(message_of([&] { quant::merge_and_requantize(layer, Matrix<float>(3, 5)); }), "probe must be m x 128"));
   LoraLinear<float> plain(W, config(2));
   CHECK(contains(message_of([&] { quant::merge_and_requantize(plain, X); }), "is not a QuantizedBase"));
+}
+
+TEST_CASE("nn::Linear over a quantized base: the products, a frozen weight, the bias its own", "[quant][nn]") {
+  const Matrix<float> W = random_matrix<float>(24, 80, 41);
+  const Vector<double> bias = random_matrix<double>(24, 1, 42);
+  for (const quant::Format format : {quant::Format::nf4, quant::Format::int8}) {
+    INFO(quant::format_name(format));
+    const quant::QuantizedWeight q = format == quant::Format::nf4 ? quant::quantize_nf4(W) : quant::quantize_int8(W);
+    const Matrix<double> D = dequantized<double>(q);
+    lora::nn::Linear<double> layer(quant::make_quantized_base<double>(q, bias));
+    lora::nn::Linear<double> dense(D, bias);
+    dense.set_trainable(false, false);
+    CHECK(layer.weight_values() == D);
+    CHECK(layer.num_parameters() == 24 * 80 + 24);
+    CHECK(layer.num_trainable_parameters() == 0);
+    CHECK(contains(layer.describe(), quant::format_name(format)));
+    for (const Index n : {Index(3), Index(17)}) {  // the fused pass and the packed product
+      INFO("n " << n);
+      const Matrix<double> X = random_matrix<double>(n, 80, 43);
+      const Matrix<double> R = random_matrix<double>(n, 24, 44);
+      layer.train();
+      dense.train();
+      CHECK(relative_error(layer.forward(X), dense.forward(X)) < 1e-12);
+      CHECK(relative_error(layer.backward(R), dense.backward(R)) < 1e-12);
+      lora::nn::InferenceContext<double> ctx;
+      CHECK(relative_error(layer.infer(X, ctx), dense.forward(X)) < 1e-12);
+      // A strided input (a column block of a wider matrix) is read through a packed copy.
+      const Matrix<double> wide = random_matrix<double>(n, 100, 45);
+      const Matrix<double> expect = dense.forward(wide.leftCols(80));
+      CHECK(relative_error(layer.forward(wide.leftCols(80)), expect) < 1e-12);
+    }
+    // The weight never trains; the bias does on request, with its gradient checked.
+    CHECK(contains(message_of([&] { layer.set_trainable(true, true); }), "cannot train"));
+    CHECK(contains(message_of([&] { layer.weight(); }), "read-only"));
+    CHECK(contains(message_of([&] { std::as_const(layer).weight(); }), "weight_values()"));
+    CHECK(contains(message_of([&] { layer.set_weight(D); }), "Linear::set_weight"));
+    layer.set_requires_grad(true);
+    CHECK_FALSE(layer.weight_trainable());
+    CHECK(layer.bias_trainable());
+    lora::testing::check_module_gradients(layer, random_matrix<double>(5, 80, 46), 47);
+    lora::nn::Linear<double> copy = layer;  // shares the base
+    CHECK(copy.frozen_base() == layer.frozen_base());
+  }
+  CHECK(contains(message_of([] { lora::nn::Linear<double>(std::shared_ptr<const lora::FrozenBase<double>>()); }),
+                 "null pointer"));
+}
+
+namespace {
+
+// 20 -> 32 -> Tanh -> 32 -> Tanh -> 6, Linear layers at layers.0, layers.2 (hidden) and layers.4 (head).
+lora::nn::Sequential<double> small_mlp() {
+  lora::nn::Sequential<double> m;
+  m.add(lora::nn::Linear<double>(20, 32, true, 51));
+  m.add(lora::nn::Tanh<double>());
+  m.add(lora::nn::Linear<double>(32, 32, true, 52));
+  m.add(lora::nn::Tanh<double>());
+  m.add(lora::nn::Linear<double>(32, 6, true, 53));
+  return m;
+}
+
+lora::nn::LoraInjectConfig qlora_config() {
+  lora::nn::LoraInjectConfig c;
+  c.target_modules = {"layers.0", "layers.2"};
+  c.modules_to_save = {"layers.4"};
+  c.rank = 3;
+  c.alpha = 6;
+  c.init = lora::InitMethod::random;  // B drawn too: the adapters change the output from the start
+  c.seed = 54;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("QLoRA on a model: quantize_model, inject_lora over the shared bases, gradients, merge_and_dequantize", "[quant][nn]") {
+  for (const quant::Format format : {quant::Format::nf4, quant::Format::int8}) {
+    INFO(quant::format_name(format));
+    lora::nn::Sequential<double> model = small_mlp();
+    quant::QuantizeModelConfig qc;
+    qc.format = format;
+    qc.nf4.block_size = 16;  // 32-wide rows: blocks end inside and at row ends
+    qc.skip_modules = {"layers.4"};
+    CHECK(quant::quantize_model(model, qc) == std::vector<std::string>{"layers.0", "layers.2"});
+    CHECK(model.num_trainable_parameters() == 6 * 32 + 6 + 64);  // the head, and the hidden biases kept trainable
+    // The reference: the same model in float with the dequantized weights.
+    lora::nn::Sequential<double> dense = small_mlp();
+    for (const char* name : {"layers.0.weight", "layers.2.weight"}) dense.set_base_tensor(name, model.base_tensor(name));
+    CHECK(contains(message_of([&] { model.set_base_tensor("layers.0.weight", model.base_tensor("layers.0.weight")); }),
+                   "read-only"));
+    const std::size_t float_bytes = quant::base_bytes(dense);
+    CHECK(float_bytes == static_cast<std::size_t>(dense.num_parameters()) * sizeof(double));
+    const std::size_t q_bytes = quant::base_bytes(model);
+    CHECK(q_bytes < float_bytes / 3);
+
+    const auto* base0 = dynamic_cast<const lora::nn::Linear<double>&>(model.module("layers.0")).frozen_base().get();
+    lora::nn::inject_lora(model, qlora_config());
+    lora::nn::inject_lora(dense, qlora_config());
+    CHECK(model.lora_layers()[0].second->shared_base().get() == base0);  // no copy of the quantized base
+    CHECK(model.num_trainable_parameters() == dense.num_trainable_parameters());
+    const Matrix<double> X = random_matrix<double>(11, 20, 55);
+    CHECK(relative_error(model.forward(X), dense.forward(X)) < 1e-12);
+    lora::testing::check_module_gradients(model, X, 56);
+
+    // merge() is refused and changes nothing; merge_and_dequantize exports the same function in float.
+    model.eval();
+    const Matrix<double> Y = model.forward(X);
+    CHECK(contains(message_of([&] { model.merge(); }), "quantization step"));
+    CHECK_FALSE(model.merged());
+    CHECK(model.forward(X) == Y);
+    lora::nn::Sequential<double> exported = model;
+    quant::merge_and_dequantize(exported);
+    CHECK(exported.lora_layers().empty());
+    CHECK(exported.saved_modules().empty());
+    for (const auto& entry : exported.named_modules())
+      if (auto* l = dynamic_cast<const lora::nn::Linear<double>*>(entry.second)) CHECK_FALSE(l->frozen_base());
+    exported.eval();
+    CHECK(relative_error(exported.forward(X), Y) < 1e-12);
+    CHECK(quant::base_bytes(exported) == float_bytes);
+  }
+}
+
+TEST_CASE("quantize_model: LoRA layers and nested modules, skip by sub-tree, refusals that change nothing", "[quant][nn]") {
+  // Nested: the attention's four projections are quantized under their dotted paths.
+  lora::nn::Sequential<double> model;
+  model.add(lora::nn::MultiHeadSelfAttention<double>(8, 2, false, 61));
+  model.add(lora::nn::Linear<double>(8, 3, true, 62));
+  dynamic_cast<lora::nn::MultiHeadSelfAttention<double>&>(model[0]).set_layout(2, 3, {3, 2});
+  const Matrix<double> X = random_matrix<double>(6, 8, 63);
+  lora::nn::Sequential<double> reference = model;
+  dynamic_cast<lora::nn::MultiHeadSelfAttention<double>&>(reference[0]).set_layout(2, 3, {3, 2});
+
+  quant::QuantizeModelConfig qc;
+  qc.nf4.block_size = 8;
+  qc.skip_modules = {"layers.1"};
+  CHECK(quant::quantize_model(model, qc) ==
+        std::vector<std::string>{"layers.0.query", "layers.0.key", "layers.0.value", "layers.0.dense"});
+  for (const std::string p : {"query", "key", "value", "dense"})
+    reference.set_base_tensor("layers.0." + p + ".weight", model.base_tensor("layers.0." + p + ".weight"));
+  CHECK(relative_error(model.forward(X), reference.forward(X)) < 1e-12);
+
+  // Refusals: the model is as it was.
+  const Matrix<double> Y = model.forward(X);
+  CHECK(contains(message_of([&] { quant::quantize_model(model, qc); }), "'layers.0.query' is already quantized"));
+  quant::QuantizeModelConfig typo = qc;
+  typo.skip_modules = {"layers.9"};
+  CHECK(contains(message_of([&] { quant::quantize_model(model, typo); }), "skip_modules entry 'layers.9' matches no module"));
+  quant::QuantizeModelConfig all = qc;
+  all.skip_modules = {"layers.0", "layers.1"};  // a sub-tree and a module: nothing left
+  CHECK(contains(message_of([&] { quant::quantize_model(model, all); }), "no Linear or LoRA layer is left"));
+  all.skip_modules = {"layers"};  // the prefix of every path: the whole model
+  CHECK(contains(message_of([&] { quant::quantize_model(model, all); }), "no Linear or LoRA layer is left"));
+  quant::QuantizeModelConfig odd = qc;
+  odd.nf4.block_size = 7;
+  CHECK(contains(message_of([&] { quant::quantize_model(reference, odd); }), "block_size must be even"));
+  CHECK(model.forward(X) == Y);
+
+  // After inject_lora: the LoRA layers' bases are quantized in place and the adapters kept.
+  lora::nn::Sequential<double> late = small_mlp();
+  lora::nn::inject_lora(late, qlora_config());
+  const Matrix<double> A = late.lora_layers()[1].second->A();
+  quant::QuantizeModelConfig int8;
+  int8.format = quant::Format::int8;
+  int8.skip_modules = {"layers.4"};
+  CHECK(quant::quantize_model(late, int8) == std::vector<std::string>{"layers.0", "layers.2"});
+  CHECK(contains(late.lora_layers()[1].second->base().describe(), "int8"));
+  CHECK(late.lora_layers()[1].second->A() == A);
+  CHECK(contains(message_of([&] { late.set_base_tensor("layers.2.weight", Matrix<double>::Zero(32, 32)); }),
+                 "not stored as dense values"));
+  // A quantized Linear cannot be a module to save (it could not train).
+  lora::nn::Sequential<double> head = small_mlp();
+  quant::QuantizeModelConfig none;
+  quant::quantize_model(head, none);
+  CHECK(contains(message_of([&] { lora::nn::inject_lora(head, qlora_config()); }),
+                 "modules_to_save: 'layers.4' reads its weight from the frozen base"));
+  CHECK(head.lora_layers().empty());
+  lora::nn::Sequential<double> plain = small_mlp();
+  CHECK(contains(message_of([&] { quant::merge_and_dequantize(plain); }), "no LoRA layer and no quantized Linear"));
 }
 
 TEST_CASE("quantizers and QuantizedBase: bad input", "[quant]") {

@@ -28,5 +28,6 @@
 #include <lora/optim.hpp>
 #include <lora/parameter.hpp>
 #include <lora/quant/merge.hpp>
+#include <lora/quant/model.hpp>
 #include <lora/quant/quant.hpp>
 #include <lora/threads.hpp>

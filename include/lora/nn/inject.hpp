@@ -160,8 +160,12 @@ Injection<Scalar> prepare_injection(const char* where, const nn::Sequential<Scal
     const nn::Module<Scalar>& m = model.module(path);
     if (std::find(plan.targets.begin(), plan.targets.end(), path) != plan.targets.end())
       fail(where, "'", path, "' is both a LoRA target and in modules_to_save; choose one");
-    if (!dynamic_cast<const nn::Linear<Scalar>*>(&m))
-      fail(where, "modules_to_save: '", path, "' is ", m.describe(), "; only Linear modules can be saved");
+    const auto* linear = dynamic_cast<const nn::Linear<Scalar>*>(&m);
+    if (!linear) fail(where, "modules_to_save: '", path, "' is ", m.describe(), "; only Linear modules can be saved");
+    if (linear->frozen_base())
+      fail(where, "modules_to_save: '", path, "' reads its weight from the frozen base ",
+           linear->frozen_base()->describe(), ", which cannot train; keep the module in float (skip_modules of "
+           "quant::quantize_model)");
   }
 
   auto require_key_matches = [&](const char* what, const std::string& key) {
@@ -181,10 +185,14 @@ Injection<Scalar> prepare_injection(const char* where, const nn::Sequential<Scal
     const auto& base = dynamic_cast<const nn::Linear<Scalar>&>(model.module(plan.targets[k]));
     const LoraConfig layer_config = config.layer_config(plan.targets[k], k);
     try {
-      if (base.has_bias())
+      if (base.frozen_base()) {  // shared, not copied; the Linear's bias (its own) replaces the base's
+        plan.layers.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.frozen_base(), layer_config));
+        if (base.has_bias()) plan.layers.back()->set_base_bias(base.bias());
+      } else if (base.has_bias()) {
         plan.layers.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.weight(), base.bias(), layer_config));
-      else
+      } else {
         plan.layers.push_back(std::make_unique<nn::LoraLayer<Scalar>>(base.weight(), layer_config));
+      }
     } catch (const std::invalid_argument& e) {
       fail(where, plan.targets[k], ": ", e.what());
     }

@@ -1,4 +1,5 @@
-// lora.hpp: Linear, a plain dense layer y = x W^T + b whose weight and bias can each be trained or frozen.
+// lora.hpp: Linear, a plain dense layer y = x W^T + b whose weight and bias can each be trained or frozen,
+// or a frozen layer over a FrozenBase (dense or quantized) that other layers and models may share.
 #pragma once
 
 #include <lora/base.hpp>
@@ -28,6 +29,12 @@ class Linear final : public Module<Scalar> {
   // a seeded, platform-independent stream. Trainable.
   Linear(Index in_features, Index out_features, bool bias = true, std::uint64_t seed = 0);
 
+  // Over a frozen base (make_base, borrow_base, quant::make_quantized_base), shared: nothing is copied but
+  // the bias, which the layer keeps as its own (frozen; set_trainable(false, true) trains it). The weight
+  // stays in the base and never trains: set_requires_grad(true) unfreezes the bias alone, and
+  // set_trainable(true, ...) throws. Throws for a null base.
+  explicit Linear(std::shared_ptr<const FrozenBase<Scalar>> base);
+
   // From given values: W [out x in], b [out] (any vector orientation).
   template <class DerivedW>
   explicit Linear(const Eigen::MatrixBase<DerivedW>& W) : Linear(W, VectorType(), false) {}
@@ -46,13 +53,22 @@ class Linear final : public Module<Scalar> {
   // Trainability (PyTorch's requires_grad), for the weight and the bias separately.
   void set_trainable(bool on) { set_trainable(on, on); }
   void set_trainable(bool weight, bool bias);
-  void set_requires_grad(bool on) override { set_trainable(on, on); }
+  void set_requires_grad(bool on) override { set_trainable(on && !base_, on); }
   bool weight_trainable() const { return weight_trainable_; }
   bool bias_trainable() const { return bias_trainable_; }
 
-  // Fixed-shape checked views (ParamRef) of a non-const layer; read-only maps of a const one.
-  ParamRef<Scalar> weight() { return ParamRef<Scalar>(weight_.data(), weight_.rows(), weight_.cols(), weight_lease_.guard()); }
-  Eigen::Map<const MatrixType> weight() const { return Eigen::Map<const MatrixType>(weight_.data(), weight_.rows(), weight_.cols()); }
+  // Fixed-shape checked views (ParamRef) of a non-const layer; read-only maps of a const one. Over a frozen
+  // base the writable view throws (the base is shared and read-only), and so does the read-only one
+  // when the base is not stored as dense values (a quantized base): weight_values() reads any kind.
+  ParamRef<Scalar> weight() {
+    if (base_) detail::fail("Linear::weight", "the weight is the frozen base ", base_->describe(), ", which is read-only");
+    return ParamRef<Scalar>(weight_.data(), weight_.rows(), weight_.cols(), weight_lease_.guard());
+  }
+  Eigen::Map<const MatrixType> weight() const;
+  // W as dense values (a quantized base's dequantized ones), a copy.
+  MatrixType weight_values() const;
+  // The frozen base the layer reads its weight from; nullptr when the layer holds its weight itself.
+  const std::shared_ptr<const FrozenBase<Scalar>>& frozen_base() const { return base_; }
   bool has_bias() const { return has_bias_; }
   // [out x 1] (0 x 1 without a bias).
   ParamRef<Scalar> bias() { return ParamRef<Scalar>(bias_.data(), bias_.size(), 1, bias_lease_.guard()); }
@@ -60,7 +76,8 @@ class Linear final : public Module<Scalar> {
   const MatrixType& grad_weight() const { return grad_weight_; }
   const VectorType& grad_bias() const { return grad_bias_; }
 
-  // Replaces the values (shapes must match; checked; NaN/Inf rejected).
+  // Replaces the values (shapes must match; checked; NaN/Inf rejected). set_weight throws over a frozen
+  // base (build a layer from the values instead).
   template <class Derived>
   void set_weight(const Eigen::MatrixBase<Derived>& W);
   template <class Derived>
@@ -68,20 +85,22 @@ class Linear final : public Module<Scalar> {
 
   // "weight" and "bias" (when trainable), after the prefix.
   void collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) override;
-  Index num_parameters() const override { return weight_.size() + bias_.size(); }
+  Index num_parameters() const override { return out_features() * in_features() + bias_.size(); }
   Index num_trainable_parameters() const override {
     return (weight_trainable_ ? weight_.size() : 0) + (bias_trainable_ ? bias_.size() : 0);
   }
-  Index in_features() const override { return weight_.cols(); }
-  Index out_features() const override { return weight_.rows(); }
+  Index in_features() const override { return base_ ? base_->in_features() : weight_.cols(); }
+  Index out_features() const override { return base_ ? base_->out_features() : weight_.rows(); }
   std::string type_name() const override { return "Linear"; }
   std::string describe() const override {
-    return detail::concat("Linear(", in_features(), " -> ", out_features(), has_bias_ ? ", bias" : ", no bias", ")");
+    return detail::concat("Linear(", in_features(), " -> ", out_features(), has_bias_ ? ", bias" : ", no bias",
+                          base_ ? "; frozen base " + base_->describe() : std::string(), ")");
   }
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<Linear>(*this); }
 
   Linear(const Linear& other)
       : Module<Scalar>(other),
+        base_(other.base_),
         weight_(other.weight_),
         grad_weight_(other.grad_weight_),
         bias_(other.bias_),
@@ -108,7 +127,13 @@ class Linear final : public Module<Scalar> {
 
   template <class DerivedB>
   static VectorType to_bias(const char* where, const Eigen::MatrixBase<DerivedB>& b, Index out);
+  // X itself, or a copy in `staging` when X overlaps `written` or, over a base (which reads packed
+  // rows), when its rows are not packed.
+  Input readable(const Input& X, const MatrixType& written, MatrixType& staging) const;
+  // Y = X W^T (+ b), into Y (resized), by the layer's own weight or its base.
+  void product(const Input& x, MatrixType& Y, BaseWorkspace<Scalar>& work) const;
 
+  std::shared_ptr<const FrozenBase<Scalar>> base_;  // set: W lives there, weight_ is empty
   MatrixType weight_, grad_weight_;
   VectorType bias_, grad_bias_;
   bool has_bias_ = false, weight_trainable_ = true, bias_trainable_ = false;
@@ -160,6 +185,32 @@ Linear<Scalar>::Linear(Index in_features, Index out_features, bool bias, std::ui
 }
 
 template <class Scalar>
+Linear<Scalar>::Linear(std::shared_ptr<const FrozenBase<Scalar>> base) : base_(std::move(base)) {
+  if (!base_) detail::fail("Linear::Linear", "the base is a null pointer");
+  has_bias_ = base_->has_bias();
+  if (has_bias_) bias_ = base_->bias();
+  weight_trainable_ = bias_trainable_ = false;
+}
+
+template <class Scalar>
+Eigen::Map<const typename Linear<Scalar>::MatrixType> Linear<Scalar>::weight() const {
+  if (!base_) return Eigen::Map<const MatrixType>(weight_.data(), weight_.rows(), weight_.cols());
+  const Scalar* w = base_->dense_weight();
+  if (!w)
+    detail::fail("Linear::weight", "the frozen base ", base_->describe(),
+                 " is not stored as dense values; weight_values() dequantizes it");
+  return Eigen::Map<const MatrixType>(w, out_features(), in_features());
+}
+
+template <class Scalar>
+typename Linear<Scalar>::MatrixType Linear<Scalar>::weight_values() const {
+  if (!base_) return weight_;
+  MatrixType W(out_features(), in_features());
+  base_->dense_rows(0, out_features(), W.data());
+  return W;
+}
+
+template <class Scalar>
 template <class DerivedW>
 Linear<Scalar>::Linear(const Eigen::MatrixBase<DerivedW>& W, VectorType b, bool has_bias)
     : bias_(std::move(b)), has_bias_(has_bias) {
@@ -172,6 +223,9 @@ Linear<Scalar>::Linear(const Eigen::MatrixBase<DerivedW>& W, VectorType b, bool 
 
 template <class Scalar>
 void Linear<Scalar>::set_trainable(bool weight, bool bias) {
+  if (weight && base_)
+    detail::fail("Linear::set_trainable", "the weight is the frozen base ", base_->describe(),
+                 " and cannot train; set_trainable(false, true) trains the bias alone");
   // Parameter lists made before this call must not write a tensor whose trainability changed.
   if (weight != weight_trainable_) weight_lease_.retire();
   if ((bias && has_bias_) != bias_trainable_) bias_lease_.retire();
@@ -194,6 +248,9 @@ template <class Scalar>
 template <class Derived>
 void Linear<Scalar>::set_weight(const Eigen::MatrixBase<Derived>& W) {
   constexpr const char* where = "Linear::set_weight";
+  if (base_)
+    detail::fail(where, "the weight is the frozen base ", base_->describe(),
+                 ", which is read-only; build a Linear from the new values instead");
   detail::require_shape(where, "weight", W, weight_.rows(), weight_.cols());
   MatrixType w = W.template cast<Scalar>();
   detail::require_finite(where, "weight", w);
@@ -206,7 +263,7 @@ template <class Derived>
 void Linear<Scalar>::set_bias(const Eigen::MatrixBase<Derived>& b) {
   constexpr const char* where = "Linear::set_bias";
   if (!has_bias_) detail::fail(where, "the layer was built without a bias");
-  bias_ = to_bias(where, b, weight_.rows());
+  bias_ = to_bias(where, b, out_features());
   ++guard_->version;
 }
 
@@ -217,24 +274,38 @@ void Linear<Scalar>::zero_grad() {
 }
 
 template <class Scalar>
+typename Linear<Scalar>::Input Linear<Scalar>::readable(const Input& X, const MatrixType& written,
+                                                        MatrixType& staging) const {
+  const Index span = X.rows() == 0 ? 0 : (X.rows() - 1) * X.outerStride() + X.cols();
+  const bool packed = X.outerStride() == X.cols() || X.rows() == 1;
+  if (!detail::overlaps(X.data(), span, written.data(), written.size()) && (packed || !base_)) return X;
+  detail::resize_workspace(staging, X.rows(), X.cols());
+  staging = X;
+  return Input(staging);
+}
+
+template <class Scalar>
+void Linear<Scalar>::product(const Input& x, MatrixType& Y, BaseWorkspace<Scalar>& work) const {
+  detail::resize_workspace(Y, x.rows(), out_features());
+  if (base_)
+    base_->forward(x.data(), x.rows(), Y.data(), work, false);
+  else
+    lora::detail::gemm_parallel(work.forward, x, ColMajorMap(weight_.data(), in_features(), out_features()), Y);
+  if (has_bias_) Y.rowwise() += bias_.transpose();
+}
+
+template <class Scalar>
 const typename Linear<Scalar>::MatrixType& Linear<Scalar>::forward(const Input& X) {
   constexpr const char* where = "Linear::forward";
   detail::require_cols(where, "input", X, in_features(), "in_features");
   if (X.rows() == 0) detail::fail(where, "input has 0 rows");
   // X may be a view of this layer's own output (forward(forward(X)) on a square layer): read it from a copy.
-  const bool alias = detail::overlaps(X.data(), X.size(), output_.data(), output_.size());
-  if (alias) {
-    detail::resize_workspace(staging_, X.rows(), X.cols());
-    staging_ = X;
-  }
-  const Input x = alias ? Input(staging_) : X;
+  const Input x = readable(X, output_, staging_);
   if (this->training_ && weight_trainable_) {  // dW needs X; dX and db do not
     detail::resize_workspace(input_, x.rows(), x.cols());
     input_ = x;
   }
-  detail::resize_workspace(output_, x.rows(), out_features());
-  lora::detail::gemm_parallel(gemm_.forward, x, ColMajorMap(weight_.data(), in_features(), out_features()), output_);
-  if (has_bias_) output_.rowwise() += bias_.transpose();
+  product(x, output_, gemm_);
   cached_rows_ = this->training_ ? X.rows() : -1;
   return output_;
 }
@@ -244,12 +315,7 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input&
   constexpr const char* where = "Linear::backward";
   if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
   detail::require_shape(where, "grad_output", dY, cached_rows_, out_features());
-  const bool alias = detail::overlaps(dY.data(), dY.size(), grad_input_.data(), grad_input_.size());
-  if (alias) {
-    detail::resize_workspace(staging_, dY.rows(), dY.cols());
-    staging_ = dY;
-  }
-  const Input dy = alias ? Input(staging_) : dY;
+  const Input dy = readable(dY, grad_input_, staging_);
   const Index n = dy.rows(), in = in_features(), out = out_features();
   if (weight_trainable_)  // grad_W += dY^T X: a rank-n update, dY^T read in place
     lora::detail::rank_update(lora::detail::in_place_update(out, in, n, dy.data(), Index(1), dy.outerStride(),
@@ -257,7 +323,10 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input&
                               pack_);
   if (bias_trainable_) grad_bias_.noalias() += dy.colwise().sum().transpose();
   detail::resize_workspace(grad_input_, n, in);
-  lora::detail::gemm_parallel(gemm_.backward, dy, Eigen::Map<const MatrixType>(weight_.data(), out, in), grad_input_);
+  if (base_)
+    base_->backward_input(dy.data(), n, grad_input_.data(), gemm_);
+  else
+    lora::detail::gemm_parallel(gemm_.backward, dy, Eigen::Map<const MatrixType>(weight_.data(), out, in), grad_input_);
   return grad_input_;
 }
 
@@ -267,10 +336,7 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::infer(const Input& X,
   detail::require_cols(where, "input", X, in_features(), "in_features");
   if (X.rows() == 0) detail::fail(where, "input has 0 rows");
   ModuleWorkspace<Scalar>& ws = ctx.next_workspace();
-  const Input x = lora::detail::unaliased<Scalar>(X, ws.output, ws.staging);
-  lora::detail::resize_workspace(ws.output, x.rows(), out_features());
-  lora::detail::gemm_parallel(ws.base.forward, x, ColMajorMap(weight_.data(), in_features(), out_features()), ws.output);
-  if (has_bias_) ws.output.rowwise() += bias_.transpose();
+  product(readable(X, ws.output, ws.staging), ws.output, ws.base);
   return ws.output;
 }
 

@@ -61,6 +61,10 @@ class LoraLayer final : public Module<Scalar> {
     constexpr const char* where = "LoraLayer::set_base_weight";
     detail::require_shape(where, "W0", W0, layer_.out_features(), layer_.in_features());
     if (layer_.merged()) detail::fail(where, "the layer is merged; call unmerge() first");
+    if (!layer_.base().dense_weight())
+      detail::fail(where, "the base ", layer_.base().describe(),
+                   " is not stored as dense values; a dense W0 would silently change its format: set_base() "
+                   "a base of the kind wanted instead");
     try {
       if (layer_.base().has_bias())
         layer_.set_base(make_base<Scalar>(W0, layer_.bias()));

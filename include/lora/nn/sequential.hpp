@@ -187,11 +187,13 @@ class Sequential final : public Module<Scalar> {
 
   // ---- base weights by name --------------------------------------------------------------------------
   // "<path>.weight" and "<path>.bias" of every Linear and LoraLinear (W0 and its bias for the latter):
-  // the pretrained base, without adapters. Biases are [n x 1].
+  // the pretrained base, without adapters. Biases are [n x 1]. A weight kept in a quantized base reads as
+  // its dequantized values.
   std::vector<std::string> base_tensor_names() const;
   MatrixType base_tensor(const std::string& name) const;
   // Shapes must match (a bias may be given as a row or a column). Throws on an unknown name, listing the
-  // names that exist, and on a merged LoRA layer.
+  // names that exist, on a merged LoRA layer, and for a weight kept in a shared or quantized base (which is
+  // read-only; quantize a model after loading its values).
   void set_base_tensor(const std::string& name, const Eigen::Ref<const MatrixType>& value);
 
   // Puts `module` (same widths) in place of the module at `path` and returns the old one. Parameter
@@ -472,11 +474,15 @@ typename Sequential<Scalar>::MatrixType Sequential<Scalar>::base_tensor(const st
     const Module<Scalar>* module = m;
     if (auto* s = dynamic_cast<const ModulesToSave<Scalar>*>(m)) module = &s->original();
     if (auto* l = dynamic_cast<const Linear<Scalar>*>(module)) {
-      if (is_weight) return l->weight();
+      if (is_weight) return l->weight_values();
       if (l->has_bias()) return l->bias();
     } else if (auto* q = dynamic_cast<const LoraLayer<Scalar>*>(module)) {
       if (q->lora().merged()) detail::fail(where, "'", path, "' is merged; unmerge() to read the base weight");
-      if (is_weight) return q->lora().base_weight();
+      if (is_weight) {  // dense values of any kind of base (a quantized one dequantized)
+        MatrixType W(q->out_features(), q->in_features());
+        q->lora().base().dense_rows(0, q->out_features(), W.data());
+        return W;
+      }
       if (q->lora().has_bias()) return q->lora().bias();
     }
   }
