@@ -68,6 +68,7 @@ struct RunResult {
   double seconds = 0;            // the whole training run
   double seconds_per_epoch = 0;  // the median epoch (robust to other jobs on the machine)
   std::size_t optimizer_bytes = 0;
+  std::size_t base_bytes = 0;  // the frozen weights as stored (float, or NF4 / int8 codes and scales)
 };
 
 // Trains every trainable parameter of `model` on `train` with AdamW (AdamW8bit if setup.optimizer is
@@ -79,6 +80,7 @@ inline RunResult train_and_evaluate(const std::string& method, Model& model, lor
   RunResult r;
   r.method = method;
   r.trainable = model.num_trainable_parameters();
+  r.base_bytes = lora::quant::base_bytes(model);
   r.percent_of_base = 100.0 * static_cast<double>(r.trainable) / static_cast<double>(base_params);
   const auto start = std::chrono::steady_clock::now();
   if (epochs > 0 && r.trainable > 0) {

@@ -1,10 +1,12 @@
-// Fine-tuning a pretrained classifier on a shifted task: frozen base, head only, LoRA, full fine-tuning.
+// Fine-tuning a pretrained classifier on a shifted task: frozen base, head only, LoRA (over the float base,
+// and over the base quantized to NF4 as QLoRA does, or to int8), full fine-tuning.
 //
 // A 32 -> 1024 -> 1024 -> 10 MLP is pretrained on task A and kept. Task B moves A's class blobs by a rigid
 // motion and relabels some of them (include/lora/data.hpp explains the structure), so the frozen base
 // does poorly on it. Each method starts from a copy of the same base and trains on B with AdamW (AdamW8bit,
 // 8-bit moments, with --optimizer adamw8bit); the table at the end compares trainable parameters, accuracy
-// on B's held-out set, accuracy kept on A, time and optimiser memory. Then the LoRA model is merged: same
+// on B's held-out set, accuracy kept on A, time, the frozen base's memory and the optimiser's. Then the
+// float LoRA model is merged: same
 // predictions, the plain MLP's speed.
 //
 // Files (in --out DIR, default finetune_classifier_out): the pretrained base as base.safetensors, the LoRA
@@ -101,23 +103,39 @@ int main(int argc, char** argv) {
   }
   std::printf("  Saved the adapter to %s (adapter_model.safetensors, adapter_config.json).\n",
               (out_dir / "adapter").c_str());
+  // QLoRA: the hidden layers' weights quantized (the head stays in float: it trains), LoRA over them.
+  for (const lora::quant::Format format : {lora::quant::Format::nf4, lora::quant::Format::int8}) {
+    Model quantized = base;
+    lora::quant::QuantizeModelConfig qc;
+    qc.format = format;
+    qc.skip_modules = {"layers.4"};
+    lora::quant::quantize_model(quantized, qc);
+    lora::nn::inject_lora(quantized, lora_config(8));
+    const std::string name = std::string("LoRA r=8, ") + (format == lora::quant::Format::nf4 ? "NF4 base" : "int8 base");
+    results.push_back(train_and_evaluate(name, quantized, base_params, setup.b_train, kFinetuneEpochs, kLrLora, setup));
+  }
   {
     Model full = base;
     results.push_back(train_and_evaluate("full", full, base_params, setup.b_train, kFinetuneEpochs, kLrFull, setup));
   }
 
   std::printf("\n| method | trainable params | %% of base | accuracy on B | accuracy kept on A | wall time | "
-              "optimizer state |\n|---|---:|---:|---:|---:|---:|---:|\n");
+              "base memory | optimizer state |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const RunResult& r : results)
-    std::printf("| %s | %s | %.2f %% | %.3f | %.3f | %.1f s | %s bytes |\n", r.method.c_str(),
+    std::printf("| %s | %s | %.2f %% | %.3f | %.3f | %.1f s | %s bytes | %s bytes |\n", r.method.c_str(),
                 lora::nn::with_thousands(r.trainable).c_str(), r.percent_of_base, r.accuracy_b, r.accuracy_a,
-                r.seconds, lora::nn::with_thousands(static_cast<lora::Index>(r.optimizer_bytes)).c_str());
-  const double frozen_acc = results[0].accuracy_b, full_acc = results[3].accuracy_b;
-  const double gain = full_acc - frozen_acc;
+                r.seconds, lora::nn::with_thousands(static_cast<lora::Index>(r.base_bytes)).c_str(),
+                lora::nn::with_thousands(static_cast<lora::Index>(r.optimizer_bytes)).c_str());
+  const RunResult &frozen = results[0], &head = results[1], &lora_run = results[2], &nf4 = results[3],
+                  &int8 = results[4], &full = results[5];
+  const double gain = full.accuracy_b - frozen.accuracy_b;
+  auto share = [&](const RunResult& r) { return 100 * (r.accuracy_b - frozen.accuracy_b) / gain; };
   std::printf("\nShare of full fine-tuning's accuracy gain on B (%.3f -> %.3f): head only %.1f %%, LoRA %.1f %% "
-              "with %.2f %% of the base's parameters trainable.\n",
-              frozen_acc, full_acc, 100 * (results[1].accuracy_b - frozen_acc) / gain,
-              100 * (results[2].accuracy_b - frozen_acc) / gain, results[2].percent_of_base);
+              "with %.2f %% of the base's parameters trainable; over an NF4 base %.1f %% (base %.1fx smaller), "
+              "over an int8 base %.1f %% (%.1fx smaller).\n",
+              frozen.accuracy_b, full.accuracy_b, share(head), share(lora_run), lora_run.percent_of_base, share(nf4),
+              static_cast<double>(lora_run.base_bytes) / static_cast<double>(nf4.base_bytes), share(int8),
+              static_cast<double>(lora_run.base_bytes) / static_cast<double>(int8.base_bytes));
 
   // ---- merge: same predictions, plain speed ----------------------------------------------------------
   lora_model.eval();
