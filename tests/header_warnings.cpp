@@ -1,4 +1,5 @@
 // Compiled with -Wall -Wextra -Wpedantic -Werror -Wshadow -Wconversion: the public headers must stay clean.
+#include <lora/analysis.hpp>
 #include <lora/io.hpp>
 #include <lora/lora.hpp>
 

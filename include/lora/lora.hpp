@@ -1,5 +1,6 @@
 // lora.hpp: the umbrella header. #include <lora/lora.hpp> for the library (file I/O: <lora/io.hpp>;
-// the synthetic tasks of the examples: <lora/data.hpp>).
+// the LoRA paper's analysis of adapters, which brings in Eigen's SVD: <lora/analysis.hpp>; the synthetic
+// tasks of the examples: <lora/data.hpp>).
 #pragma once
 
 #include <lora/adapters.hpp>
