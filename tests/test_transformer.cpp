@@ -1,6 +1,8 @@
-// Transformer building blocks: LayerNorm, RMSNorm, Embedding (with LoRA), TokenBatch.
+// Transformer building blocks: LayerNorm, RMSNorm, Embedding (with LoRA), TokenBatch, attention, BertLayer.
 #include <lora/io.hpp>
+#include <lora/lora.hpp>
 #include <lora/nn/attention.hpp>
+#include <lora/nn/bert.hpp>
 #include <lora/nn/embedding.hpp>
 #include <lora/nn/norm.hpp>
 #include <lora/nn/token_batch.hpp>
@@ -501,4 +503,149 @@ TEST_CASE("Module tree: modules_to_save on an attention child, errors name the p
   CHECK(contains(message, "layers.1.query"));
   CHECK(other.lora_layers().empty());
   CHECK(contains(message_of([&] { other.module("layers.1.output"); }), "layers.1.dense"));
+}
+
+namespace {
+
+lora::nn::Linear<double>& linear_at(lora::nn::Sequential<double>& model, const std::string& path) {
+  return dynamic_cast<lora::nn::Linear<double>&>(model.module(path));
+}
+
+// LayerNorm over rows, written out: (x - mean) / sqrt(biased var + eps) * w + b.
+Matrix<double> naive_layer_norm(const Matrix<double>& X, const lora::nn::LayerNorm<double>& ln, double eps) {
+  Matrix<double> Y(X.rows(), X.cols());
+  for (Index i = 0; i < X.rows(); ++i) {
+    const double mean = X.row(i).mean();
+    const double var = (X.row(i).array() - mean).square().mean();
+    for (Index j = 0; j < X.cols(); ++j)
+      Y(i, j) = (X(i, j) - mean) / std::sqrt(var + eps) * ln.weight()(j) + ln.bias()(j);
+  }
+  return Y;
+}
+
+// A BertLayer at "layer.0" of an encoder Sequential, its LayerNorms given random affine parameters.
+lora::nn::Sequential<double> bert_encoder(Index hidden, Index heads, Index intermediate, double eps, unsigned seed) {
+  lora::nn::Sequential<double> encoder("encoder");
+  lora::nn::Sequential<double> layers("layer");
+  layers.add(lora::nn::BertLayer<double>(hidden, heads, intermediate, eps, seed));
+  encoder.add("layer", std::move(layers));
+  for (const char* ln : {"encoder.layer.0.attention.output.LayerNorm", "encoder.layer.0.output.LayerNorm"}) {
+    auto& norm = dynamic_cast<lora::nn::LayerNorm<double>&>(encoder.module(ln));
+    norm.weight() = Matrix<double>(Matrix<double>::Ones(hidden, 1) + 0.3 * random_matrix<double>(hidden, 1, seed + 7));
+    norm.bias() = Matrix<double>(0.2 * random_matrix<double>(hidden, 1, seed + 8));
+  }
+  return encoder;
+}
+
+lora::nn::BertLayer<double>& bert_layer(lora::nn::Sequential<double>& encoder) {
+  return dynamic_cast<lora::nn::BertLayer<double>&>(
+      dynamic_cast<lora::nn::Sequential<double>&>(encoder[0])[0]);
+}
+
+}  // namespace
+
+TEST_CASE("BertLayer: Hugging Face's paths and names, and a written-out reference with padding", "[transformer][bert]") {
+  const Index hidden = 6, heads = 2, inter = 10;
+  const double eps = 1e-12;
+  lora::nn::Sequential<double> encoder = bert_encoder(hidden, heads, inter, eps, 81);
+  const std::vector<std::string> want = {
+      "encoder.layer.0.attention.self.query",      "encoder.layer.0.attention.self.key",
+      "encoder.layer.0.attention.self.value",      "encoder.layer.0.attention.output.dense",
+      "encoder.layer.0.attention.output.LayerNorm", "encoder.layer.0.intermediate.dense",
+      "encoder.layer.0.output.dense",              "encoder.layer.0.output.LayerNorm"};
+  CHECK(encoder.module_names() == want);
+  lora::ParameterList<double> params;
+  encoder.collect_parameters(params, "");
+  REQUIRE(params.size() == 16);
+  CHECK(params[0].name == "layer.0.attention.self.query.weight");
+  CHECK(params[11].name == "layer.0.intermediate.dense.bias");
+  CHECK(params[15].name == "layer.0.output.LayerNorm.bias");
+  CHECK(encoder.num_parameters() == 4 * (hidden * hidden + hidden) + 2 * (inter * hidden) + inter + hidden + 4 * hidden);
+
+  const std::vector<Index> lengths = {4, 2};
+  bert_layer(encoder).set_layout(2, 4, lengths);
+  const Matrix<double> X = random_matrix<double>(8, hidden, 82);
+  const Matrix<double> Y = encoder.forward(X);
+
+  // The reference: attention with its output projection (the module tested above against loops), then
+  // the residuals, LayerNorms and the GELU MLP written out.
+  lora::nn::MultiHeadSelfAttention<double> att(hidden, heads, false, 0);
+  for (const char* p : {"query", "key", "value"}) {
+    auto& from = linear_at(encoder, std::string("encoder.layer.0.attention.self.") + p);
+    auto& to = dynamic_cast<lora::nn::Linear<double>&>(att.child(p));
+    to.set_weight(from.weight());
+    to.set_bias(from.bias());
+  }
+  auto& dense = dynamic_cast<lora::nn::Linear<double>&>(att.child("dense"));
+  dense.set_weight(linear_at(encoder, "encoder.layer.0.attention.output.dense").weight());
+  dense.set_bias(linear_at(encoder, "encoder.layer.0.attention.output.dense").bias());
+  auto& ln1 = dynamic_cast<lora::nn::LayerNorm<double>&>(encoder.module("encoder.layer.0.attention.output.LayerNorm"));
+  auto& ln2 = dynamic_cast<lora::nn::LayerNorm<double>&>(encoder.module("encoder.layer.0.output.LayerNorm"));
+  const Matrix<double> H1 = naive_layer_norm(naive_attention(att, X, 2, 4, lengths, heads, false) + X, ln1, eps);
+  auto affine = [&](const std::string& path, const Matrix<double>& in) {
+    auto& l = linear_at(encoder, path);
+    Matrix<double> out = in * Matrix<double>(l.weight()).transpose();
+    out.rowwise() += Matrix<double>(l.bias()).transpose().row(0);
+    return out;
+  };
+  Matrix<double> G = affine("encoder.layer.0.intermediate.dense", H1);
+  G = G.unaryExpr([](double u) { return 0.5 * u * (1.0 + std::erf(u / std::sqrt(2.0))); });
+  const Matrix<double> expect = naive_layer_norm(affine("encoder.layer.0.output.dense", G) + H1, ln2, eps);
+  CHECK(relative_error(Y, expect) < 1e-12);
+
+  // Errors.
+  CHECK(contains(message_of([&] { bert_layer(encoder).forward(Matrix<double>::Zero(8, 5)); }), "BertLayer::forward"));
+  CHECK(contains(message_of([&] { bert_layer(encoder).replace_child(0, std::make_unique<lora::nn::Linear<double>>(6, 6)); }),
+                 "'attention' groups modules; replace those instead"));
+  CHECK(contains(message_of([] { lora::nn::BertLayer<double>(6, 4, 10); }), "not divisible"));
+  CHECK(contains(message_of([] { lora::nn::BertLayer<double>(6, 2, 0); }), "intermediate must be >= 1"));
+  lora::nn::Sequential<double> fresh = bert_encoder(hidden, heads, inter, eps, 83);
+  fresh.train();
+  CHECK(contains(message_of([&] { fresh.backward(Matrix<double>::Zero(8, hidden)); }), "no cached forward"));
+  CHECK(contains(message_of([&] { fresh.forward(X); }), "no layout"));
+}
+
+TEST_CASE("BertLayer: gradient check in double, plain and with LoRA on query and value by PEFT's names",
+          "[transformer][bert][gradcheck]") {
+  for (const bool with_lora : {false, true}) {
+    INFO("LoRA " << with_lora);
+    lora::nn::Sequential<double> encoder = bert_encoder(4, 2, 6, 1e-5, 91);
+    if (with_lora) {
+      lora::nn::LoraInjectConfig config;
+      config.target_modules = {"query", "value"};
+      config.rank = 2;
+      config.alpha = 4;
+      config.init = lora::InitMethod::random;
+      config.seed = 92;
+      lora::nn::inject_lora(encoder, config);
+      const auto layers = encoder.lora_layers();
+      REQUIRE(layers.size() == 2);
+      CHECK(layers[0].first == "encoder.layer.0.attention.self.query");
+      CHECK(layers[1].first == "encoder.layer.0.attention.self.value");
+    }
+    const lora::nn::TokenBatch tokens({{1, 2, 3}, {4}}, 10);
+    bert_layer(encoder).set_layout(tokens);
+    Matrix<double> X = random_matrix<double>(6, 4, 93);
+    const Matrix<double> R = random_matrix<double>(6, 4, 94);
+    encoder.train();
+    auto loss = [&] { return encoder.forward(X).cwiseProduct(R).sum(); };
+    encoder.zero_grad();
+    encoder.forward(X);
+    const Matrix<double> dX = encoder.backward(R);
+    CHECK(dX.norm() > 0);
+    CHECK(relative_error(dX, numerical_gradient(X, loss)) < 1e-7);
+    lora::ParameterList<double> params;
+    encoder.collect_parameters(params, "");
+    CHECK(params.size() == (with_lora ? 4u : 16u));
+    for (auto& p : params) {
+      INFO(p.name);
+      const Matrix<double> analytic = p.grad;
+      if (contains(p.name, "key.bias")) {  // softmax ignores a shift of every score in a row: exactly 0
+        CHECK(analytic.norm() < 1e-12);
+        continue;
+      }
+      CHECK(analytic.norm() > 0);
+      CHECK(relative_error(analytic, numerical_gradient(p.value, loss)) < 1e-7);
+    }
+  }
 }

@@ -14,6 +14,7 @@
 #include <lora/nn/activation.hpp>
 #include <lora/nn/adapters.hpp>
 #include <lora/nn/attention.hpp>
+#include <lora/nn/bert.hpp>
 #include <lora/nn/config.hpp>
 #include <lora/nn/embedding.hpp>
 #include <lora/nn/inject.hpp>

@@ -39,26 +39,28 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   using ModulePtr = std::unique_ptr<Module<Scalar>>;
 
   // requires: hidden >= 1, heads >= 1, hidden divisible by heads.
-  // ensures:  four hidden x hidden Linear children with bias, seeded seed, seed+1, seed+2, seed+3.
-  MultiHeadSelfAttention(Index hidden, Index heads, bool causal = false, std::uint64_t seed = 0)
-      : hidden_(hidden), heads_(heads), causal_(causal) {
+  // ensures:  four hidden x hidden Linear children with bias, seeded seed, seed+1, seed+2, seed+3; with
+  //           output_projection = false the first three only, and forward returns the context C (the
+  //           output projection then belongs to the caller: BERT's attention.output.dense, see BertLayer).
+  MultiHeadSelfAttention(Index hidden, Index heads, bool causal = false, std::uint64_t seed = 0,
+                         bool output_projection = true)
+      : hidden_(hidden), heads_(heads), causal_(causal), count_(output_projection ? 4 : 3) {
     constexpr const char* where = "MultiHeadSelfAttention::MultiHeadSelfAttention";
     if (hidden < 1 || heads < 1) detail::fail(where, "hidden and heads must be >= 1, got ", hidden, " and ", heads);
     if (hidden % heads != 0) detail::fail(where, "hidden = ", hidden, " is not divisible by heads = ", heads);
-    children_[0] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed);
-    children_[1] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed + 1);
-    children_[2] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed + 2);
-    children_[3] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed + 3);
+    for (int i = 0; i < count_; ++i)
+      children_[i] = std::make_unique<Linear<Scalar>>(hidden, hidden, true, seed + static_cast<std::uint64_t>(i));
   }
   MultiHeadSelfAttention(const MultiHeadSelfAttention& other)
       : Module<Scalar>(other),
         hidden_(other.hidden_),
         heads_(other.heads_),
         causal_(other.causal_),
+        count_(other.count_),
         batch_(other.batch_),
         seq_len_(other.seq_len_),
         lengths_(other.lengths_) {
-    for (int i = 0; i < 4; ++i) children_[i] = other.children_[i]->clone();
+    for (int i = 0; i < count_; ++i) children_[i] = other.children_[i]->clone();
   }
   MultiHeadSelfAttention& operator=(const MultiHeadSelfAttention&) = delete;
   ~MultiHeadSelfAttention() override = default;
@@ -112,14 +114,14 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
       }
     }
     cached_ = this->training_;
-    return children_[3]->forward(context_);
+    return count_ == 4 ? children_[3]->forward(context_) : context_;
   }
 
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "MultiHeadSelfAttention::backward";
     if (!cached_) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
     detail::require_shape(where, "grad_output", dY, batch_ * seq_len_, hidden_);
-    const MatrixType& dC = children_[3]->backward(dY);
+    const Input dC = count_ == 4 ? Input(children_[3]->backward(dY)) : dY;
     const MatrixType &q = *q_, &k = *k_, &v = *v_;
     const Index T = seq_len_, d = hidden_ / heads_;
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(d));
@@ -147,35 +149,35 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   }
 
   void zero_grad() override {
-    for (auto& c : children_) c->zero_grad();
+    for (int i = 0; i < count_; ++i) children_[i]->zero_grad();
   }
   void train(bool on = true) override {
     Module<Scalar>::train(on);
-    for (auto& c : children_) c->train(on);
+    for (int i = 0; i < count_; ++i) children_[i]->train(on);
     if (!on) cached_ = false;
   }
   void set_requires_grad(bool on) override {
-    for (auto& c : children_) c->set_requires_grad(on);
+    for (int i = 0; i < count_; ++i) children_[i]->set_requires_grad(on);
   }
 
   // Children, in order, under Hugging Face's names: "query", "key", "value", "dense" (BERT's
-  // attention.output.dense).
+  // attention.output.dense; absent without the output projection).
   // (Module's child interface; the named forms below forward to it.)
-  std::size_t num_children() const override { return 4; }
+  std::size_t num_children() const override { return static_cast<std::size_t>(count_); }
   std::string child_name(std::size_t i) const override {
-    if (i >= 4) this->no_child("MultiHeadSelfAttention::child_name", i);
+    if (i >= num_children()) this->no_child("MultiHeadSelfAttention::child_name", i);
     return projection_name(static_cast<int>(i));
   }
   Module<Scalar>& child(std::size_t i) override {
-    if (i >= 4) this->no_child("MultiHeadSelfAttention::child", i);
+    if (i >= num_children()) this->no_child("MultiHeadSelfAttention::child", i);
     return *children_[i];
   }
   const Module<Scalar>& child(std::size_t i) const override {
-    if (i >= 4) this->no_child("MultiHeadSelfAttention::child", i);
+    if (i >= num_children()) this->no_child("MultiHeadSelfAttention::child", i);
     return *children_[i];
   }
   // replace_child(i, module)
-  //   requires: i < 4; module non-null with in_features = out_features = hidden.
+  //   requires: i < num_children(); module non-null with in_features = out_features = hidden.
   //   ensures:  the child is replaced (e.g. a Linear by a LoRA layer over it) and returned; the cached
   //             forward is dropped.
   ModulePtr replace_child(std::size_t i, ModulePtr module) override {
@@ -185,7 +187,7 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     return std::exchange(children_[i], std::move(module));
   }
   void for_each_child(const std::function<void(const std::string&, Module<Scalar>&)>& fn) {
-    for (int i = 0; i < 4; ++i) fn(projection_name(i), *children_[i]);
+    for (int i = 0; i < count_; ++i) fn(projection_name(i), *children_[i]);
   }
   Module<Scalar>& child(const std::string& name) { return *children_[index_of("MultiHeadSelfAttention::child", name)]; }
   ModulePtr replace_child(const std::string& name, ModulePtr module) {
@@ -195,25 +197,27 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
 
   // Children's parameters as "<prefix><child>.<name>".
   void collect_parameters(ParameterList<Scalar>& out, const std::string& prefix) override {
-    for (int i = 0; i < 4; ++i) children_[i]->collect_parameters(out, prefix + projection_name(i) + ".");
+    for (int i = 0; i < count_; ++i) children_[i]->collect_parameters(out, prefix + projection_name(i) + ".");
   }
   Index num_parameters() const override {
     Index n = 0;
-    for (const auto& c : children_) n += c->num_parameters();
+    for (int i = 0; i < count_; ++i) n += children_[i]->num_parameters();
     return n;
   }
   Index num_trainable_parameters() const override {
     Index n = 0;
-    for (const auto& c : children_) n += c->num_trainable_parameters();
+    for (int i = 0; i < count_; ++i) n += children_[i]->num_trainable_parameters();
     return n;
   }
   Index in_features() const override { return hidden_; }
   Index out_features() const override { return hidden_; }
   Index heads() const { return heads_; }
   bool causal() const { return causal_; }
+  bool output_projection() const { return count_ == 4; }
   std::string type_name() const override { return "MultiHeadSelfAttention"; }
   std::string describe() const override {
-    return detail::concat("MultiHeadSelfAttention(hidden=", hidden_, ", heads=", heads_, causal_ ? ", causal" : "", ")");
+    return detail::concat("MultiHeadSelfAttention(hidden=", hidden_, ", heads=", heads_, causal_ ? ", causal" : "",
+                          count_ == 4 ? "" : ", no output projection", ")");
   }
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<MultiHeadSelfAttention>(*this); }
 
@@ -223,13 +227,14 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     return names[i];
   }
   int index_of(const char* where, const std::string& name) const {
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < count_; ++i)
       if (name == projection_name(i)) return i;
-    detail::fail(where, "no child '", name, "' (children: query, key, value, dense)");
+    detail::fail(where, "no child '", name, "' (children: query, key, value", count_ == 4 ? ", dense)" : ")");
   }
 
   Index hidden_, heads_;
   bool causal_;
+  int count_;  // 4 with the output projection, 3 without
   ModulePtr children_[4];
   Index batch_ = 0, seq_len_ = 0;
   std::vector<Index> lengths_;

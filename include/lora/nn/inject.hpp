@@ -209,13 +209,18 @@ Injection<Scalar> prepare_injection(const char* where, const nn::Sequential<Scal
 
 // Puts a prepared injection into the model: the targets become its LoRA layers, the modules to save its
 // wrappers (the model's own modules there are dropped: parameter lists that reach them are stale), every
-// other Linear is frozen except the biases config.bias = all keeps trainable.
+// other Linear is frozen except the biases config.bias = all keeps trainable, and every other module with
+// parameters (LayerNorm, ...) is frozen whole.
 template <class Scalar>
 void commit_injection(nn::Sequential<Scalar>& model, Injection<Scalar>&& plan) {
   for (std::size_t k = 0; k < plan.targets.size(); ++k) model.replace_module(plan.targets[k], std::move(plan.layers[k]));
   for (std::size_t k = 0; k < plan.saved.size(); ++k) model.replace_module(plan.saved[k], std::move(plan.wrappers[k]));
-  for (const auto& [path, m] : model.named_modules())
-    if (auto* linear = dynamic_cast<nn::Linear<Scalar>*>(m)) linear->set_trainable(false, plan.config.bias == BiasMode::all);
+  for (const auto& [path, m] : model.named_modules()) {
+    if (auto* linear = dynamic_cast<nn::Linear<Scalar>*>(m))
+      linear->set_trainable(false, plan.config.bias == BiasMode::all);
+    else if (!dynamic_cast<nn::LoraLayer<Scalar>*>(m) && !dynamic_cast<nn::ModulesToSave<Scalar>*>(m))
+      m->set_requires_grad(false);  // LayerNorm and the like: PEFT trains only the adapters and what it is told
+  }
   model.set_lora_record(std::move(plan.config));
 }
 
@@ -241,7 +246,8 @@ std::vector<std::string> resolve_targets(const Sequential<Scalar>& model, const 
 //  - every targeted Linear (see LoraInjectConfig) becomes a LoraLayer built from its weight and bias,
 //    with its own seed and the rank_pattern / alpha_pattern overrides (config.layer_config(path, k));
 //  - every other parameter is frozen, except the biases that config.bias keeps trainable
-//    (all: every bias; lora_only: the adapted layers' biases) and the modules_to_save (weight and bias);
+//    (all: every Linear's bias; lora_only: the adapted layers' biases) and the modules_to_save (weight
+//    and bias); norms are frozen whole (PEFT's bias = "all" would also train a LayerNorm's bias);
 //  - the config and the saved modules are recorded in the model (lora_config(), saved_modules()).
 // Every name and pattern key must match something. Everything is checked before the model changes: on
 // a throw the model is as it was.
