@@ -1,9 +1,10 @@
 // Peak resident memory and optimiser-state bytes of one training setup, LoRA or full fine-tuning:
 //   bench_memory lora|full [in out rank batch steps]
 //       a single out x in linear layer trained with Adam (two moments per trainable value);
-//   bench_memory classifier-lora|classifier-full [epochs]
+//   bench_memory classifier-lora|classifier-lora-nf4|classifier-lora-int8|classifier-full [epochs]
 //       the toy classifier of examples/finetune_classifier (32 -> 1024 -> 1024 -> 10 MLP, LoRA r = 8 on the
-//       hidden layers with the head trainable, or every weight trainable), AdamW, batch 128, task B.
+//       hidden layers with the head trainable, over the float base or the hidden layers quantized to NF4
+//       or int8 (quant::quantize_model), or every weight trainable), AdamW, batch 128, task B.
 // Run one mode per process: peak RSS (getrusage) is per process.
 #include "classifier_common.hpp"
 
@@ -39,7 +40,9 @@ struct Adam {
     m = 0.9f * m + 0.1f * g;
     v = 0.999f * v + 0.001f * g.cwiseAbs2();
     const float c1 = 1 - std::pow(0.9f, static_cast<float>(t)), c2 = 1 - std::pow(0.999f, static_cast<float>(t));
-    p.array() -= lr * (m.array() / c1) / ((v.array() / c2).sqrt() + 1e-8f);
+    Mat updated = p;  // a ParamRef is written whole (its checked assignment), not through array()
+    updated.array() -= lr * (m.array() / c1) / ((v.array() / c2).sqrt() + 1e-8f);
+    p = updated;
   }
   std::size_t bytes() const { return sizeof(float) * static_cast<std::size_t>(m.size() + v.size()); }
 };
@@ -49,12 +52,20 @@ struct Adam {
 // The classifier example's fine-tuning run on task B, from an untrained base (the weights' values do not
 // change the memory), without the example's other methods in the same process. The training peak is read
 // before the held-out evaluation, whose 4,000-row batches need more activation memory than training.
-int classifier(bool use_lora, int epochs) {
+// quant: "" (float base), "nf4" or "int8"; the float model is built first and quantized, so its float
+// weights (4.2 MiB) count in the peak.
+int classifier(bool use_lora, int epochs, const std::string& quant) {
   using namespace example;
   const long rss_start = peak_rss_kib();
   threads_from_args(0, nullptr);
   const Setup setup = make_setup();
   Model model = make_base();
+  if (!quant.empty()) {
+    lora::quant::QuantizeModelConfig qc;
+    qc.format = quant == "nf4" ? lora::quant::Format::nf4 : lora::quant::Format::int8;
+    qc.skip_modules = {"layers.4"};
+    lora::quant::quantize_model(model, qc);
+  }
   if (use_lora) lora::nn::inject_lora(model, lora_config(8));
   lora::optim::AdamWOptions options;
   options.lr = use_lora ? kLrLora : kLrFull;
@@ -67,19 +78,23 @@ int classifier(bool use_lora, int epochs) {
   }
   const long rss_train = peak_rss_kib();
   const double accuracy = lora::nn::evaluate_accuracy(model, setup.b_test);
-  std::printf("{\"mode\": \"classifier-%s\", \"epochs\": %d, \"trainable\": %ld, \"optimizer_state_bytes\": %zu, "
-              "\"peak_rss_kib\": %ld, \"peak_rss_with_eval_kib\": %ld, \"rss_before_kib\": %ld, \"accuracy_b\": %.4f}\n",
-              use_lora ? "lora" : "full", epochs, static_cast<long>(model.num_trainable_parameters()),
-              optimizer.state_bytes(), rss_train, peak_rss_kib(), rss_start, accuracy);
+  std::printf("{\"mode\": \"classifier-%s%s%s\", \"epochs\": %d, \"trainable\": %ld, \"optimizer_state_bytes\": %zu, "
+              "\"base_bytes\": %zu, \"peak_rss_kib\": %ld, \"peak_rss_with_eval_kib\": %ld, \"rss_before_kib\": %ld, "
+              "\"accuracy_b\": %.4f}\n",
+              use_lora ? "lora" : "full", quant.empty() ? "" : "-", quant.c_str(), epochs,
+              static_cast<long>(model.num_trainable_parameters()), optimizer.state_bytes(), lora::quant::base_bytes(model),
+              rss_train, peak_rss_kib(), rss_start, accuracy);
   return 0;
 }
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
-  if (mode == "classifier-lora" || mode == "classifier-full")
-    return classifier(mode == "classifier-lora", argc > 2 ? std::max(1, std::atoi(argv[2])) : 2);
+  const int epochs = argc > 2 ? std::max(1, std::atoi(argv[2])) : 2;
+  if (mode == "classifier-lora" || mode == "classifier-full") return classifier(mode == "classifier-lora", epochs, "");
+  if (mode == "classifier-lora-nf4") return classifier(true, epochs, "nf4");
+  if (mode == "classifier-lora-int8") return classifier(true, epochs, "int8");
   if (mode != "lora" && mode != "full") {
-    std::fprintf(stderr, "usage: %s lora|full [in out rank batch steps]\n       %s classifier-lora|classifier-full [epochs]\n",
+    std::fprintf(stderr, "usage: %s lora|full [in out rank batch steps]\n       %s classifier-lora|classifier-lora-nf4|classifier-lora-int8|classifier-full [epochs]\n",
                  argv[0], argv[0]);
     return 2;
   }

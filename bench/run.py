@@ -354,13 +354,13 @@ def main():
             out.append("| %s | %d | %.2f MiB | %.1f MiB |" % (mode, d["trainable"], d["optimizer_state_bytes"] / 2**20,
                                                            d["peak_rss_kib"] / 1024))
         out.append("\n## Memory: the toy classifier (examples/finetune_classifier), AdamW, batch 128, 2 epochs (f32)\n")
-        out.append("| mode | trainable | optimizer state | peak RSS, training | peak RSS, with the 4,000-row evaluation |")
-        out.append("|---|---|---|---|---|")
-        for mode in ("classifier-lora", "classifier-full"):
+        out.append("| mode | trainable | base | optimizer state | peak RSS, training | peak RSS, with the 4,000-row evaluation |")
+        out.append("|---|---|---|---|---|---|")
+        for mode in ("classifier-lora", "classifier-lora-nf4", "classifier-lora-int8", "classifier-full"):
             d = json.loads(subprocess.run([args.memory, mode], capture_output=True, text=True, check=True).stdout)
-            out.append("| %s | %d | %.2f MiB | %.1f MiB | %.1f MiB |" % (
-                mode, d["trainable"], d["optimizer_state_bytes"] / 2**20, d["peak_rss_kib"] / 1024,
-                d["peak_rss_with_eval_kib"] / 1024))
+            out.append("| %s | %d | %.2f MiB | %.2f MiB | %.1f MiB | %.1f MiB |" % (
+                mode, d["trainable"], d["base_bytes"] / 2**20, d["optimizer_state_bytes"] / 2**20,
+                d["peak_rss_kib"] / 1024, d["peak_rss_with_eval_kib"] / 1024))
     text = "\n".join(out)
     print(text)
     with open(os.path.join(args.out, "report.md" if args.report else "results.md"), "w") as f:
