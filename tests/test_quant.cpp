@@ -457,6 +457,53 @@ TEST_CASE("quantize_model: LoRA layers and nested modules, skip by sub-tree, ref
   CHECK(contains(message_of([&] { quant::merge_and_dequantize(plain); }), "no LoRA layer and no quantized Linear"));
 }
 
+TEST_CASE("QLoRA on a BertLayer: the encoder block's Linear leaves quantized under Hugging Face's paths", "[quant][nn]") {
+  auto encoder = [] {
+    lora::nn::Sequential<double> e("encoder");
+    lora::nn::Sequential<double> layers("layer");
+    layers.add(lora::nn::BertLayer<double>(8, 2, 16, 1e-12, 71));
+    e.add("layer", std::move(layers));
+    return e;
+  };
+  auto block = [](lora::nn::Sequential<double>& e) -> lora::nn::BertLayer<double>& {
+    return dynamic_cast<lora::nn::BertLayer<double>&>(dynamic_cast<lora::nn::Sequential<double>&>(e[0])[0]);
+  };
+  lora::nn::Sequential<double> model = encoder(), dense = encoder();
+  quant::QuantizeModelConfig qc;
+  qc.nf4.block_size = 8;
+  const std::vector<std::string> paths = quant::quantize_model(model, qc);
+  CHECK(paths == std::vector<std::string>{"encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
+                                          "encoder.layer.0.attention.self.value", "encoder.layer.0.attention.output.dense",
+                                          "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"});
+  for (const std::string& p : paths) dense.set_base_tensor(p + ".weight", model.base_tensor(p + ".weight"));
+  lora::nn::LoraInjectConfig c;
+  c.target_modules = {"query", "value"};
+  c.rank = 2;
+  c.alpha = 4;
+  c.init = lora::InitMethod::random;
+  c.seed = 72;
+  lora::nn::inject_lora(model, c);
+  lora::nn::inject_lora(dense, c);
+  CHECK(model.num_trainable_parameters() == 2 * 2 * (8 + 8));
+  CHECK(contains(model.lora_layers()[1].second->base().describe(), "nf4"));
+  block(model).set_layout(2, 3, {3, 1});
+  block(dense).set_layout(2, 3, {3, 1});
+  const Matrix<double> X = random_matrix<double>(6, 8, 73);
+  CHECK(relative_error(model.forward(X), dense.forward(X)) < 1e-12);
+  const Matrix<double> R = random_matrix<double>(6, 8, 74);
+  model.zero_grad();
+  dense.zero_grad();
+  model.forward(X);
+  dense.forward(X);
+  CHECK(relative_error(model.backward(R), dense.backward(R)) < 1e-12);
+  const auto mp = model.parameters(), dp = dense.parameters();
+  REQUIRE(mp.size() == dp.size());
+  for (std::size_t k = 0; k < mp.size(); ++k) {
+    INFO(mp[k].name);
+    CHECK(relative_error(Matrix<double>(mp[k].grad), Matrix<double>(dp[k].grad)) < 1e-12);
+  }
+}
+
 TEST_CASE("quantizers and QuantizedBase: bad input", "[quant]") {
   const Matrix<float> W = random_matrix<float>(4, 8, 41);
   quant::Nf4Options odd;
