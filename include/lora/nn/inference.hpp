@@ -86,12 +86,14 @@ const Matrix<Scalar>& infer(const Module<Scalar>& model, const typename Module<S
 }  // namespace lora::nn
 
 namespace lora::detail {
-// X unless it overlaps `out` (which the caller is about to write), else a copy of it in `staging`.
+// X unless it overlaps `out` (which the caller is about to write) or, with packed_rows (for a reader of
+// packed rows such as a FrozenBase), its rows are not packed; else a copy of it in `staging`.
 template <class Scalar>
 Eigen::Ref<const Matrix<Scalar>> unaliased(const Eigen::Ref<const Matrix<Scalar>>& X, const Matrix<Scalar>& out,
-                                           Matrix<Scalar>& staging) {
+                                           Matrix<Scalar>& staging, bool packed_rows = false) {
   const Index span = X.rows() == 0 ? 0 : (X.rows() - 1) * X.outerStride() + X.cols();
-  if (!overlaps(X.data(), span, out.data(), out.size())) return X;
+  const bool packed = X.outerStride() == X.cols() || X.rows() == 1;
+  if (!overlaps(X.data(), span, out.data(), out.size()) && (packed || !packed_rows)) return X;
   resize_workspace(staging, X.rows(), X.cols());
   staging = X;
   return staging;

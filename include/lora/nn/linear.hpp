@@ -127,9 +127,6 @@ class Linear final : public Module<Scalar> {
 
   template <class DerivedB>
   static VectorType to_bias(const char* where, const Eigen::MatrixBase<DerivedB>& b, Index out);
-  // X itself, or a copy in `staging` when X overlaps `written` or, over a base (which reads packed
-  // rows), when its rows are not packed.
-  Input readable(const Input& X, const MatrixType& written, MatrixType& staging) const;
   // Y = X W^T (+ b), into Y (resized), by the layer's own weight or its base.
   void product(const Input& x, MatrixType& Y, BaseWorkspace<Scalar>& work) const;
 
@@ -274,17 +271,6 @@ void Linear<Scalar>::zero_grad() {
 }
 
 template <class Scalar>
-typename Linear<Scalar>::Input Linear<Scalar>::readable(const Input& X, const MatrixType& written,
-                                                        MatrixType& staging) const {
-  const Index span = X.rows() == 0 ? 0 : (X.rows() - 1) * X.outerStride() + X.cols();
-  const bool packed = X.outerStride() == X.cols() || X.rows() == 1;
-  if (!detail::overlaps(X.data(), span, written.data(), written.size()) && (packed || !base_)) return X;
-  detail::resize_workspace(staging, X.rows(), X.cols());
-  staging = X;
-  return Input(staging);
-}
-
-template <class Scalar>
 void Linear<Scalar>::product(const Input& x, MatrixType& Y, BaseWorkspace<Scalar>& work) const {
   detail::resize_workspace(Y, x.rows(), out_features());
   if (base_)
@@ -300,7 +286,7 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::forward(const Input& 
   detail::require_cols(where, "input", X, in_features(), "in_features");
   if (X.rows() == 0) detail::fail(where, "input has 0 rows");
   // X may be a view of this layer's own output (forward(forward(X)) on a square layer): read it from a copy.
-  const Input x = readable(X, output_, staging_);
+  const Input x = lora::detail::unaliased<Scalar>(X, output_, staging_, base_ != nullptr);
   if (this->training_ && weight_trainable_) {  // dW needs X; dX and db do not
     detail::resize_workspace(input_, x.rows(), x.cols());
     input_ = x;
@@ -315,7 +301,7 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input&
   constexpr const char* where = "Linear::backward";
   if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
   detail::require_shape(where, "grad_output", dY, cached_rows_, out_features());
-  const Input dy = readable(dY, grad_input_, staging_);
+  const Input dy = lora::detail::unaliased<Scalar>(dY, grad_input_, staging_, base_ != nullptr);
   const Index n = dy.rows(), in = in_features(), out = out_features();
   if (weight_trainable_)  // grad_W += dY^T X: a rank-n update, dY^T read in place
     lora::detail::rank_update(lora::detail::in_place_update(out, in, n, dy.data(), Index(1), dy.outerStride(),
@@ -336,7 +322,7 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::infer(const Input& X,
   detail::require_cols(where, "input", X, in_features(), "in_features");
   if (X.rows() == 0) detail::fail(where, "input has 0 rows");
   ModuleWorkspace<Scalar>& ws = ctx.next_workspace();
-  product(readable(X, ws.output, ws.staging), ws.output, ws.base);
+  product(lora::detail::unaliased<Scalar>(X, ws.output, ws.staging, base_ != nullptr), ws.output, ws.base);
   return ws.output;
 }
 
