@@ -335,3 +335,200 @@ TEST_CASE("analysis: bad input", "[analysis]") {
   CHECK(analysis::effective_rank(layer, "default") == 3);
   CHECK(contains(message_of([&] { analysis::effective_rank(layer, "missing"); }), "missing"));
 }
+
+// ================================================================================================
+// lora/text/wordpiece.hpp: the BERT WordPiece tokenizer ([tokenizer]), on a small hand-written
+// vocabulary. The expected pieces are Hugging Face BertTokenizer's rules (tests/interop/tokenizer_check.cpp
+// compares the ids with the real BertTokenizer on all-MiniLM-L6-v2's vocabulary, in scripts/interop.sh).
+// ================================================================================================
+#include <lora/text/wordpiece.hpp>
+
+#include "temp_files.hpp"
+
+namespace {
+
+using lora::text::WordPieceTokenizer;
+using Pieces = std::vector<std::string>;
+
+const char* const tokenizer_vocab[] = {
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cafe", "un", "##aff", "##able", "play", "##ing", ",", "!",
+    ".", "'", "s", "hello", "world", "中", "文", "x", "##x", "naive", "koln", "istanbul", "ο", "##δ", "##ο", "##σ",
+    "¿", "—", "^", "[", "]", "sep", "Café", "привет", "한"};
+
+lora::Index vocab_id(const std::string& token) {
+  for (std::size_t i = 0; i < std::size(tokenizer_vocab); ++i)
+    if (token == tokenizer_vocab[i]) return static_cast<lora::Index>(i);
+  return -1;
+}
+
+std::string vocab_text(const std::string& newline = "\n") {
+  std::string text;
+  for (const char* token : tokenizer_vocab) text += std::string(token) + newline;
+  return text;
+}
+
+// The message of the io_error that call() throws, or "(no exception)".
+template <class Call>
+std::string io_message_of(Call&& call) {
+  try {
+    call();
+  } catch (const lora::io_error& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
+
+}  // namespace
+
+TEST_CASE("WordPieceTokenizer: vocabulary file, ids and special tokens", "[tokenizer]") {
+  lora::testing::TempDir dir;
+  lora::testing::write_file(dir / "vocab.txt", vocab_text());
+  const auto tok = WordPieceTokenizer::from_file(dir / "vocab.txt");
+  CHECK(tok.vocab_size() == static_cast<lora::Index>(std::size(tokenizer_vocab)));
+  CHECK(tok.do_lower_case());
+  CHECK(tok.pad_id() == 0);
+  CHECK(tok.unk_id() == 1);
+  CHECK(tok.cls_id() == 2);
+  CHECK(tok.sep_id() == 3);
+  CHECK(tok.mask_id() == 4);
+  CHECK(tok.id("hello") == vocab_id("hello"));
+  CHECK(tok.token(vocab_id("##aff")) == "##aff");
+  CHECK(tok.id("not-a-token") == tok.unk_id());  // as convert_tokens_to_ids
+  CHECK(tok.contains("world"));
+  CHECK_FALSE(tok.contains("World"));
+
+  CHECK(tok.tokenize("Hello, World!") == Pieces{"hello", ",", "world", "!"});
+  CHECK(tok.encode("Hello, World!") ==
+        std::vector<lora::Index>{2, vocab_id("hello"), vocab_id(","), vocab_id("world"), vocab_id("!"), 3});
+  CHECK(tok.encode("Hello, World!", false) ==
+        std::vector<lora::Index>{vocab_id("hello"), vocab_id(","), vocab_id("world"), vocab_id("!")});
+  CHECK(tok.encode("") == std::vector<lora::Index>{2, 3});
+  CHECK(tok.encode(" \t\n ", false).empty());
+
+  // Lines may end with \r\n or \r (Python's text mode), and the last one needs no newline.
+  std::string crlf = vocab_text("\r\n");
+  crlf.resize(crlf.size() - 2);
+  lora::testing::write_file(dir / "crlf.txt", crlf);
+  const auto tok_crlf = WordPieceTokenizer::from_file(dir / "crlf.txt");
+  CHECK(tok_crlf.vocab_size() == tok.vocab_size());
+  CHECK(tok_crlf.id("한") == vocab_id("한"));
+  lora::testing::write_file(dir / "cr.txt", vocab_text("\r"));
+  CHECK(WordPieceTokenizer::from_file(dir / "cr.txt").id("the") == vocab_id("the"));
+}
+
+TEST_CASE("WordPieceTokenizer: BasicTokenizer's rules", "[tokenizer]") {
+  std::vector<std::string> tokens(std::begin(tokenizer_vocab), std::end(tokenizer_vocab));
+  const auto tok = WordPieceTokenizer::from_tokens(tokens);
+
+  SECTION("accents are stripped after lower-casing, whatever the normalization of the input") {
+    CHECK(tok.tokenize("Café") == Pieces{"cafe"});
+    CHECK(tok.tokenize("CAFÉ") == Pieces{"cafe"});
+    CHECK(tok.tokenize("Cafe\xCC\x81") == Pieces{"cafe"});  // e + U+0301 COMBINING ACUTE
+    CHECK(tok.tokenize("NAÏVE Köln") == Pieces{"naive", "koln"});
+    CHECK(tok.tokenize("İstanbul") == Pieces{"istanbul"});  // U+0130 lowers to i + U+0307, a mark
+    CHECK(tok.basic_tokenize("Ärger Łódź") == Pieces{"arger", "łodz"});  // ł has no decomposition
+    CHECK(tok.tokenize("ПРИВЕТ") == Pieces{"привет"});
+    CHECK(tok.tokenize("\xCC\x81") == Pieces{});  // a word of marks only vanishes
+    // Each character is lowered alone: Greek capital sigma is never the final form.
+    CHECK(tok.tokenize("ΟΔΟΣ") == Pieces{"ο", "##δ", "##ο", "##σ"});
+  }
+  SECTION("word pieces, [UNK] and long words") {
+    CHECK(tok.tokenize("unaffable playing") == Pieces{"un", "##aff", "##able", "play", "##ing"});
+    CHECK(tok.tokenize("zzz") == Pieces{"[UNK]"});
+    CHECK(tok.tokenize("unaffablezz the") == Pieces{"[UNK]", "the"});  // a word not covered is one [UNK]
+    CHECK(tok.tokenize(std::string(100, 'x')).size() == 100);      // x ##x ... ##x
+    CHECK(tok.tokenize(std::string(100, 'x')).back() == "##x");
+    CHECK(tok.tokenize(std::string(101, 'x')) == Pieces{"[UNK]"});  // more than max_input_chars_per_word
+    std::string accented;  // 101 code points, 202 bytes: the limit counts code points
+    for (int i = 0; i < 101; ++i) accented += "\xC3\xA9";
+    CHECK(tok.tokenize(accented) == Pieces{"[UNK]"});
+    std::string hundred;
+    for (int i = 0; i < 99; ++i) hundred += "x";
+    CHECK(tok.basic_tokenize(hundred + "\xC3\x89") == Pieces{hundred + "e"});  // 100 code points
+  }
+  SECTION("punctuation, whitespace and control characters") {
+    CHECK(tok.tokenize("the cafe's.") == Pieces{"the", "cafe", "'", "s", "."});
+    CHECK(tok.tokenize("¿hello—world^") == Pieces{"¿", "hello", "—", "world", "^"});  // Po, Pd, ASCII Sk
+    CHECK(tok.basic_tokenize("a$b+c") == Pieces{"a", "$", "b", "+", "c"});  // ASCII symbols count as punctuation
+    CHECK(tok.basic_tokenize("a€b") == Pieces{"a€b"});                      // a Unicode symbol (Sc) does not
+    CHECK(tok.tokenize("hel\x01lo wor\xE2\x80\x8B" "ld") == Pieces{"hello", "world"});  // Cc, U+200B (Cf) removed
+    CHECK(tok.tokenize(std::string("hel\0lo", 6)) == Pieces{"hello"});
+    CHECK(tok.tokenize("hel\xEF\xBF\xBDlo") == Pieces{"hello"});  // U+FFFD removed
+    CHECK(tok.tokenize("\thello\xC2\xA0world\xE2\x80\xA8the\r\n") == Pieces{"hello", "world", "the"});  // NBSP, U+2028
+  }
+  SECTION("CJK ideographs are words of their own; Hangul syllables decompose into jamo when uncased") {
+    CHECK(tok.tokenize("中文") == Pieces{"中", "文"});
+    CHECK(tok.tokenize("hello中world") == Pieces{"hello", "中", "world"});
+    // NFD (accent stripping) turns U+D55C into U+1112 U+1161 U+11AB, none a mark: the vocabulary's "한" is
+    // not found, as in BertTokenizer.
+    CHECK(tok.basic_tokenize("한") == Pieces{"\xE1\x84\x92\xE1\x85\xA1\xE1\x86\xAB"});
+    CHECK(tok.tokenize("한") == Pieces{"[UNK]"});
+  }
+  SECTION("special tokens in the text stay whole, as written") {
+    CHECK(tok.encode("hello [SEP] world[MASK]", false) ==
+          std::vector<lora::Index>{vocab_id("hello"), 3, vocab_id("world"), 4});
+    CHECK(tok.tokenize("[sep]") == Pieces{"[", "sep", "]"});
+    CHECK(tok.tokenize("[SEP") == Pieces{"[", "sep"});  // lowered: not special
+  }
+  SECTION("a cased tokenizer keeps case and accents, in NFC") {
+    const auto cased = WordPieceTokenizer::from_tokens(tokens, false);
+    CHECK_FALSE(cased.do_lower_case());
+    CHECK(cased.tokenize("Café") == Pieces{"Café"});
+    CHECK(cased.tokenize("Cafe\xCC\x81") == Pieces{"Café"});  // composed by NFC
+    CHECK(cased.tokenize("Hello cafe") == Pieces{"[UNK]", "cafe"});
+    CHECK(cased.tokenize("\xE1\x84\x92\xE1\x85\xA1\xE1\x86\xAB") == Pieces{"한"});  // conjoining jamo compose
+    CHECK(cased.tokenize("ΟΔΟΣ [SEP] [sep]") == Pieces{"[UNK]", "[SEP]", "[", "sep", "]"});
+  }
+}
+
+TEST_CASE("WordPieceTokenizer: refusals", "[tokenizer]") {
+  using lora::testing::contains;
+  using lora::testing::message_of;
+  std::vector<std::string> tokens(std::begin(tokenizer_vocab), std::end(tokenizer_vocab));
+  const auto tok = WordPieceTokenizer::from_tokens(tokens);
+
+  CHECK(message_of([&] { tok.encode("ab\xFF" "c"); }) ==
+        "WordPieceTokenizer::encode: invalid UTF-8 at byte offset 2: byte 0xFF cannot start a character (overlong or "
+        "beyond U+10FFFF)");
+  CHECK(contains(message_of([&] { tok.tokenize("caf\xC3"); }),
+                 "WordPieceTokenizer::tokenize: invalid UTF-8 at byte offset 3: the text ends inside the 2-byte sequence"));
+  CHECK(contains(message_of([&] { tok.encode("x\xC3(y"); }),
+                 "invalid UTF-8 at byte offset 1: byte 0x28 cannot follow 0xC3"));
+  CHECK(contains(message_of([&] { tok.encode("\xED\xA0\x80"); }), "invalid UTF-8 at byte offset 0"));  // a surrogate
+  CHECK(contains(message_of([&] { tok.encode("\xE0\x80\xAF"); }), "invalid UTF-8 at byte offset 0"));  // overlong
+  CHECK(contains(message_of([&] { tok.encode("\xF4\x90\x80\x80"); }), "invalid UTF-8 at byte offset 0"));  // > U+10FFFF
+  CHECK(contains(message_of([&] { tok.basic_tokenize("ok \x80"); }),
+                 "invalid UTF-8 at byte offset 3: byte 0x80 is a continuation byte without a leading byte"));
+
+  CHECK(message_of([&] { tok.token(tok.vocab_size()); }) ==
+        "WordPieceTokenizer::token: id 39 is out of range, expected 0 <= id < vocab_size = 39");
+  CHECK(contains(message_of([&] { tok.token(-1); }), "id -1 is out of range"));
+
+  lora::testing::TempDir dir;
+  CHECK(contains(io_message_of([&] { WordPieceTokenizer::from_file(dir / "missing.txt"); }),
+                 "WordPieceTokenizer::from_file: " + (dir / "missing.txt") + ": cannot open"));
+  lora::testing::write_file(dir / "dup.txt", "[PAD]\n[UNK]\nthe\n[CLS]\nthe\n[SEP]\n");
+  CHECK(io_message_of([&] { WordPieceTokenizer::from_file(dir / "dup.txt"); }) ==
+        "WordPieceTokenizer::from_file: " + (dir / "dup.txt") +
+            ": line 5 (byte offset 22): token 'the' is a duplicate of line 3 (byte offset 12), expected every token once");
+  lora::testing::write_file(dir / "nosep.txt", "[PAD]\n[UNK]\n[CLS]\nthe\n");
+  CHECK(io_message_of([&] { WordPieceTokenizer::from_file(dir / "nosep.txt"); }) ==
+        "WordPieceTokenizer::from_file: " + (dir / "nosep.txt") +
+            ": the vocabulary (4 tokens) has no [SEP] token, expected [UNK], [CLS], [SEP] and [PAD]");
+  lora::testing::write_file(dir / "nounk.txt", "[PAD]\n[CLS]\n[SEP]\n");
+  CHECK(contains(io_message_of([&] { WordPieceTokenizer::from_file(dir / "nounk.txt"); }), "has no [UNK] token"));
+  lora::testing::write_file(dir / "empty.txt", "");
+  CHECK(contains(io_message_of([&] { WordPieceTokenizer::from_file(dir / "empty.txt"); }),
+                 "the vocabulary (0 tokens) has no [UNK] token"));
+  lora::testing::write_file(dir / "bad.txt", "[PAD]\n[UNK]\nca\xFF\n");
+  CHECK(io_message_of([&] { WordPieceTokenizer::from_file(dir / "bad.txt"); }) ==
+        "WordPieceTokenizer::from_file: " + (dir / "bad.txt") +
+            ": line 3 (byte offset 12): invalid UTF-8 at byte 2 of the token: byte 0xFF cannot start a character "
+            "(overlong or beyond U+10FFFF)");
+  CHECK(vocab_id("한") >= 0);
+  const auto no_mask = WordPieceTokenizer::from_tokens({"[PAD]", "[UNK]", "[CLS]", "[SEP]"});
+  CHECK(no_mask.mask_id() == -1);
+  CHECK(no_mask.tokenize("[MASK]") == Pieces{"[UNK]", "[UNK]", "[UNK]"});  // not special without a [MASK] token
+  CHECK(message_of([&] { WordPieceTokenizer::from_tokens({"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[PAD]"}); }) ==
+        "WordPieceTokenizer::from_tokens: token 4: token '[PAD]' is a duplicate of token 0, expected every token once");
+}

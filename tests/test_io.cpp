@@ -52,6 +52,16 @@ struct HookGuard {
   ~HookGuard() { lora::detail::atomic_write_hook() = nullptr; }
 };
 
+// A model view of LoRA layers and saved modules, set member by member (a view may have other members).
+template <class Scalar>
+lora::LoraModelView<Scalar> make_view(std::vector<lora::LoraModuleRef<Scalar>> layers,
+                                      std::vector<lora::SavedModuleRef<Scalar>> saved = {}) {
+  lora::LoraModelView<Scalar> view;
+  view.lora_modules = std::move(layers);
+  view.saved_modules = std::move(saved);
+  return view;
+}
+
 template <class Scalar>
 lora::LoraConfig random_config(int rank, double alpha, std::uint64_t seed) {
   lora::LoraConfig c;
@@ -77,7 +87,8 @@ struct Toy {
         head(M::Random(classes, out)),
         head_bias(V::Random(classes)) {}
   lora::LoraModelView<Scalar> view() {
-    return {{{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}}, {{"classifier", lora::param_ref(head), lora::param_ref(head_bias)}}};
+    return make_view<Scalar>({{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}},
+                             {{"classifier", lora::param_ref(head), lora::param_ref(head_bias)}});
   }
 };
 
@@ -557,7 +568,7 @@ TEST_CASE("rsLoRA and a trained layer bias are saved and honoured", "[io][adapte
   c.bias = lora::BiasMode::lora_only;
   lora::LoraLineard a(lora::Matrix<double>::Random(5, 6), lora::Vector<double>::Random(5), c);
   a.bias_mut().setConstant(0.25);
-  lora::LoraModelView<double> va{{{"fc", &a}}, {}};
+  auto va = make_view<double>({{"fc", &a}});
   lora::save_adapter(dir / "ad", va);
   const auto config = lora::read_adapter_config(dir / "ad");
   CHECK(config.use_rslora);
@@ -565,14 +576,14 @@ TEST_CASE("rsLoRA and a trained layer bias are saved and honoured", "[io][adapte
   CHECK(lora::SafetensorsReader::open(dir / "ad/adapter_model.safetensors").contains("base_model.model.fc.base_layer.bias"));
 
   lora::LoraLineard b(lora::Matrix<double>::Random(5, 6), lora::Vector<double>::Zero(5), c);
-  lora::LoraModelView<double> vb{{{"fc", &b}}, {}};
+  auto vb = make_view<double>({{"fc", &b}});
   lora::load_adapter(dir / "ad", vb, "default", lora::AdapterLoadMode::replace);
   CHECK(b.scaling("default") == 6.0 / 2.0);
   CHECK(b.bias() == a.bias());
   CHECK(b.A() == a.A().cast<float>().cast<double>());  // saved as F32 (the default)
   // A frozen bias cannot take the file's bias.
   lora::LoraLineard frozen(lora::Matrix<double>::Random(5, 6), lora::Vector<double>::Zero(5), random_config<double>(1, 1, 1));
-  lora::LoraModelView<double> vf{{{"fc", &frozen}}, {}};
+  auto vf = make_view<double>({{"fc", &frozen}});
   CHECK_THAT(io_error_of([&] { lora::load_adapter(dir / "ad", vf, "x"); }),
              Catch::Contains("base_layer.bias") && Catch::Contains("no trainable bias"));
   CHECK_FALSE(frozen.has_adapter("x"));
@@ -588,7 +599,7 @@ TEST_CASE("save_adapter keeps pattern keys unambiguous", "[io][adapter]") {
   lora::LoraLineard plain(lora::Matrix<double>::Random(6, 6), random_config<double>(4, 4, 4));
   plain.delete_adapter("default");
   plain.add_adapter("other", random_config<double>(1, 1, 1));
-  lora::LoraModelView<double> v{{{"fc", &fc}, {"block.fc", &block_fc}, {"other", &other}, {"x.other", &plain}}, {}};
+  auto v = make_view<double>({{"fc", &fc}, {"block.fc", &block_fc}, {"other", &other}, {"x.other", &plain}});
   lora::save_adapter(dir / "ad", v);
   const auto config = lora::read_adapter_config(dir / "ad");
   CHECK(config.rank_for("fc") == 2);
@@ -600,7 +611,7 @@ TEST_CASE("save_adapter keeps pattern keys unambiguous", "[io][adapter]") {
   lora::LoraLineard fc2(lora::Matrix<double>::Random(6, 6), random_config<double>(1, 1, 1));
   lora::LoraLineard block_fc2(lora::Matrix<double>::Random(6, 6), random_config<double>(1, 1, 1));
   lora::LoraLineard other2(lora::Matrix<double>::Random(6, 6), random_config<double>(1, 1, 1));
-  lora::LoraModelView<double> v2{{{"fc", &fc2}, {"block.fc", &block_fc2}, {"other", &other2}, {"x.other", &plain}}, {}};
+  auto v2 = make_view<double>({{"fc", &fc2}, {"block.fc", &block_fc2}, {"other", &other2}, {"x.other", &plain}});
   lora::load_adapter(dir / "ad", v2, "y");
   CHECK(fc2.rank("y") == 2);
   CHECK(block_fc2.rank("y") == 4);
@@ -768,14 +779,14 @@ TEST_CASE("a writer killed midway leaves the previous adapter intact and loadabl
   const std::string ad = dir / "adapter";
   lora::Matrix<float> W = lora::Matrix<float>::Random(64, 64);
   lora::LoraLinearf old_layer(W, random_config<float>(4, 8, 1));
-  lora::LoraModelView<float> old_view{{{"fc", &old_layer}}, {}};
+  auto old_view = make_view<float>({{"fc", &old_layer}});
   lora::save_adapter(ad, old_view);
   const std::string old_weights = read_file(ad + "/adapter_model.safetensors");
   const std::string old_config = read_file(ad + "/adapter_config.json");
 
   // The new adapter is 4 MB: the writer is paused after its first 1 MB block reaches the disk.
   lora::LoraLinearf big(lora::Matrix<float>::Random(1024, 1024), random_config<float>(512, 8, 2));
-  lora::LoraModelView<float> big_view{{{"fc", &big}}, {}};
+  auto big_view = make_view<float>({{"fc", &big}});
   int fds[2];
   REQUIRE(::pipe(fds) == 0);
   const pid_t pid = ::fork();
@@ -808,7 +819,7 @@ TEST_CASE("a writer killed midway leaves the previous adapter intact and loadabl
   CHECK(read_file(ad + "/adapter_model.safetensors") == old_weights);
   CHECK(read_file(ad + "/adapter_config.json") == old_config);
   lora::LoraLinearf fresh(W, random_config<float>(1, 1, 3));
-  lora::LoraModelView<float> fresh_view{{{"fc", &fresh}}, {}};
+  auto fresh_view = make_view<float>({{"fc", &fresh}});
   lora::load_adapter(ad, fresh_view, "restored");
   CHECK(fresh.A("restored") == old_layer.A());
   CHECK(fresh.B("restored") == old_layer.B());
@@ -817,7 +828,7 @@ TEST_CASE("a writer killed midway leaves the previous adapter intact and loadabl
   lora::save_adapter(ad, big_view);
   CHECK(listing(dir.path) == std::vector<std::string>{"adapter"});
   lora::LoraLinearf big_again(lora::Matrix<float>::Zero(1024, 1024), random_config<float>(1, 1, 3));
-  lora::LoraModelView<float> big_again_view{{{"fc", &big_again}}, {}};
+  auto big_again_view = make_view<float>({{"fc", &big_again}});
   lora::load_adapter(ad, big_again_view, "big_one");
   CHECK(big_again.B("big_one") == big.B());
 }
@@ -826,11 +837,11 @@ TEST_CASE("a save that fails midway leaves the old files and no temporary file",
   TempDir dir;
   const std::string ad = dir / "adapter";
   lora::LoraLinearf layer(lora::Matrix<float>::Random(32, 32), random_config<float>(4, 8, 1));
-  lora::LoraModelView<float> view{{{"fc", &layer}}, {}};
+  auto view = make_view<float>({{"fc", &layer}});
   lora::save_adapter(ad, view);
   const std::string before = read_file(ad + "/adapter_model.safetensors");
   lora::LoraLinearf big(lora::Matrix<float>::Random(1024, 1024), random_config<float>(300, 8, 2));
-  lora::LoraModelView<float> big_view{{{"fc", &big}}, {}};
+  auto big_view = make_view<float>({{"fc", &big}});
   {
     HookGuard guard(fail_midway);
     CHECK_THROWS_WITH(lora::save_adapter(ad, big_view), "simulated write failure");
@@ -882,7 +893,8 @@ TEST_CASE("adapters written outside this library give PyTorch's PEFT-way outputs
   lora::Vector<double> head_bias = base.vectors.at("classifier.bias");
   const M base_head = head;
   const lora::Vector<double> base_head_bias = head_bias;
-  lora::LoraModelView<double> model{{{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}}, {{"classifier", lora::param_ref(head), lora::param_ref(head_bias)}}};
+  auto model = make_view<double>({{"encoder.fc1", &fc1}, {"encoder.fc2", &fc2}},
+                                 {{"classifier", lora::param_ref(head), lora::param_ref(head_bias)}});
   const auto config_a = lora::load_adapter(peft + "/adapter_a", model, "a");
   CHECK(config_a.use_rslora);
   lora::load_adapter(peft + "/adapter_b", model, "b");  // F16 weights, no modules_to_save
@@ -924,4 +936,457 @@ TEST_CASE("adapters written outside this library give PyTorch's PEFT-way outputs
                      head_bias.transpose();
   CHECK(rel(Y_merged, ref.matrix<double>("Y_a")) < 1e-12);
   lora::unmerge_adapters(model);
+}
+
+// ---- Hugging Face checkpoint directories ---------------------------------------------------------------
+
+namespace {
+
+// config.json as transformers' save_pretrained writes it for a BertForSequenceClassification (every size
+// differs from Hugging Face's default, so that a field read into the wrong member shows).
+nlohmann::json hf_bert_config() {
+  return nlohmann::json::parse(R"({
+    "_name_or_path": "tiny-bert",
+    "architectures": ["BertForSequenceClassification"],
+    "attention_probs_dropout_prob": 0.15,
+    "classifier_dropout": null,
+    "gradient_checkpointing": false,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.2,
+    "hidden_size": 96,
+    "id2label": {"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"},
+    "label2id": {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4},
+    "initializer_range": 0.05,
+    "intermediate_size": 200,
+    "layer_norm_eps": 1e-07,
+    "max_position_embeddings": 64,
+    "model_type": "bert",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "pad_token_id": 1,
+    "position_embedding_type": "absolute",
+    "problem_type": "single_label_classification",
+    "torch_dtype": "float32",
+    "transformers_version": "4.36.2",
+    "type_vocab_size": 3,
+    "use_cache": true,
+    "vocab_size": 1000
+  })");
+}
+
+void write_config(const TempDir& dir, const nlohmann::json& config) { write_file(dir / "config.json", config.dump(2)); }
+
+// The exact value a float stored as `dtype` reads back as (Eigen's conversions round to nearest even).
+double stored_value(float x, Dtype dtype) {
+  if (dtype == Dtype::F16) return static_cast<double>(static_cast<float>(Eigen::half(x)));
+  if (dtype == Dtype::BF16) return static_cast<double>(static_cast<float>(Eigen::bfloat16(x)));
+  return static_cast<double>(x);
+}
+
+// An I64 position_ids buffer [1, n] holding 0 .. n-1, as older transformers versions saved it.
+std::vector<unsigned char> position_ids_bytes(int n) {
+  std::vector<unsigned char> bytes(8 * static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) lora::detail::store_le64(bytes.data() + 8 * i, static_cast<std::uint64_t>(i));
+  return bytes;
+}
+
+// A checkpoint's tensors with what each must read back as, in double.
+struct CheckpointTensors {
+  std::map<std::string, std::pair<Dtype, lora::Matrix<double>>> matrices;  // stored dtype, expected values
+  std::map<std::string, std::pair<Dtype, lora::Vector<double>>> vectors;
+
+  CheckpointTensors() {
+    std::srand(7);
+    // Values of float precision, scaled past 1 so that F16 and BF16 round them.
+    auto add_matrix = [&](const std::string& name, Dtype dtype, int rows, int cols) {
+      const lora::Matrix<float> m = lora::Matrix<float>::Random(rows, cols) * 3.7f;
+      lora::Matrix<double> expected(rows, cols);
+      for (int i = 0; i < rows; ++i)
+        for (int k = 0; k < cols; ++k) expected(i, k) = stored_value(m(i, k), dtype);
+      matrices.emplace(name, std::make_pair(dtype, m.cast<double>()));
+      expected_matrices.emplace(name, expected);
+    };
+    auto add_vector = [&](const std::string& name, Dtype dtype, int n) {
+      const lora::Vector<float> v = lora::Vector<float>::Random(n) * 2.3f;
+      lora::Vector<double> expected(n);
+      for (int i = 0; i < n; ++i) expected(i) = stored_value(v(i), dtype);
+      vectors.emplace(name, std::make_pair(dtype, v.cast<double>()));
+      expected_vectors.emplace(name, expected);
+    };
+    add_matrix("bert.embeddings.word_embeddings.weight", Dtype::F32, 10, 4);
+    add_matrix("bert.encoder.layer.0.attention.self.query.weight", Dtype::F16, 4, 4);
+    add_vector("bert.encoder.layer.0.attention.self.query.bias", Dtype::BF16, 4);
+    add_vector("bert.embeddings.LayerNorm.weight", Dtype::F32, 4);
+    add_matrix("classifier.weight", Dtype::BF16, 3, 4);
+    add_vector("classifier.bias", Dtype::F16, 3);
+    // Full double precision, where F64 keeps every bit.
+    const lora::Matrix<double> pooler = lora::Matrix<double>::Random(4, 4) / 3.0;
+    matrices.emplace("bert.pooler.dense.weight", std::make_pair(Dtype::F64, pooler));
+    expected_matrices.emplace("bert.pooler.dense.weight", pooler);
+  }
+
+  // Adds the tensors whose names `keep` accepts to a writer (position_ids is the caller's).
+  template <class Keep>
+  void add_to(lora::SafetensorsWriter& w, Keep keep) const {
+    for (const auto& kv : matrices)
+      if (keep(kv.first)) w.add(kv.first, kv.second.second, kv.second.first);
+    for (const auto& kv : vectors)
+      if (keep(kv.first)) w.add_vector(kv.first, kv.second.second, kv.second.first);
+  }
+
+  template <class Scalar>
+  void check(const lora::NamedTensors<Scalar>& got) const {
+    REQUIRE(got.matrices.size() == expected_matrices.size());
+    REQUIRE(got.vectors.size() == expected_vectors.size());
+    for (const auto& kv : expected_matrices) {
+      INFO(kv.first);
+      REQUIRE(got.matrices.count(kv.first));
+      CHECK(got.matrices.at(kv.first) == kv.second.cast<Scalar>());  // exact: one rounding from the stored value
+    }
+    for (const auto& kv : expected_vectors) {
+      INFO(kv.first);
+      REQUIRE(got.vectors.count(kv.first));
+      CHECK(got.vectors.at(kv.first) == kv.second.cast<Scalar>());
+    }
+  }
+
+  std::vector<std::string> names() const {
+    std::vector<std::string> all;
+    for (const auto& kv : matrices) all.push_back(kv.first);
+    for (const auto& kv : vectors) all.push_back(kv.first);
+    return all;
+  }
+
+  std::map<std::string, lora::Matrix<double>> expected_matrices;
+  std::map<std::string, lora::Vector<double>> expected_vectors;
+};
+
+const std::string shard1 = "model-00001-of-00002.safetensors", shard2 = "model-00002-of-00002.safetensors";
+
+// Writes a two-shard checkpoint: the embeddings (and position_ids) in shard 1, the rest in shard 2, and
+// the index mapping each tensor to its shard (position_ids included, as transformers writes it).
+void write_sharded(const TempDir& dir, const CheckpointTensors& tensors) {
+  auto in_first = [](const std::string& name) { return name.rfind("bert.embeddings.", 0) == 0; };
+  lora::SafetensorsWriter w1, w2;
+  tensors.add_to(w1, in_first);
+  tensors.add_to(w2, [&](const std::string& name) { return !in_first(name); });
+  w1.add_raw("bert.embeddings.position_ids", Dtype::I64, {1, 16}, position_ids_bytes(16));
+  w1.save(dir / shard1);
+  w2.save(dir / shard2);
+  nlohmann::json map = nlohmann::json::object();
+  for (const std::string& name : tensors.names()) map[name] = in_first(name) ? shard1 : shard2;
+  map["bert.embeddings.position_ids"] = shard1;
+  write_file(dir / "model.safetensors.index.json",
+             nlohmann::json{{"metadata", {{"total_size", 1234}}}, {"weight_map", map}}.dump(2));
+}
+
+}  // namespace
+
+TEST_CASE("read_bert_config: Hugging Face's config.json fields", "[io][hf]") {
+  TempDir dir;
+  write_config(dir, hf_bert_config());
+  const lora::nn::BertConfig c = lora::read_bert_config(dir.path.string());
+  CHECK(c.vocab_size == 1000);
+  CHECK(c.hidden_size == 96);
+  CHECK(c.num_hidden_layers == 3);
+  CHECK(c.num_attention_heads == 4);
+  CHECK(c.intermediate_size == 200);
+  CHECK(c.max_position_embeddings == 64);
+  CHECK(c.type_vocab_size == 3);
+  CHECK(c.pad_token_id == 1);
+  CHECK(c.layer_norm_eps == 1e-7);
+  CHECK(c.hidden_act == "gelu");
+  CHECK(c.hidden_dropout_prob == 0.2);
+  CHECK(c.attention_probs_dropout_prob == 0.15);
+  CHECK(c.initializer_range == 0.05);
+  CHECK(c.num_labels == 5);  // the size of id2label
+
+  // num_labels: the field alone, or neither (Hugging Face's 2); the architecture does not matter.
+  auto j = hf_bert_config();
+  j.erase("id2label");
+  j.erase("label2id");
+  j["num_labels"] = 4;
+  j["architectures"] = {"BertModel"};
+  write_config(dir, j);
+  CHECK(lora::read_bert_config(dir.path.string()).num_labels == 4);
+  j.erase("num_labels");
+  j.erase("architectures");
+  write_config(dir, j);
+  CHECK(lora::read_bert_config(dir.path.string()).num_labels == 2);
+  // Only model_type is required; a missing field takes Hugging Face's default.
+  write_config(dir, nlohmann::json{{"model_type", "bert"}});
+  const auto defaults = lora::read_bert_config(dir.path.string());
+  CHECK(defaults.hidden_size == 768);
+  CHECK(defaults.vocab_size == 30522);
+  CHECK(defaults.num_labels == 2);
+}
+
+TEST_CASE("read_bert_config: faults name the file, the field, expected and found", "[io][hf][hardening]") {
+  TempDir dir;
+  const std::string path = dir / "config.json";
+  CHECK_THAT(io_error_of([&] { lora::read_bert_config(dir.path.string()); }),
+             Catch::Contains(path) && Catch::Contains("cannot open"));
+
+  using Edit = std::function<void(nlohmann::json&)>;
+  auto set = [](const char* field, nlohmann::json value) -> Edit {
+    return [=](nlohmann::json& j) { j[field] = value; };
+  };
+  const std::vector<std::pair<Edit, std::string>> faults = {
+      {set("model_type", "roberta"), "field 'model_type' is \"roberta\""},
+      {set("model_type", "gpt2"), "field 'model_type' is \"gpt2\""},
+      {[](nlohmann::json& j) { j.erase("model_type"); }, "field 'model_type' is missing"},
+      {set("model_type", nullptr), "field 'model_type' is missing"},
+      {set("model_type", 1), "field 'model_type' must be"},
+      {set("architectures", "BertModel"), "field 'architectures' must be a list of strings, found \"BertModel\""},
+      {set("hidden_size", "96"), "field 'hidden_size' must be an integer, found \"96\""},
+      {set("hidden_size", 96.5), "field 'hidden_size' must be an integer, found 96.5"},
+      {set("num_hidden_layers", true), "field 'num_hidden_layers' must be an integer, found true"},
+      {set("vocab_size", 18446744073709551615ull), "field 'vocab_size' must be an integer"},
+      {set("layer_norm_eps", "1e-12"), "field 'layer_norm_eps' must be a number"},
+      {set("hidden_dropout_prob", nlohmann::json::array()), "field 'hidden_dropout_prob' must be a number"},
+      {set("hidden_act", 1), "field 'hidden_act' must be a string"},
+      {set("position_embedding_type", "relative_key"), "field 'position_embedding_type' is \"relative_key\""},
+      {set("position_embedding_type", 0), "field 'position_embedding_type' must be a string"},
+      {set("is_decoder", true), "field 'is_decoder' is true"},
+      {set("add_cross_attention", true), "field 'add_cross_attention' is true"},
+      {set("classifier_dropout", 0.3), "field 'classifier_dropout' is 0.3"},
+      {set("id2label", nlohmann::json::array({"a", "b"})), "field 'id2label' must be an object"},
+      {set("num_labels", 3), "field 'num_labels' is 3 but 'id2label' has 5 entries"},
+      {set("num_labels", "5"), "field 'num_labels' must be an integer"},
+  };
+  for (const auto& [edit, words] : faults) {
+    const std::string& expected = words;
+    auto j = hf_bert_config();
+    edit(j);
+    write_config(dir, j);
+    INFO(j.dump());
+    try {
+      lora::read_bert_config(dir.path.string());
+      FAIL("no exception");
+    } catch (const io_error& e) {
+      CHECK(e.file() == path);
+      CHECK_THAT(e.what(), Catch::Contains("read_bert_config") && Catch::Contains(expected));
+    }
+  }
+  write_file(path, "{\"model_type\": ");
+  CHECK_THAT(io_error_of([&] { lora::read_bert_config(dir.path.string()); }), Catch::Contains("not valid JSON"));
+  write_file(path, "[\"bert\"]");
+  CHECK_THAT(io_error_of([&] { lora::read_bert_config(dir.path.string()); }), Catch::Contains("not a JSON object"));
+
+  // Well-typed values the model cannot be built with: BertConfig::validate's std::invalid_argument, with the file.
+  const std::vector<std::pair<Edit, std::string>> invalid = {
+      {set("num_attention_heads", 5), "hidden_size (96) is not a multiple of num_attention_heads (5)"},
+      {set("hidden_act", "relu"), "hidden_act 'relu' is not supported"},
+      {set("hidden_size", 0), "hidden_size must be >= 1, got 0"},
+      {set("pad_token_id", 1000), "pad_token_id 1000 is outside the vocabulary"},
+      {set("layer_norm_eps", 0), "layer_norm_eps must be positive"},
+      {set("attention_probs_dropout_prob", 1), "attention_probs_dropout_prob must be in [0, 1)"},
+  };
+  for (const auto& [edit, words] : invalid) {
+    const std::string& expected = words;
+    auto j = hf_bert_config();
+    edit(j);
+    write_config(dir, j);
+    INFO(j.dump());
+    try {
+      lora::read_bert_config(dir.path.string());
+      FAIL("no exception");
+    } catch (const std::invalid_argument& e) {
+      CHECK_THAT(e.what(), Catch::Contains("read_bert_config") && Catch::Contains(expected) && Catch::Contains(path));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("read_checkpoint_tensors: one file or shards, every float dtype, buffers skipped", "[io][hf]",
+                   float, double) {
+  const CheckpointTensors tensors;
+  SECTION("model.safetensors") {
+    TempDir dir;
+    lora::SafetensorsWriter w;
+    tensors.add_to(w, [](const std::string&) { return true; });
+    w.add_raw("bert.embeddings.position_ids", Dtype::I64, {1, 16}, position_ids_bytes(16));
+    w.add_raw("bert.embeddings.token_type_ids", Dtype::I64, {1, 16}, std::vector<unsigned char>(128, 0));
+    w.save(dir / "model.safetensors");
+    std::vector<std::string> skipped = {"earlier"};
+    const auto got = lora::read_checkpoint_tensors<TestType>(dir.path.string(), &skipped);
+    tensors.check(got);
+    CHECK(skipped == std::vector<std::string>{"earlier", "bert.embeddings.position_ids", "bert.embeddings.token_type_ids"});
+    CHECK_NOTHROW(lora::read_checkpoint_tensors<TestType>(dir.path.string()));  // skipped is optional
+    // model.safetensors wins over an index, as in transformers.
+    write_file(dir / "model.safetensors.index.json", "not read");
+    tensors.check(lora::read_checkpoint_tensors<TestType>(dir.path.string()));
+  }
+  SECTION("shards") {
+    TempDir dir;
+    write_sharded(dir, tensors);
+    std::vector<std::string> skipped;
+    tensors.check(lora::read_checkpoint_tensors<TestType>(dir.path.string(), &skipped));
+    CHECK(skipped == std::vector<std::string>{"bert.embeddings.position_ids"});
+  }
+}
+
+TEST_CASE("read_checkpoint_tensors: faults name the file and the tensor and return nothing", "[io][hf][hardening]") {
+  const CheckpointTensors tensors;
+
+  SECTION("a directory without weights") {
+    TempDir dir;
+    write_config(dir, hf_bert_config());
+    CHECK_THAT(io_error_of([&] { lora::read_checkpoint_tensors<float>(dir.path.string()); }),
+               Catch::Contains("read_checkpoint_tensors") && Catch::Contains(dir.path.string()) &&
+                   Catch::Contains("model.safetensors.index.json") && Catch::Contains("pytorch_model.bin is not read"));
+    write_file(dir / "pytorch_model.bin", "PK");
+    CHECK_THAT(io_error_of([&] { lora::read_checkpoint_tensors<float>(dir.path.string()); }),
+               Catch::Contains("this one has pytorch_model.bin"));
+    CHECK_THAT(io_error_of([&] { lora::read_checkpoint_tensors<float>(dir / "missing"); }),
+               Catch::Contains("not a directory"));
+  }
+
+  SECTION("tensors that are not weights") {
+    struct Case {
+      std::string name;
+      Dtype dtype;
+      std::vector<std::uint64_t> shape;
+      std::string words;
+    };
+    const std::vector<Case> cases = {
+        {"bert.encoder.layer.0.attention.self.query.weight_ids", Dtype::I32, {2}, "dtype I32 is not a weight type"},
+        {"bert.encoder.layer.0.attention.self.distance_table", Dtype::F32, {1, 1, 2}, "shape [1, 1, 2] is neither 1-D nor 2-D"},
+        {"bert.pooler.dense.weight_scale", Dtype::F32, {}, "shape [] is neither 1-D nor 2-D"},
+        {"bert.embeddings.mask", Dtype::BOOL, {4}, "dtype BOOL is not a weight type"},
+        {"bert.pooler.dense.weight", Dtype::F8_E4M3, {2, 2}, "dtype F8_E4M3 is not a weight type"},
+    };
+    for (const Case& c : cases) {
+      INFO(c.name);
+      TempDir dir;
+      lora::SafetensorsWriter w;
+      tensors.add_to(w, [&](const std::string& name) { return name != c.name; });
+      w.add_raw("bert.embeddings.position_ids", Dtype::I64, {1, 16}, position_ids_bytes(16));
+      std::uint64_t bytes = lora::dtype_size(c.dtype);
+      for (std::uint64_t d : c.shape) bytes *= d;
+      w.add_raw(c.name, c.dtype, c.shape, std::vector<unsigned char>(bytes, 0));
+      w.save(dir / "model.safetensors");
+      std::vector<std::string> skipped = {"earlier"};
+      try {
+        lora::read_checkpoint_tensors<double>(dir.path.string(), &skipped);
+        FAIL("no exception");
+      } catch (const io_error& e) {
+        CHECK(e.file() == dir / "model.safetensors");
+        CHECK(e.tensor() == c.name);
+        CHECK_THAT(e.what(), Catch::Contains("read_checkpoint_tensors") && Catch::Contains(c.words));
+      }
+      CHECK(skipped == std::vector<std::string>{"earlier"});  // unchanged
+    }
+    TempDir dir;
+    lora::SafetensorsWriter().save(dir / "model.safetensors");
+    CHECK_THAT(io_error_of([&] { lora::read_checkpoint_tensors<float>(dir.path.string()); }),
+               Catch::Contains("holds no tensors"));
+  }
+
+  SECTION("index faults") {
+    // Each case edits a valid two-shard checkpoint; the message names the file and the tensor.
+    struct Case {
+      std::string what;
+      std::function<void(const TempDir&)> edit;
+      std::string file, tensor, words;
+    };
+    const std::string moved = "bert.pooler.dense.weight";  // in shard 2
+    auto rewrite_index = [](const TempDir& dir, const std::function<void(nlohmann::json&)>& f) {
+      auto index = nlohmann::json::parse(read_file(dir / "model.safetensors.index.json"));
+      f(index["weight_map"]);
+      write_file(dir / "model.safetensors.index.json", index.dump());
+    };
+    // Rewrites shard 2 with `extra` added (taken from the checkpoint's own values).
+    auto rewrite_shard2 = [&](const TempDir& dir, const std::string& extra) {
+      lora::SafetensorsWriter w;
+      tensors.add_to(w, [](const std::string& name) { return name.rfind("bert.embeddings.", 0) != 0; });
+      w.add(extra, lora::Matrix<double>::Ones(2, 2));
+      w.save(dir / shard2);
+    };
+    const std::vector<Case> cases = {
+        {"missing shard",
+         [&](const TempDir& dir) { rewrite_index(dir, [&](auto& m) { m[moved] = "model-00003-of-00003.safetensors"; }); },
+         "model-00003-of-00003.safetensors", "", "cannot open"},
+        {"tensor in another shard than the map says",
+         [&](const TempDir& dir) { rewrite_index(dir, [&](auto& m) { m[moved] = shard1; }); }, shard1, moved,
+         "mapped to this shard by"},
+        {"tensor in two shards",
+         [&](const TempDir& dir) { rewrite_shard2(dir, "bert.embeddings.word_embeddings.weight"); }, shard2,
+         "bert.embeddings.word_embeddings.weight", "maps it to " + shard1},
+        {"shard outside the directory",
+         [&](const TempDir& dir) { rewrite_index(dir, [&](auto& m) { m[moved] = "../" + shard2; }); },
+         "model.safetensors.index.json", moved, "is not a file name in the index's directory"},
+        {"absolute shard path",
+         [&](const TempDir& dir) { rewrite_index(dir, [&](auto& m) { m[moved] = dir / shard2; }); },
+         "model.safetensors.index.json", moved, "is not a file name in the index's directory"},
+        {"stray tensor", [&](const TempDir& dir) { rewrite_shard2(dir, "bert.extra.weight"); }, shard2,
+         "bert.extra.weight", "does not list it"},
+        {"empty weight_map", [&](const TempDir& dir) { rewrite_index(dir, [](auto& m) { m = nlohmann::json::object(); }); },
+         "model.safetensors.index.json", "", "lists no tensors"},
+        {"index not JSON", [](const TempDir& dir) { write_file(dir / "model.safetensors.index.json", "{"); },
+         "model.safetensors.index.json", "", "not valid JSON"},
+        {"no weight_map",
+         [](const TempDir& dir) { write_file(dir / "model.safetensors.index.json", R"({"metadata": {}})"); },
+         "model.safetensors.index.json", "", "\"weight_map\""},
+    };
+    for (const Case& c : cases) {
+      INFO(c.what);
+      TempDir dir;
+      write_sharded(dir, tensors);
+      c.edit(dir);
+      std::vector<std::string> skipped;
+      try {
+        lora::read_checkpoint_tensors<float>(dir.path.string(), &skipped);
+        FAIL("no exception");
+      } catch (const io_error& e) {
+        CHECK(e.file() == dir / c.file);
+        CHECK(e.tensor() == c.tensor);
+        CHECK_THAT(e.what(), Catch::Contains(c.words));
+      }
+      CHECK(skipped.empty());
+    }
+  }
+}
+
+TEST_CASE("the BERT fixture reads as a Hugging Face checkpoint with a PEFT adapter", "[io][hf]") {
+  const std::string dir = std::string(LORA_TEST_DATA_DIR) + "/bert_fixture";
+  const lora::nn::BertConfig c = lora::read_bert_config(dir);
+  CHECK(c.vocab_size == 50);
+  CHECK(c.hidden_size == 8);
+  CHECK(c.num_hidden_layers == 2);
+  CHECK(c.num_attention_heads == 2);
+  CHECK(c.intermediate_size == 12);
+  CHECK(c.max_position_embeddings == 16);
+  CHECK(c.type_vocab_size == 2);
+  CHECK(c.num_labels == 3);
+  CHECK(c.layer_norm_eps == 1e-12);
+  CHECK(c.pad_token_id == 0);
+
+  std::vector<std::string> skipped;
+  const auto w = lora::read_checkpoint_tensors<double>(dir, &skipped);
+  CHECK(skipped == std::vector<std::string>{"bert.embeddings.position_ids"});
+  CHECK(w.matrices.size() == 1 + 2 + 2 * 6 + 2);  // embeddings, pooler, classifier, 6 per layer
+  CHECK(w.vectors.size() == 2 + 2 * 10 + 2);
+  CHECK(w.matrices.at("bert.embeddings.word_embeddings.weight").rows() == 50);
+  CHECK(w.matrices.at("bert.encoder.layer.1.intermediate.dense.weight").rows() == 12);
+  CHECK(w.matrices.at("bert.encoder.layer.1.output.dense.weight").cols() == 12);
+  CHECK(w.matrices.at("classifier.weight").rows() == 3);
+  // The reference holds the gradient of every parameter, in its shape.
+  const auto ref = lora::SafetensorsReader::open(dir + "/reference.safetensors");
+  for (const auto& kv : w.matrices) {
+    INFO(kv.first);
+    CHECK(ref.at("grad." + kv.first).shape ==
+          std::vector<std::uint64_t>{static_cast<std::uint64_t>(kv.second.rows()), static_cast<std::uint64_t>(kv.second.cols())});
+  }
+  for (const auto& kv : w.vectors) {
+    INFO(kv.first);
+    CHECK(ref.at("grad." + kv.first).shape == std::vector<std::uint64_t>{static_cast<std::uint64_t>(kv.second.size())});
+  }
+  CHECK(ref.matrix<double>("last_hidden_state").rows() == 15);
+
+  const auto adapter = lora::PeftLoraConfig::load(dir + "/adapter/adapter_config.json");
+  CHECK(adapter.r == 2);
+  CHECK(adapter.lora_config_for("bert.encoder.layer.0.attention.self.query").scaling() == 2.0);
+  CHECK(adapter.targets("bert.encoder.layer.1.attention.self.value") == true);
+  CHECK(adapter.targets("bert.encoder.layer.1.attention.self.key") == false);
+  CHECK(adapter.saves_module("classifier"));
 }

@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -360,6 +361,10 @@ lora::nn::Sequential<double> peft_mlp() {
   return m;
 }
 
+double relative_error_of(const lora::Matrix<double>& a, const lora::Matrix<double>& b) {
+  return (a - b).norm() / std::max(b.norm(), 1e-300);
+}
+
 lora::Matrix<double> log_softmax(const lora::Matrix<double>& Z) {
   lora::Matrix<double> out(Z.rows(), Z.cols());
   for (Index i = 0; i < Z.rows(); ++i) {
@@ -407,19 +412,281 @@ TEST_CASE("PEFT 0.6.1's own regression cases give PEFT's outputs", "[io][model][
     CHECK(max_error < 1e-4);
   }
 
-  // Embedding and Conv1D LoRA are not implemented: the error says so, and the model is left as it was.
-  const std::filesystem::path emb = root / "lora_emb_conv1d";
-  lora::nn::Sequential<double> model("");
-  model.add("lin0", lora::nn::Linear<double>(10, 2));
+  // PEFT's ModelEmbConv1D: emb = Embedding(100, 5), conv1d = GPT-2's Conv1D (weight stored [in, out] =
+  // [5, 1], fan_in_fan_out = true), ReLU, Flatten, lin0 = Linear(10, 2), LogSoftmax; LoRA on emb and conv1d.
+  // The Conv1D is a Linear here, from its weight transposed; the adapter's lora_A / lora_B keep their shapes.
+  const std::filesystem::path emb_dir = root / "lora_emb_conv1d";
+  const auto base = lora::SafetensorsReader::open((emb_dir / "base.safetensors").string());
+  std::vector<std::string> base_names;
+  for (const lora::TensorInfo& t : base.tensors()) base_names.push_back(t.name);
+  CHECK(base_names == std::vector<std::string>{"emb.weight", "conv1d.weight", "conv1d.bias", "lin0.weight", "lin0.bias"});
+  auto emb_conv1d = [&] {
+    lora::nn::Sequential<double> m("");
+    m.add("emb", lora::nn::Embedding<double>(base.matrix<double>("emb.weight", 100, 5, "test")));
+    const lora::Matrix<double> conv_weight = base.matrix<double>("conv1d.weight", 5, 1, "test");  // [in, out]
+    m.add("conv1d", lora::nn::Linear<double>(lora::Matrix<double>(conv_weight.transpose()),
+                                             base.vector<double>("conv1d.bias", 1, "test")));
+    m.add("relu", lora::nn::ReLU<double>());
+    m.add("flat", lora::nn::Flatten<double>(10, 1));  // [90 x 1] token rows -> [9 x 10], nn.Flatten on [9, 10, 1]
+    m.add("lin0", lora::nn::Linear<double>(base.matrix<double>("lin0.weight", 2, 10, "test"),
+                                           base.vector<double>("lin0.bias", 2, "test")));
+    m.add("sm", lora::nn::LogSoftmax<double>());
+    return m;
+  };
+  std::ifstream f(emb_dir / "output.json");
+  const auto rows = nlohmann::json::parse(f).at("output").get<std::vector<std::vector<double>>>();
+  REQUIRE(rows.size() == 9);
+  auto max_error_of = [&](const lora::Matrix<double>& Y) {
+    REQUIRE(Y.rows() == 9);
+    REQUIRE(Y.cols() == 2);
+    double max_error = 0;
+    for (Index i = 0; i < 9; ++i)
+      for (Index j = 0; j < 2; ++j) {
+        const double want = rows[static_cast<std::size_t>(i)].at(static_cast<std::size_t>(j));
+        const double err = std::abs(Y(i, j) - want);
+        CHECK(err <= 1e-4 + 1e-4 * std::abs(want));  // PEFT's allclose
+        max_error = std::max(max_error, err);
+      }
+    return max_error;
+  };
+  auto model = emb_conv1d();
+  model.eval();
+  const lora::Matrix<double> base_output = model.forward(X);  // X: torch.arange(90).reshape(9, 10), as ids
+  const lora::PeftLoraConfig config = lora::from_pretrained(model, emb_dir.string());
+  CHECK(config.fan_in_fan_out);
+  REQUIRE(model.lora_config());
+  CHECK(model.lora_config()->fan_in_fan_out);
+  REQUIRE(model.lora_layers().size() == 1);
+  CHECK(model.lora_layers().front().first == "conv1d");
+  REQUIRE(model.lora_embeddings().size() == 1);
+  CHECK(model.lora_embeddings().front().first == "emb");
+  const auto& emb = *model.lora_embeddings().front().second;
+  CHECK(emb.rank() == 8);
+  CHECK(emb.scaling() == 1.0);
+  const auto adapter = lora::SafetensorsReader::open((emb_dir / "adapter_model.safetensors").string());
+  CHECK(emb.lora_A() == adapter.matrix<double>("base_model.model.emb.lora_embedding_A", 8, 100, "test"));
+  CHECK(emb.lora_B() == adapter.matrix<double>("base_model.model.emb.lora_embedding_B", 5, 8, "test"));
+  const lora::Matrix<double> Y = model.forward(X);
+  CHECK(relative_error_of(Y, base_output) > 1e-3);  // the adapter changes the output
+  const double max_error = max_error_of(Y);
+  WARN("lora_emb_conv1d: max |error| against PEFT's output = " << max_error);
+  CHECK(max_error < 1e-4);
+  lora::nn::InferenceContext<double> ctx;
+  CHECK(lora::nn::infer(model, X, ctx) == Y);  // the const path agrees
+  model.merge();
+  CHECK(model.merged());
+  CHECK(max_error_of(model.forward(X)) < 1e-4);
+  model.unmerge();
+  CHECK(model.forward(X) == Y);
+
+  // Saved again, the adapter has PEFT's keys and the same values (F32 as read), and says fan_in_fan_out.
+  const auto resaved = std::filesystem::temp_directory_path() / "lora_test_emb_conv1d_resave";
+  std::filesystem::remove_all(resaved);
+  lora::save_adapter(resaved.string(), model);
+  const auto again = lora::SafetensorsReader::open((resaved / "adapter_model.safetensors").string());
+  std::vector<std::string> keys, peft_keys;
+  for (const lora::TensorInfo& t : again.tensors()) keys.push_back(t.name);
+  for (const lora::TensorInfo& t : adapter.tensors()) peft_keys.push_back(t.name);
+  std::sort(keys.begin(), keys.end());
+  std::sort(peft_keys.begin(), peft_keys.end());
+  CHECK(keys == peft_keys);
+  for (const std::string& k : peft_keys) {
+    INFO(k);
+    CHECK(again.matrix<double>(k, "test") == adapter.matrix<double>(k, "test"));
+  }
+  const lora::PeftLoraConfig written = lora::read_adapter_config(resaved.string());
+  CHECK(written.fan_in_fan_out);
+  CHECK(written.r == 8);
+  CHECK(written.lora_alpha == 8);
+  std::filesystem::remove_all(resaved);
+
+  // merge_and_unload: a plain Embedding with the merged table, a plain Linear; the same outputs.
+  lora::nn::merge_and_unload(model);
+  CHECK(!model.has_lora());
+  const auto* plain = dynamic_cast<const lora::nn::Embedding<double>*>(&model.module("emb"));
+  REQUIRE(plain);
+  CHECK(!plain->has_lora());
+  CHECK(!plain->trainable());
+  CHECK(dynamic_cast<const lora::nn::Linear<double>*>(&model.module("conv1d")));
+  CHECK(max_error_of(model.forward(X)) < 1e-4);
+}
+
+namespace {
+
+// ids -> Embedding(12, 4) -> Linear(4, 3) -> ReLU -> Linear(3, 2), PEFT-style names.
+lora::nn::Sequential<double> embedding_model(std::uint64_t seed) {
+  lora::nn::Sequential<double> m("");
+  m.add("emb", lora::nn::Embedding<double>(12, 4, seed));
+  m.add("proj", lora::nn::Linear<double>(4, 3, true, seed + 1));
+  m.add("act", lora::nn::ReLU<double>());
+  m.add("head", lora::nn::Linear<double>(3, 2, true, seed + 2));
+  return m;
+}
+
+lora::nn::LoraInjectConfig embedding_config() {
+  lora::nn::LoraInjectConfig c;
+  c.target_modules = {"emb", "proj"};
+  c.rank = 2;
+  c.alpha = 4;
+  c.rank_pattern = {{"emb", 3}};
+  c.init = lora::InitMethod::random;  // lora_embedding_A != 0 and lora_B != 0: the adapters matter
+  return c;
+}
+
+template <class F>
+std::string message_of_call(F&& f) {
   try {
-    lora::from_pretrained(model, emb.string());
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
+
+lora::Matrix<double> embedding_ids() {
+  lora::Matrix<double> X(2, 3);
+  X << 3, 11, 0, 7, 3, 5;
+  return X;
+}
+
+}  // namespace
+
+TEST_CASE("an Embedding adapter saves under PEFT's keys and reloads exactly; errors name the key and the module",
+          "[io][model][embedding]") {
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_embedding_adapter";
+  std::filesystem::remove_all(dir);
+  auto trained = embedding_model(1);
+  lora::nn::inject_lora(trained, embedding_config());
+  REQUIRE(trained.lora_embeddings().size() == 1);
+  auto& emb = *trained.lora_embeddings().front().second;
+  CHECK(emb.rank() == 3);
+  lora::AdapterSaveOptions f64;
+  f64.dtype = lora::Dtype::F64;
+  lora::save_adapter(dir.string(), trained, "default", f64);
+
+  // PEFT's keys: no ".weight" and no adapter name for the embedding; its values exactly.
+  const auto file = lora::SafetensorsReader::open((dir / "adapter_model.safetensors").string());
+  std::vector<std::string> keys;
+  for (const lora::TensorInfo& t : file.tensors()) keys.push_back(t.name);
+  std::sort(keys.begin(), keys.end());
+  CHECK(keys == std::vector<std::string>{"base_model.model.emb.lora_embedding_A", "base_model.model.emb.lora_embedding_B",
+                                         "base_model.model.proj.lora_A.weight", "base_model.model.proj.lora_B.weight"});
+  CHECK(file.find("base_model.model.emb.lora_embedding_A")->shape == std::vector<std::uint64_t>{3, 12});
+  CHECK(file.find("base_model.model.emb.lora_embedding_B")->shape == std::vector<std::uint64_t>{4, 3});
+  CHECK(file.matrix<double>("base_model.model.emb.lora_embedding_A", "test") == emb.lora_A());
+  CHECK(file.matrix<double>("base_model.model.emb.lora_embedding_B", "test") == emb.lora_B());
+  const lora::PeftLoraConfig written = lora::read_adapter_config(dir.string());
+  CHECK(written.r == 2);
+  CHECK(written.rank_pattern == std::vector<std::pair<std::string, int>>{{"emb", 3}});
+  CHECK(!written.fan_in_fan_out);
+  REQUIRE(written.target_modules);
+  CHECK(*written.target_modules == std::vector<std::string>{"proj", "emb"});
+
+  // from_pretrained on the same base: the same outputs, bit-exact (F64).
+  const lora::Matrix<double> X = embedding_ids();
+  trained.eval();
+  const lora::Matrix<double> expected = trained.forward(X);
+  auto reloaded = embedding_model(1);
+  lora::from_pretrained(reloaded, dir.string());
+  reloaded.eval();
+  CHECK(reloaded.forward(X) == expected);
+  REQUIRE(reloaded.lora_embeddings().size() == 1);
+  CHECK(reloaded.lora_embeddings().front().second->lora_config().rank == 3);
+
+  // load_adapter in replace mode on a model injected with another rank: the file's rank and values.
+  auto replaced = embedding_model(1);
+  lora::nn::LoraInjectConfig other = embedding_config();
+  other.rank_pattern.clear();
+  lora::nn::inject_lora(replaced, other);
+  CHECK(replaced.lora_embeddings().front().second->rank() == 2);
+  lora::load_adapter(dir.string(), replaced, "default", lora::AdapterLoadMode::replace);
+  CHECK(replaced.lora_embeddings().front().second->rank() == 3);
+  replaced.eval();
+  CHECK(replaced.forward(X) == expected);
+
+  // A second adapter on an Embedding is refused, naming the module; the model is unchanged.
+  const std::string second = message_of_call([&] { lora::load_adapter(dir.string(), replaced, "second"); });
+  CHECK_THAT(second, Catch::Contains("'emb' is an Embedding with LoRA adapter 'default'") &&
+                         Catch::Contains("holds one adapter"));
+  CHECK(replaced.forward(X) == expected);
+  CHECK(lora::nn::count_parameters(replaced).adapter == 3 * (12 + 4) + 2 * (4 + 3));
+
+  // hot_swap_adapter takes new embedding values in place.
+  lora::hot_swap_adapter(dir.string(), replaced, "default");
+  CHECK(replaced.forward(X) == expected);
+
+  // A lora_embedding_B of the wrong shape names the key, the expected and the actual shape.
+  lora::SafetensorsWriter w;
+  for (const lora::TensorInfo& t : file.tensors())
+    if (t.name == "base_model.model.emb.lora_embedding_B")
+      w.add(t.name, lora::Matrix<double>::Ones(5, 3), lora::Dtype::F64);
+    else
+      w.add(t.name, file.matrix<double>(t.name, "test"), lora::Dtype::F64);
+  w.save((dir / "adapter_model.safetensors").string());
+  auto fresh = embedding_model(1);
+  try {
+    lora::from_pretrained(fresh, dir.string());
     FAIL("no exception");
   } catch (const lora::io_error& e) {
-    CHECK_THAT(e.what(),
-               Catch::Contains(".lora_embedding_") && Catch::Contains("LoRA on embedding layers is not supported"));
+    CHECK(e.tensor() == "base_model.model.emb.lora_embedding_B");
+    CHECK_THAT(e.what(), Catch::Contains("shape [5, 3]") && Catch::Contains("expected [4, 3]") &&
+                             Catch::Contains("'emb' (Embedding)"));
   }
-  CHECK(model.lora_layers().empty());
-  CHECK(model.num_trainable_parameters() == model.num_parameters());
+  CHECK(!fresh.has_lora());
+  CHECK(fresh.num_trainable_parameters() == fresh.num_parameters());
+
+  // One of the pair alone is refused too.
+  lora::SafetensorsWriter half;
+  for (const lora::TensorInfo& t : file.tensors())
+    if (t.name != "base_model.model.emb.lora_embedding_A") half.add(t.name, file.matrix<double>(t.name, "test"), lora::Dtype::F64);
+  half.save((dir / "adapter_model.safetensors").string());
+  try {
+    lora::from_pretrained(fresh, dir.string());
+    FAIL("no exception");
+  } catch (const lora::io_error& e) {
+    CHECK(e.tensor() == "base_model.model.emb.lora_embedding_A");
+    CHECK_THAT(e.what(), Catch::Contains("missing, while base_model.model.emb.lora_embedding_B is present"));
+  }
+  CHECK(!fresh.has_lora());
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("PEFT files: lora_dropout is ignored on embeddings, fan_in_fan_out is kept and written back",
+          "[io][model][embedding]") {
+  const auto dir = std::filesystem::temp_directory_path() / "lora_test_embedding_dropout";
+  std::filesystem::remove_all(dir);
+  auto trained = embedding_model(4);
+  lora::nn::LoraInjectConfig c = embedding_config();
+  c.dropout = 0.25;
+  // In code, dropout on an Embedding target is refused, naming the field and the module ...
+  const std::string refused = message_of_call([&] { lora::nn::inject_lora(trained, c); });
+  CHECK_THAT(refused, Catch::Contains("'emb' is an Embedding") && Catch::Contains("lora_dropout = 0.25"));
+  CHECK(!trained.has_lora());
+  // ... a file with it (PEFT ignores it there) loads, the Linear target keeping its dropout.
+  c.dropout = 0;
+  c.fan_in_fan_out = true;  // the record of a Conv1D base, written back by save_adapter
+  lora::nn::inject_lora(trained, c);
+  lora::save_adapter(dir.string(), trained);
+  const auto config_path = dir / "adapter_config.json";
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(std::ifstream(config_path));
+  CHECK(j.at("fan_in_fan_out") == true);
+  j["lora_dropout"] = 0.25;
+  std::ofstream(config_path) << j.dump(2);
+  auto loaded = embedding_model(4);
+  const lora::PeftLoraConfig read = lora::from_pretrained(loaded, dir.string());
+  CHECK(read.lora_dropout == 0.25);
+  REQUIRE(loaded.lora_config());
+  CHECK(loaded.lora_config()->fan_in_fan_out);
+  CHECK(loaded.lora_layers().front().second->adapter_config("default").dropout == 0.25);
+  CHECK(loaded.lora_embeddings().front().second->lora_config().dropout == 0);
+  const auto again = std::filesystem::temp_directory_path() / "lora_test_embedding_dropout_again";
+  std::filesystem::remove_all(again);
+  lora::save_adapter(again.string(), loaded);
+  const lora::PeftLoraConfig rewritten = lora::read_adapter_config(again.string());
+  CHECK(rewritten.lora_dropout == 0.25);
+  CHECK(rewritten.fan_in_fan_out);
+  std::filesystem::remove_all(again);
+  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("adapters with a rank above min(in_features, out_features) load, as PEFT writes them", "[io][model]") {

@@ -212,6 +212,53 @@ TEST_CASE("Embedding: errors", "[transformer][embedding]") {
   CHECK(contains(message_of([] { lora::nn::Embedding<double>(0, 3); }), "num_embeddings and dim"));
 }
 
+TEST_CASE("Embedding as a Module: ids read from a matrix, in a Sequential, base tensors, clone", "[transformer][embedding]") {
+  const Matrix<double> E = random_matrix<double>(9, 3, 35);
+  lora::nn::Sequential<double> model("");
+  model.add("emb", lora::nn::Embedding<double>(E));
+  model.add("norm", lora::nn::LayerNorm<double>(3));
+  model.add("out", lora::nn::Linear<double>(3, 2, true, 36));
+  CHECK(model.in_features() == -1);
+  // ids [2 x 3] -> 6 token rows, row-major: row i * 3 + j embeds X(i, j).
+  Matrix<double> X(2, 3);
+  X << 4, 0, 8, 4, 1, 2;
+  const Matrix<double> Y = model.forward(X);
+  REQUIRE(Y.rows() == 6);
+  auto& emb = dynamic_cast<lora::nn::Embedding<double>&>(model.module("emb"));
+  CHECK(emb.forward(X).row(3) == E.row(4));
+  CHECK(emb.forward(X).row(5) == E.row(2));
+  CHECK(relative_error(model.forward(X), Y) == 0);
+
+  // The table, the norm's weight and bias are base tensors, by name.
+  CHECK(model.base_tensor_names() == std::vector<std::string>{"emb.weight", "norm.weight", "norm.bias", "out.weight", "out.bias"});
+  CHECK(model.base_tensor("emb.weight") == E);
+  const Matrix<double> gamma = random_matrix<double>(1, 3, 37);
+  model.set_base_tensor("norm.weight", gamma);  // a row is accepted for a vector
+  CHECK(model.base_tensor("norm.weight") == Matrix<double>(gamma.transpose()));
+  CHECK(contains(message_of([&] { model.set_base_tensor("emb.weight", Matrix<double>::Zero(8, 3)); }), "expected 9 x 3"));
+  CHECK(contains(message_of([&] { model.set_base_tensor("norm.bias", Matrix<double>::Zero(4, 1)); }), "expected 3 values"));
+
+  // Gradients through the whole model, the table included (central differences).
+  check_module_gradients(model, X, 38, false);
+
+  // A clone is independent.
+  auto copy = model.clone();
+  emb.set_weight(Matrix<double>::Zero(9, 3));
+  CHECK(relative_error(copy->forward(X), Y) > 0);
+
+  // Ids that are not integers in range name their row and column.
+  Matrix<double> bad = X;
+  bad(1, 2) = 2.5;
+  CHECK(contains(message_of([&] { model.forward(bad); }), "row 1, column 2: id 2.5 is not an integer in [0, num_embeddings = 9)"));
+  bad(1, 2) = 9;
+  CHECK(contains(message_of([&] { model.forward(bad); }), "id 9"));
+  bad(1, 2) = std::nan("");
+  CHECK(contains(message_of([&] { model.forward(bad); }), "id nan"));
+  model.train(false);
+  model.forward(X);
+  CHECK(contains(message_of([&] { emb.backward(Matrix<double>::Zero(6, 3)); }), "training mode"));
+}
+
 TEST_CASE("TokenBatch: padding, lengths, mask and id checks", "[transformer][batch]") {
   const lora::nn::TokenBatch batch({{5, 6, 7}, {8}, {9, 1}}, 10, 0);
   CHECK(batch.batch_size() == 3);

@@ -1,6 +1,10 @@
 // lora.hpp: several adapters on one model: a view of the model's LoRA layers, operations over all of
 // them (add, activate, scale, disable, delete, merge, hot-swap), and combining adapters into a new one.
 //
+// A view may also hold Embedding modules with LoRA (PEFT's lora.Embedding). Such a module has one adapter,
+// always active: merge, unmerge, the adapter lists and the adapter files include it; the operations that
+// would give it a second adapter, remove, switch, scale or combine its adapter are refused, naming it.
+//
 // Combining (add_weighted_adapter) builds an adapter whose delta is sum_i w_i s_i B_i A_i, where
 // s_i = alpha_i / r_i (or alpha_i / sqrt(r_i)) is adapter i's scaling, without its runtime scale:
 //   cat: exact. A = [A_1; A_2; ...] (copied), B = [w_1 s_1 B_1, w_2 s_2 B_2, ...], rank = sum r_i.
@@ -15,6 +19,7 @@
 #include <lora/common.hpp>
 #include <lora/config.hpp>
 #include <lora/linear.hpp>
+#include <lora/nn/embedding.hpp>
 
 #include <Eigen/QR>
 #include <Eigen/SVD>
@@ -35,6 +40,13 @@ struct LoraModuleRef {
   LoraLinear<Scalar>* layer = nullptr;
 };
 
+// An Embedding with a LoRA adapter, under its module path ("model.embed_tokens").
+template <class Scalar>
+struct LoraEmbeddingRef {
+  std::string path;
+  nn::Embedding<Scalar>* layer = nullptr;
+};
+
 // A module trained in full alongside the adapter (PEFT's modules_to_save, typically a classifier head):
 // checked views of its weight [out x in] and, if it has one, its bias [out x 1].
 template <class Scalar>
@@ -49,14 +61,21 @@ struct SavedModuleRef {
 template <class Scalar>
 struct LoraModelView {
   std::vector<LoraModuleRef<Scalar>> lora_modules;
+  std::vector<LoraEmbeddingRef<Scalar>> embedding_modules;  // each with an adapter (has_lora())
   std::vector<SavedModuleRef<Scalar>> saved_modules;
 
-  // Throws std::invalid_argument for null pointers and empty or repeated paths.
+  // Throws std::invalid_argument for null pointers, empty or repeated paths and embeddings without an adapter.
   void validate(const char* where) const {
     std::set<std::string> seen;
     for (const auto& m : lora_modules) {
       if (m.path.empty()) detail::fail(where, "a LoRA module has an empty path");
       if (!m.layer) detail::fail(where, "LoRA module '", m.path, "' has a null layer");
+      if (!seen.insert(m.path).second) detail::fail(where, "module path '", m.path, "' appears twice");
+    }
+    for (const auto& m : embedding_modules) {
+      if (m.path.empty()) detail::fail(where, "a LoRA embedding has an empty path");
+      if (!m.layer) detail::fail(where, "LoRA embedding '", m.path, "' has a null layer");
+      if (!m.layer->has_lora()) detail::fail(where, "embedding '", m.path, "' has no LoRA adapter");
       if (!seen.insert(m.path).second) detail::fail(where, "module path '", m.path, "' appears twice");
     }
     for (const auto& m : saved_modules) {
@@ -78,6 +97,9 @@ std::vector<std::string> adapter_names(const LoraModelView<Scalar>& model) {
   for (const auto& m : model.lora_modules)
     for (const std::string& n : m.layer->adapter_names())
       if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
+  for (const auto& e : model.embedding_modules)
+    if (std::find(names.begin(), names.end(), e.layer->adapter_name()) == names.end())
+      names.push_back(e.layer->adapter_name());
   return names;
 }
 
@@ -87,6 +109,9 @@ std::vector<std::string> active_adapters(const LoraModelView<Scalar>& model) {
   for (const auto& m : model.lora_modules)
     for (const std::string& n : m.layer->active_adapters())
       if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
+  for (const auto& e : model.embedding_modules)  // always active
+    if (std::find(names.begin(), names.end(), e.layer->adapter_name()) == names.end())
+      names.push_back(e.layer->adapter_name());
   return names;
 }
 
@@ -95,6 +120,8 @@ template <class Scalar>
 void require_known_adapter(const char* where, const LoraModelView<Scalar>& model, const std::string& name) {
   for (const auto& m : model.lora_modules)
     if (m.layer->has_adapter(name)) return;
+  for (const auto& e : model.embedding_modules)
+    if (e.layer->adapter_name() == name) return;
   std::string known;
   for (const std::string& n : adapter_names(model)) known += (known.empty() ? "'" : ", '") + n + "'";
   fail(where, "no module has an adapter named '", name, "'; the model has ", known.empty() ? "none" : known);
@@ -103,6 +130,17 @@ template <class Scalar>
 void require_unmerged(const char* where, const LoraModelView<Scalar>& model) {
   for (const auto& m : model.lora_modules)
     if (m.layer->merged()) fail(where, "module '", m.path, "' is merged; call unmerge_adapters() first");
+  for (const auto& e : model.embedding_modules)
+    if (e.layer->merged()) fail(where, "module '", e.path, "' (Embedding) is merged; call unmerge_adapters() first");
+}
+// Refuses `what` on the Embedding adapters it would touch: all of them (name empty) or those named `name`.
+template <class Scalar>
+void refuse_on_embeddings(const char* where, const LoraModelView<Scalar>& model, const char* what,
+                          const std::string& name = {}) {
+  for (const auto& e : model.embedding_modules)
+    if (name.empty() || e.layer->adapter_name() == name)
+      fail(where, "module '", e.path, "' is an Embedding with LoRA adapter '", e.layer->adapter_name(),
+           "'; an Embedding holds one adapter, always active, so ", what, " is not supported for it");
 }
 }  // namespace detail
 
@@ -111,6 +149,7 @@ template <class Scalar>
 void add_adapter(const LoraModelView<Scalar>& model, const std::string& name, const LoraConfig& config) {
   constexpr const char* where = "add_adapter";
   model.validate(where);
+  detail::refuse_on_embeddings(where, model, detail::concat("a second adapter ('", name, "')").c_str());
   detail::require_unmerged(where, model);
   std::size_t done = 0;
   try {
@@ -127,6 +166,7 @@ void delete_adapter(const LoraModelView<Scalar>& model, const std::string& name)
   constexpr const char* where = "delete_adapter";
   model.validate(where);
   detail::require_known_adapter(where, model, name);
+  detail::refuse_on_embeddings(where, model, "deleting its adapter", name);
   detail::require_unmerged(where, model);
   for (const auto& m : model.lora_modules)
     if (m.layer->has_adapter(name)) m.layer->delete_adapter(name);
@@ -139,6 +179,9 @@ void set_active_adapters(const LoraModelView<Scalar>& model, const std::vector<s
   constexpr const char* where = "set_active_adapters";
   model.validate(where);
   for (const std::string& n : names) detail::require_known_adapter(where, model, n);
+  for (const auto& e : model.embedding_modules)
+    if (std::find(names.begin(), names.end(), e.layer->adapter_name()) == names.end())
+      detail::refuse_on_embeddings(where, model, "deactivating its adapter", e.layer->adapter_name());
   detail::require_unmerged(where, model);
   for (const auto& m : model.lora_modules) {
     std::vector<std::string> here;
@@ -154,6 +197,7 @@ void set_adapter_scale(const LoraModelView<Scalar>& model, const std::string& na
   constexpr const char* where = "set_adapter_scale";
   model.validate(where);
   detail::require_known_adapter(where, model, name);
+  detail::refuse_on_embeddings(where, model, "a runtime scale", name);
   for (const auto& m : model.lora_modules)
     if (m.layer->has_adapter(name)) m.layer->set_adapter_scale(name, scale);
 }
@@ -166,6 +210,7 @@ template <class Scalar>
 ActiveAdapterState disable_adapters(const LoraModelView<Scalar>& model) {
   constexpr const char* where = "disable_adapters";
   model.validate(where);
+  detail::refuse_on_embeddings(where, model, "disabling its adapter");
   detail::require_unmerged(where, model);
   ActiveAdapterState state;
   for (const auto& m : model.lora_modules) state.push_back(m.layer->active_adapters());
@@ -184,14 +229,15 @@ void enable_adapters(const LoraModelView<Scalar>& model, const ActiveAdapterStat
 }
 
 // Merges the active adapters of every layer that has any (layers without an active adapter stay as they
-// are). All or none, exactly: every layer is checked and its merge prepared (allocations included) before
-// any layer changes, so on a throw (naming the module) no weight has been written. Throws when no layer
-// has an active adapter.
+// are), and the adapter of every embedding. All or none, exactly: every layer is checked and its merge
+// prepared (allocations included) before any layer changes, so on a throw (naming the module) no weight
+// has been written. Throws when no layer has an active adapter.
 template <class Scalar>
 void merge_adapters(const LoraModelView<Scalar>& model, const char* where = "merge_adapters") {
   model.validate(where);
   detail::require_unmerged(where, model);
   std::vector<LoraLinear<Scalar>*> prepared;
+  std::vector<nn::Embedding<Scalar>*> prepared_embeddings;
   try {
     for (const auto& m : model.lora_modules) {
       try {
@@ -200,18 +246,31 @@ void merge_adapters(const LoraModelView<Scalar>& model, const char* where = "mer
         detail::fail(where, "module '", m.path, "': ", e.what());
       }
     }
+    for (const auto& m : model.embedding_modules) {
+      try {
+        m.layer->prepare_merge(where);
+        prepared_embeddings.push_back(m.layer);
+      } catch (const std::invalid_argument& e) {
+        detail::fail(where, "module '", m.path, "': ", e.what());
+      }
+    }
   } catch (...) {
     for (LoraLinear<Scalar>* l : prepared) l->cancel_merge();
+    for (nn::Embedding<Scalar>* e : prepared_embeddings) e->cancel_merge();
     throw;
   }
-  if (prepared.empty()) detail::fail(where, "no LoRA layer has an active adapter to merge");
+  if (prepared.empty() && prepared_embeddings.empty())
+    detail::fail(where, "no LoRA layer has an active adapter to merge");
   for (LoraLinear<Scalar>* l : prepared) l->commit_merge();
+  for (nn::Embedding<Scalar>* e : prepared_embeddings) e->commit_merge();
 }
 
 template <class Scalar>
 void unmerge_adapters(const LoraModelView<Scalar>& model, const char* where = "unmerge_adapters") {
   model.validate(where);
   for (const auto& m : model.lora_modules)
+    if (m.layer->merged()) m.layer->unmerge();
+  for (const auto& m : model.embedding_modules)
     if (m.layer->merged()) m.layer->unmerge();
 }
 
@@ -238,6 +297,24 @@ void hot_swap_adapter(LoraLinear<Scalar>& layer, const std::string& name, const 
     return;
   }
   layer.replace_adapter(name, config, a, b);
+}
+
+// The same for an Embedding's adapter: A [r x num_embeddings], B [dim x r] (see Embedding::set_lora; the
+// config's dropout is ignored, as PEFT ignores it on embeddings). Throws with the layer unchanged.
+template <class Scalar, class DerivedA, class DerivedB>
+void hot_swap_adapter(nn::Embedding<Scalar>& layer, const std::string& name, const Eigen::MatrixBase<DerivedA>& A,
+                      const Eigen::MatrixBase<DerivedB>& B, const LoraConfig& config) {
+  constexpr const char* where = "hot_swap_adapter";
+  if (!layer.has_lora() || layer.adapter_name() != name)
+    detail::fail(where, "the embedding has no adapter named '", name, "'",
+                 layer.has_lora() ? detail::concat(" (its adapter is '", layer.adapter_name(), "')") : std::string());
+  LoraConfig c = config;
+  c.dropout = 0;
+  try {
+    layer.set_lora(c, A, B);
+  } catch (const std::invalid_argument& e) {
+    detail::fail(where, e.what());
+  }
 }
 
 // ---- combining adapters ----------------------------------------------------------------------------
@@ -344,6 +421,7 @@ void add_weighted_adapter(const LoraModelView<Scalar>& model, const std::vector<
   constexpr const char* where = "add_weighted_adapter";
   model.validate(where);
   detail::require_unmerged(where, model);
+  for (const std::string& s : sources) detail::refuse_on_embeddings(where, model, "combining its adapter", s);
   if (sources.size() != weights.size())
     detail::fail(where, sources.size(), " adapters but ", weights.size(), " weights");
   for (const std::string& s : sources) detail::require_known_adapter(where, model, s);

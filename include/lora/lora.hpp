@@ -15,7 +15,10 @@
 #include <lora/nn/adapters.hpp>
 #include <lora/nn/attention.hpp>
 #include <lora/nn/bert.hpp>
+#include <lora/nn/bert_config.hpp>
+#include <lora/nn/bert_model.hpp>
 #include <lora/nn/config.hpp>
+#include <lora/nn/dropout.hpp>
 #include <lora/nn/embedding.hpp>
 #include <lora/nn/inject.hpp>
 #include <lora/nn/linear.hpp>
@@ -24,6 +27,7 @@
 #include <lora/nn/module.hpp>
 #include <lora/nn/modules_to_save.hpp>
 #include <lora/nn/norm.hpp>
+#include <lora/nn/reshape.hpp>
 #include <lora/nn/sequential.hpp>
 #include <lora/nn/token_batch.hpp>
 #include <lora/nn/train.hpp>

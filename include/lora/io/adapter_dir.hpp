@@ -1,15 +1,21 @@
 // lora.hpp: PEFT adapter directories: adapter_model.safetensors + adapter_config.json.
 //
 // Keys: base_model.model.<module path>.lora_A.weight [r, in] and .lora_B.weight [out, r] for each LoRA
-// module; base_model.model.<path>.weight / .bias for each module of modules_to_save; a LoRA layer's
-// trained bias (config bias != none) as base_model.model.<path>.base_layer.bias (".bias" is accepted on
-// load); with bias = "all", the trained bias of every other module as base_model.model.<path>.bias.
-// The adapter's own name is not in the keys. Header metadata {"format": "pt"}.
+// module (a GPT-2 Conv1D base, fan_in_fan_out = true, has the same shapes); for each LoRA embedding
+// base_model.model.<path>.lora_embedding_A [r, num_embeddings] and .lora_embedding_B [dim, r], without
+// ".weight" (PEFT keeps them as bare parameters); base_model.model.<path>.weight / .bias for each module of
+// modules_to_save; a LoRA layer's trained bias (config bias != none) as
+// base_model.model.<path>.base_layer.bias (".bias" is accepted on load); with bias = "all", the trained
+// bias of every other module as base_model.model.<path>.bias. The adapter's own name is not in the keys.
+// Header metadata {"format": "pt"}.
 //
 // Loading validates everything before it changes anything: the safetensors header (see
-// io/safetensors.hpp), the config, every tensor against its module (rank from r / rank_pattern, in, out),
-// no tensor without a module and no targeted module without its tensors. Any fault is an io_error
-// naming the file, the tensor and the problem, with the model unchanged.
+// io/safetensors.hpp), the config, every tensor against its module (rank from r / rank_pattern, in, out;
+// num_embeddings and dim for an embedding), no tensor without a module and no targeted module without its
+// tensors. Any fault is an io_error naming the file, the tensor and the problem (a shape: the expected
+// and the actual), with the model unchanged. An Embedding holds one adapter: loading a second one beside
+// it is refused (std::invalid_argument, naming the module). lora_dropout does not apply to embeddings
+// (PEFT ignores it there).
 //
 // Saving replaces the two files as a pair (detail::replace_files_together in io/file.hpp): both are
 // written into a new sibling directory with hard links to every other entry of the directory (a README,
@@ -84,40 +90,52 @@ T most_common(const std::vector<T>& values) {
   return best;
 }
 
-// Builds the PEFT config describing `adapter` on these modules, with rank_pattern / alpha_pattern for
-// the modules that differ from the most common values, checked to resolve back to every module's value.
+// Builds the PEFT config describing `adapter` on these modules (LoRA layers and embeddings), with
+// rank_pattern / alpha_pattern for the modules that differ from the most common values, checked to resolve
+// back to every module's value.
 template <class Scalar>
 PeftLoraConfig describe_adapter(const char* where, const LoraModelView<Scalar>& model,
-                                const std::vector<const LoraModuleRef<Scalar>*>& mods, const std::string& adapter,
-                                bool other_biases) {
+                                const std::vector<const LoraModuleRef<Scalar>*>& mods,
+                                const std::vector<const LoraEmbeddingRef<Scalar>*>& embeddings,
+                                const std::string& adapter, bool other_biases) {
+  struct Entry {
+    std::string path;
+    LoraConfig config;
+    bool embedding;
+  };
+  std::vector<Entry> entries;
+  for (const auto* m : mods) entries.push_back({m->path, m->layer->adapter_config(adapter), false});
+  for (const auto* e : embeddings) entries.push_back({e->path, e->layer->lora_config(), true});
   PeftLoraConfig c;
   std::vector<int> ranks;
   std::vector<double> alphas;
-  for (const auto* m : mods) {
-    const LoraConfig& lc = m->layer->adapter_config(adapter);
-    const LoraConfig& first = mods.front()->layer->adapter_config(adapter);
-    if (lc.use_rslora != first.use_rslora)
-      fail(where, "adapter '", adapter, "' uses rsLoRA on some modules and not on others (module '", m->path,
+  const Entry& first = entries.front();
+  const Entry* first_linear = nullptr;
+  for (const Entry& e : entries) {
+    if (e.config.use_rslora != first.config.use_rslora)
+      fail(where, "adapter '", adapter, "' uses rsLoRA on some modules and not on others (module '", e.path,
            "'); a PEFT config has one use_rslora flag");
-    if (lc.dropout != first.dropout)
-      fail(where, "adapter '", adapter, "' has different dropout rates on different modules (module '", m->path,
-           "'); a PEFT config has one lora_dropout");
-    ranks.push_back(lc.rank);
-    alphas.push_back(lc.alpha);
+    if (!e.embedding) {  // an embedding has no dropout (PEFT ignores lora_dropout there)
+      if (!first_linear) first_linear = &e;
+      if (e.config.dropout != first_linear->config.dropout)
+        fail(where, "adapter '", adapter, "' has different dropout rates on different modules (module '", e.path,
+             "'); a PEFT config has one lora_dropout");
+    }
+    ranks.push_back(e.config.rank);
+    alphas.push_back(e.config.alpha);
   }
-  const LoraConfig& first = mods.front()->layer->adapter_config(adapter);
   c.r = most_common(ranks);
   c.lora_alpha = most_common(alphas);
-  c.use_rslora = first.use_rslora;
-  c.lora_dropout = first.dropout;
+  c.use_rslora = first.config.use_rslora;
+  c.lora_dropout = first_linear ? first_linear->config.dropout : 0.0;
   // Patterns: one key per differing module, the longest paths first, so that a key that is a dotted
   // suffix of another module's path never shadows that module's own key.
-  std::vector<std::size_t> order(mods.size());
+  std::vector<std::size_t> order(entries.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(),
-                   [&](std::size_t a, std::size_t b) { return mods[a]->path.size() > mods[b]->path.size(); });
-  std::vector<bool> explicit_rank(mods.size()), explicit_alpha(mods.size());
-  for (std::size_t i = 0; i < mods.size(); ++i) {
+                   [&](std::size_t a, std::size_t b) { return entries[a].path.size() > entries[b].path.size(); });
+  std::vector<bool> explicit_rank(entries.size()), explicit_alpha(entries.size());
+  for (std::size_t i = 0; i < entries.size(); ++i) {
     explicit_rank[i] = ranks[i] != c.r;
     explicit_alpha[i] = alphas[i] != c.lora_alpha;
   }
@@ -125,13 +143,13 @@ PeftLoraConfig describe_adapter(const char* where, const LoraModelView<Scalar>& 
     c.rank_pattern.clear();
     c.alpha_pattern.clear();
     for (std::size_t i : order) {
-      if (explicit_rank[i]) c.rank_pattern.emplace_back(mods[i]->path, ranks[i]);
-      if (explicit_alpha[i]) c.alpha_pattern.emplace_back(mods[i]->path, alphas[i]);
+      if (explicit_rank[i]) c.rank_pattern.emplace_back(entries[i].path, ranks[i]);
+      if (explicit_alpha[i]) c.alpha_pattern.emplace_back(entries[i].path, alphas[i]);
     }
     bool consistent = true;
-    for (std::size_t i = 0; i < mods.size(); ++i) {
-      if (c.rank_for(mods[i]->path) != ranks[i]) explicit_rank[i] = true, consistent = false;
-      if (c.alpha_for(mods[i]->path) != alphas[i]) explicit_alpha[i] = true, consistent = false;
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      if (c.rank_for(entries[i].path) != ranks[i]) explicit_rank[i] = true, consistent = false;
+      if (c.alpha_for(entries[i].path) != alphas[i]) explicit_alpha[i] = true, consistent = false;
     }
     if (consistent) break;
     if (pass == 1)
@@ -141,11 +159,13 @@ PeftLoraConfig describe_adapter(const char* where, const LoraModelView<Scalar>& 
   // target_modules: the module paths; if that list would also match a module without the adapter, a
   // regular expression that matches exactly these paths.
   std::vector<std::string> paths;
-  for (const auto* m : mods) paths.push_back(m->path);
+  for (const Entry& e : entries) paths.push_back(e.path);
   c.target_modules = paths;
   bool ambiguous = false;
   for (const auto& m : model.lora_modules)
     if (!m.layer->has_adapter(adapter) && c.targets(m.path).value_or(false)) ambiguous = true;
+  for (const auto& e : model.embedding_modules)
+    if (e.layer->adapter_name() != adapter && c.targets(e.path).value_or(false)) ambiguous = true;
   if (ambiguous) {
     std::string re = "(?:";
     for (std::size_t i = 0; i < paths.size(); ++i) re += (i ? "|" : "") + escape_regex(paths[i]);
@@ -172,6 +192,13 @@ struct PlannedLora {
 };
 
 template <class Scalar>
+struct PlannedEmbedding {
+  const LoraEmbeddingRef<Scalar>* module;
+  LoraConfig config;
+  Matrix<Scalar> A, B;
+};
+
+template <class Scalar>
 struct PlannedSaved {
   const SavedModuleRef<Scalar>* module;
   Matrix<Scalar> weight;
@@ -188,12 +215,9 @@ enum class LoadKind { add, replace, hot_swap };
 
 // Refuses the tensors of LoRA variants this library does not implement, naming the first one.
 inline void require_supported_tensors(const char* where, const SafetensorsReader& weights) {
-  for (const TensorInfo& t : weights.tensors()) {
+  for (const TensorInfo& t : weights.tensors())
     if (t.name.find(".lora_magnitude_vector") != std::string::npos)
       io_fail(where, weights.path(), t.name, "a DoRA magnitude vector: DoRA adapters are not supported");
-    if (t.name.find(".lora_embedding_A") != std::string::npos || t.name.find(".lora_embedding_B") != std::string::npos)
-      io_fail(where, weights.path(), t.name, "an Embedding LoRA tensor: LoRA on embedding layers is not supported");
-  }
 }
 
 // Reads and checks everything, then applies. `file` names the weights in messages.
@@ -208,6 +232,7 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
   const std::string prefix = peft_key_prefix;
   std::set<std::string> used;
   std::vector<PlannedLora<Scalar>> lora;
+  std::vector<PlannedEmbedding<Scalar>> embeddings;
   std::vector<PlannedSaved<Scalar>> saved;
   std::vector<PlannedBias<Scalar>> biases;
   require_supported_tensors(where, weights);
@@ -269,8 +294,54 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
     }
     lora.push_back(std::move(p));
   }
-  if (lora.empty())
-    io_fail(where, file, "", "no LoRA weights for any of the model's ", model.lora_modules.size(), " LoRA modules");
+
+  for (const auto& m : model.embedding_modules) {
+    const std::string kA = prefix + m.path + ".lora_embedding_A", kB = prefix + m.path + ".lora_embedding_B";
+    const TensorInfo* tA = weights.find(kA);
+    const TensorInfo* tB = weights.find(kB);
+    const nn::Embedding<Scalar>& layer = *m.layer;
+    const bool exists = layer.adapter_name() == name;
+    if (!tA && !tB) {
+      if (kind != LoadKind::hot_swap && targeted(m.path))
+        io_fail(where, file, kA, "missing: module '", m.path,
+                "' (Embedding) is matched by target_modules but the file has no LoRA weights for it");
+      if (kind == LoadKind::hot_swap && exists)
+        io_fail(where, file, kA, "missing: module '", m.path, "' has adapter '", name,
+                "', and a hot swap must replace the adapter on the same modules");
+      continue;
+    }
+    if (!tA) io_fail(where, file, kA, "missing, while ", kB, " is present");
+    if (!tB) io_fail(where, file, kB, "missing, while ", kA, " is present");
+    if (!exists) {
+      if (kind == LoadKind::hot_swap)
+        io_fail(where, file, kA, "module '", m.path, "' has no adapter '", name, "' to swap (its adapter is '",
+                layer.adapter_name(), "')");
+      fail(where, "module '", m.path, "' is an Embedding with LoRA adapter '", layer.adapter_name(),
+           "'; an Embedding holds one adapter, so a second one ('", name, "') cannot be loaded beside it");
+    }
+    if (kind == LoadKind::add)
+      fail(where, "module '", m.path, "' already has an adapter named '", name,
+           "'; delete it first, or load with AdapterLoadMode::replace");
+    LoraConfig lc = rules.layer_config(m.path, 0);
+    lc.dropout = 0;  // PEFT never applies lora_dropout to an embedding
+    lc.keep_original_weight = layer.lora_config().keep_original_weight;
+    const auto r = static_cast<std::uint64_t>(lc.rank);
+    const auto n = static_cast<std::uint64_t>(layer.num_embeddings());
+    const auto d = static_cast<std::uint64_t>(layer.dim());
+    if (tA->shape.size() != 2 || tA->shape[0] != r || tA->shape[1] != n)
+      io_fail(where, file, kA, "shape ", shape_string(tA->shape), " does not match module '", m.path,
+              "' (Embedding): expected [", r, ", ", n, "] (rank ", r, " from the config's ",
+              lc.rank != config.r ? "rank_pattern" : "r", ", num_embeddings ", n, ")");
+    if (tB->shape.size() != 2 || tB->shape[0] != d || tB->shape[1] != r)
+      io_fail(where, file, kB, "shape ", shape_string(tB->shape), " does not match module '", m.path,
+              "' (Embedding): expected [", d, ", ", r, "] (embedding dim ", d, ", rank ", r, ")");
+    embeddings.push_back({&m, lc, weights.matrix<Scalar>(kA, where), weights.matrix<Scalar>(kB, where)});
+    used.insert(kA);
+    used.insert(kB);
+  }
+  if (lora.empty() && embeddings.empty())
+    io_fail(where, file, "", "no LoRA weights for any of the model's ",
+            model.lora_modules.size() + model.embedding_modules.size(), " LoRA modules");
 
   for (const auto& s : model.saved_modules) {
     const std::string kw = prefix + s.path + ".weight", kb = prefix + s.path + ".bias";
@@ -313,8 +384,15 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
 
   for (const auto& p : lora)
     if (p.module->layer->merged()) fail(where, "module '", p.module->path, "' is merged; unmerge first");
+  for (const auto& p : embeddings)
+    if (p.module->layer->merged()) fail(where, "module '", p.module->path, "' is merged; unmerge first");
+  for (const auto& p : embeddings)  // the values are read; only a non-finite one can still be refused
+    if (!p.A.allFinite() || !p.B.allFinite())
+      io_fail(where, file, prefix + p.module->path + (p.A.allFinite() ? ".lora_embedding_B" : ".lora_embedding_A"),
+              "contains NaN or Inf");
 
   // Apply. Every check is done; what remains cannot fail on valid input except for lack of memory.
+  for (auto& p : embeddings) p.module->layer->set_lora(p.config, p.A, p.B);
   std::vector<LoraLinear<Scalar>*> added;
   try {
     for (auto& p : lora) {
@@ -350,21 +428,26 @@ void apply_adapter(const char* where, const SafetensorsReader& weights, const Pe
 
 namespace detail {
 
+// fan_in_fan_out: written into the config (the model's record of PEFT's flag; see LoraInjectConfig).
 template <class Scalar>
 void write_adapter(const std::string& dir, const LoraModelView<Scalar>& model,
                    const std::vector<TrainedBiasRef<Scalar>>& other_biases, const std::string& adapter,
-                   const AdapterSaveOptions& options) {
+                   const AdapterSaveOptions& options, bool fan_in_fan_out = false) {
   constexpr const char* where = "save_adapter";
   model.validate(where);
   if (!is_convertible(options.dtype)) detail::fail(where, "dtype ", to_string(options.dtype), " cannot hold weights");
   std::vector<const LoraModuleRef<Scalar>*> mods;
   for (const auto& m : model.lora_modules)
     if (m.layer->has_adapter(adapter)) mods.push_back(&m);
-  if (mods.empty()) detail::require_known_adapter(where, model, adapter);
+  std::vector<const LoraEmbeddingRef<Scalar>*> embeddings;
+  for (const auto& e : model.embedding_modules)
+    if (e.layer->adapter_name() == adapter) embeddings.push_back(&e);
+  if (mods.empty() && embeddings.empty()) detail::require_known_adapter(where, model, adapter);
 
-  PeftLoraConfig config = detail::describe_adapter(where, model, mods, adapter, !other_biases.empty());
+  PeftLoraConfig config = detail::describe_adapter(where, model, mods, embeddings, adapter, !other_biases.empty());
   config.base_model_name_or_path = options.base_model_name_or_path;
   config.task_type = options.task_type;
+  config.fan_in_fan_out = fan_in_fan_out;
 
   SafetensorsWriter writer;
   const std::string prefix = peft_key_prefix;
@@ -374,6 +457,11 @@ void write_adapter(const std::string& dir, const LoraModelView<Scalar>& model,
     writer.add(prefix + m->path + ".lora_B.weight", Matrix<Scalar>(layer.B(adapter)), options.dtype);
     if (layer.bias_trainable())
       writer.add_vector(prefix + m->path + ".base_layer.bias", Vector<Scalar>(layer.bias()), options.dtype);
+  }
+  for (const auto* e : embeddings) {
+    const nn::Embedding<Scalar>& layer = *e->layer;
+    writer.add(prefix + e->path + ".lora_embedding_A", Matrix<Scalar>(layer.lora_A()), options.dtype);
+    writer.add(prefix + e->path + ".lora_embedding_B", Matrix<Scalar>(layer.lora_B()), options.dtype);
   }
   for (const auto& s : model.saved_modules) {
     writer.add(prefix + s.path + ".weight", Matrix<Scalar>(s.weight), options.dtype);
@@ -392,9 +480,10 @@ void write_adapter(const std::string& dir, const LoraModelView<Scalar>& model,
 
 }  // namespace detail
 
-// Writes adapter `adapter` of every LoRA module that has it, and the model's modules_to_save, as a PEFT
-// adapter directory (created if missing), replacing adapter_model.safetensors and adapter_config.json
-// as a pair and keeping every other entry of the directory (see the top of this file). Throws
+// Writes adapter `adapter` of every LoRA module and LoRA embedding that has it, and the model's
+// modules_to_save, as a PEFT adapter directory (created if missing), replacing adapter_model.safetensors
+// and adapter_config.json as a pair and keeping every other entry of the directory (see the top of this
+// file). Throws
 // std::invalid_argument for what cannot be written (no module has the adapter, NaN/Inf, values beyond an
 // F16/BF16 range, mixed rsLoRA or dropout) and io_error for file-system failures; in both cases the
 // directory is left as it was.

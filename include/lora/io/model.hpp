@@ -1,7 +1,7 @@
 // lora.hpp: adapter directories and base-weight files for an nn::Sequential model.
 //
 // The model-level face of io/adapter_dir.hpp and io/base_weights.hpp: the same files, with the model's
-// LoRA layers, modules_to_save and base tensors found by path. from_pretrained() is PEFT's
+// LoRA layers, LoRA embeddings, modules_to_save and base tensors found by path. from_pretrained() is PEFT's
 // PeftModel.from_pretrained: inject LoRA as the adapter's config says, then load its weights.
 #pragma once
 
@@ -31,17 +31,32 @@ std::vector<TrainedBiasRef<Scalar>> trained_biases(nn::Sequential<Scalar>& model
   return out;
 }
 
-// As for a LoraModelView, with the copies of `adapter` of the modules_to_save and the model's other
-// trained biases (bias = all): written as base_model.model.<path>.bias, and the config's bias is then "all".
+namespace detail {
+// model_view() (nn/adapters.hpp) with the model's LoRA embeddings: what the adapter files work on.
+template <class Scalar>
+LoraModelView<Scalar> file_view(nn::Sequential<Scalar>& model, const std::string& adapter) {
+  LoraModelView<Scalar> view = model_view(model, adapter);
+  for (const auto& [path, embedding] : model.lora_embeddings()) view.embedding_modules.push_back({path, embedding});
+  return view;
+}
+}  // namespace detail
+
+// As for a LoraModelView, with the model's LoRA embeddings (base_model.model.<path>.lora_embedding_A / _B),
+// the copies of `adapter` of the modules_to_save and the model's other trained biases (bias = all):
+// written as base_model.model.<path>.bias, and the config's bias is then "all". The config's
+// fan_in_fan_out is the model's record of it (LoraInjectConfig::fan_in_fan_out, as from_pretrained read it).
 template <class Scalar>
 void save_adapter(const std::string& dir, nn::Sequential<Scalar>& model, const std::string& adapter = "default",
                   const AdapterSaveOptions& options = {}) {
-  detail::write_adapter(dir, model_view(model, adapter), trained_biases(model), adapter, options);
+  const bool fan_in_fan_out = model.lora_config() && model.lora_config()->fan_in_fan_out;
+  detail::write_adapter(dir, detail::file_view(model, adapter), trained_biases(model), adapter, options,
+                        fan_in_fan_out);
 }
 
 // Loads dir's adapter as `name` (see load_adapter on a view), with the modules_to_save weights into the
 // copies of `name`: a saved module that dir's config lists gets a new copy (of its original) for an
-// adapter that has none. The file's base_model.model.<path>.bias of a module whose bias trains without
+// adapter that has none. A LoRA embedding takes the file's lora_embedding_A / _B only for the adapter it
+// has (AdapterLoadMode::replace); a second adapter on it is refused. The file's base_model.model.<path>.bias of a module whose bias trains without
 // LoRA (bias = all) is loaded into it, and required when the config's bias is "all". On a throw the
 // model is as it was.
 template <class Scalar>
@@ -57,7 +72,7 @@ PeftLoraConfig load_adapter(const std::string& dir, nn::Sequential<Scalar>& mode
         wrapper->add_copy(name);
         created.push_back(wrapper);
       }
-    detail::apply_adapter("load_adapter", weights, config, model_view(model, name), name,
+    detail::apply_adapter("load_adapter", weights, config, detail::file_view(model, name), name,
                           mode == AdapterLoadMode::add ? detail::LoadKind::add : detail::LoadKind::replace,
                           trained_biases(model));
   } catch (...) {
@@ -74,7 +89,7 @@ PeftLoraConfig hot_swap_adapter(const std::string& dir, nn::Sequential<Scalar>& 
   const PeftLoraConfig config = read_adapter_config(dir);
   const SafetensorsReader weights =
       SafetensorsReader::open((std::filesystem::path(dir) / adapter_weights_file).string());
-  detail::apply_adapter("hot_swap_adapter", weights, config, model_view(model, name), name, detail::LoadKind::hot_swap,
+  detail::apply_adapter("hot_swap_adapter", weights, config, detail::file_view(model, name), name, detail::LoadKind::hot_swap,
                         trained_biases(model));
   return config;
 }
@@ -83,14 +98,16 @@ PeftLoraConfig hot_swap_adapter(const std::string& dir, nn::Sequential<Scalar>& 
 // adapter_config.json says (config.to_inject_config(), with PEFT's leniency: names and pattern keys
 // that match nothing are allowed, as long as some module is targeted) and loads
 // adapter_model.safetensors as adapter "default" (and the modules_to_save weights into their "default"
-// copies). Throws std::invalid_argument if the model already has LoRA, io_error for a file that does not
-// fit the model or that holds what this library does not implement (embedding or DoRA tensors). The
-// weights are loaded into the new modules before they enter the model: on any throw the model is
-// exactly as it was.
+// copies). Targeted Embedding modules get their adapter from base_model.model.<path>.lora_embedding_A /
+// _B; fan_in_fan_out (a GPT-2 Conv1D base, which this model holds as a Linear with the transposed weight)
+// is kept in the model's record. Throws std::invalid_argument if the model already has LoRA, io_error
+// for a file that does not fit the model or that holds what this library does not implement (DoRA
+// tensors). The weights are loaded into the new modules before they enter the model: on any throw the
+// model is exactly as it was.
 template <class Scalar>
 PeftLoraConfig from_pretrained(nn::Sequential<Scalar>& model, const std::string& dir) {
   constexpr const char* where = "from_pretrained";
-  if (!model.lora_layers().empty()) detail::fail(where, "the model already has LoRA layers; a model is injected once");
+  if (model.has_lora()) detail::fail(where, "the model already has LoRA layers; a model is injected once");
   const PeftLoraConfig config = read_adapter_config(dir);
   const SafetensorsReader weights =
       SafetensorsReader::open((std::filesystem::path(dir) / adapter_weights_file).string());

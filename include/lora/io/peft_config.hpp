@@ -29,6 +29,10 @@ struct PeftLoraConfig {
   double lora_dropout = 0;
   bool use_rslora = false;
   std::string bias = "none";  // none | all | lora_only
+  // true: the adapted base layers are GPT-2 style Conv1D, weight stored [in, out]. The adapter tensors keep
+  // nn.Linear's shapes (lora_A [r, in], lora_B [out, r]), and this library holds every base as a Linear
+  // W [out x in] (a Conv1D's weight transposed when the base is loaded), so it only describes the base:
+  // read, kept in the model's record (LoraInjectConfig::fan_in_fan_out) and written back by save_adapter.
   bool fan_in_fan_out = false;
   bool inference_mode = true;
   // PEFT accepts a list of module-name suffixes or one regular expression (re.fullmatch); the string
@@ -49,7 +53,7 @@ struct PeftLoraConfig {
   std::optional<std::string> base_model_name_or_path, task_type;
 
   // The model-level LoRA settings this file describes: targets, exclusions, layers, rank and alpha with
-  // their patterns, dropout, rsLoRA, bias mode, modules_to_save. The adapter's initialisation fields keep
+  // their patterns, dropout, rsLoRA, bias mode, modules_to_save, fan_in_fan_out. The adapter's initialisation fields keep
   // LoraConfig's defaults: its weights come from the file.
   nn::LoraInjectConfig to_inject_config() const {
     nn::LoraInjectConfig c;
@@ -66,6 +70,7 @@ struct PeftLoraConfig {
     c.alpha = lora_alpha;
     c.dropout = lora_dropout;
     c.use_rslora = use_rslora;
+    c.fan_in_fan_out = fan_in_fan_out;
     c.bias = bias == "all" ? BiasMode::all : bias == "lora_only" ? BiasMode::lora_only : BiasMode::none;
     c.rank_pattern = rank_pattern;
     c.alpha_pattern = alpha_pattern;
@@ -91,6 +96,7 @@ struct PeftLoraConfig {
     p.lora_alpha = c.alpha;
     p.lora_dropout = c.dropout;
     p.use_rslora = c.use_rslora;
+    p.fan_in_fan_out = c.fan_in_fan_out;
     p.bias = to_string(c.bias);
     p.rank_pattern = c.rank_pattern;
     p.alpha_pattern = c.alpha_pattern;

@@ -1,4 +1,5 @@
-// lora.hpp: element-wise activations ReLU, GELU (exact, erf-based as PyTorch's default) and Tanh.
+// lora.hpp: element-wise activations ReLU, GELU (exact, erf-based as PyTorch's default) and Tanh, and
+// LogSoftmax over each row (PyTorch's nn.LogSoftmax(dim = -1)).
 #pragma once
 
 #include <lora/common.hpp>
@@ -137,6 +138,43 @@ class GELU final : public lora::detail::Elementwise<Scalar> {
   static Scalar pdf(Scalar x) { return static_cast<Scalar>(0.39894228040143267794) * std::exp(-x * x / Scalar(2)); }
 
   MatrixType input_;
+};
+
+// log softmax of each row: y = x - max(x) - log(sum exp(x - max(x))), PyTorch's nn.LogSoftmax(dim = -1).
+// dX = dY - softmax(x) * rowsum(dY), softmax read from the kept output (exp(y)).
+template <class Scalar>
+class LogSoftmax final : public lora::detail::Elementwise<Scalar> {
+ public:
+  using typename Module<Scalar>::MatrixType;
+  using typename Module<Scalar>::Input;
+
+  const MatrixType& forward(const Input& X) override {
+    const Input x = this->begin_forward("LogSoftmax::forward", X);
+    apply(x, this->output_);
+    return this->output_;
+  }
+  const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
+    auto [x, out] = this->begin_infer("LogSoftmax::infer", X, ctx);
+    apply(x, *out);
+    return *out;
+  }
+  const MatrixType& backward(const Input& dY) override {
+    this->begin_backward("LogSoftmax::backward", dY);
+    for (Index i = 0; i < dY.rows(); ++i)
+      this->grad_input_.row(i) = dY.row(i).array() - this->output_.row(i).array().exp() * dY.row(i).sum();
+    return this->grad_input_;
+  }
+  std::string type_name() const override { return "LogSoftmax"; }
+  std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<LogSoftmax>(*this); }
+
+ private:
+  static void apply(const Input& x, MatrixType& out) {
+    for (Index i = 0; i < x.rows(); ++i) {
+      const Scalar m = x.row(i).maxCoeff();
+      const Scalar lse = m + std::log((x.row(i).array() - m).exp().sum());
+      out.row(i) = x.row(i).array() - lse;
+    }
+  }
 };
 
 }  // namespace lora::nn

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <lora/common.hpp>
+#include <lora/detail/random.hpp>
 #include <lora/nn/linear.hpp>
 #include <lora/nn/module.hpp>
 #include <lora/nn/token_batch.hpp>
@@ -59,7 +60,9 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
         count_(other.count_),
         batch_(other.batch_),
         seq_len_(other.seq_len_),
-        lengths_(other.lengths_) {
+        lengths_(other.lengths_),
+        dropout_(other.dropout_),
+        dropout_rng_(other.dropout_rng_) {
     for (int i = 0; i < count_; ++i) children_[i] = other.children_[i]->clone();
   }
   MultiHeadSelfAttention& operator=(const MultiHeadSelfAttention&) = delete;
@@ -83,6 +86,17 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   }
   void set_layout(const TokenBatch& tokens) { set_layout(tokens.batch_size(), tokens.seq_len(), tokens.lengths()); }
 
+  // Dropout on the attention probabilities (BERT's attention_probs_dropout_prob), in training mode: each
+  // probability is zeroed with probability p, the others scaled by 1 / (1 - p), before they weight the
+  // values; the softmax's backward reads the probabilities before dropout. requires: 0 <= p < 1.
+  void set_dropout(double p, std::uint64_t seed = 0) {
+    if (!(p >= 0 && p < 1)) detail::fail("MultiHeadSelfAttention::set_dropout", "p must be in [0, 1), got ", p);
+    dropout_ = p;
+    dropout_rng_.seed(seed);
+    cached_ = false;
+  }
+  double dropout() const { return dropout_; }
+
   const MatrixType& forward(const Input& X) override {
     constexpr const char* where = "MultiHeadSelfAttention::forward";
     if (batch_ < 1) detail::fail(where, "no layout: call set_layout() first");
@@ -97,6 +111,12 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(d));
     detail::resize_workspace(probs_, batch_ * heads_ * T, T);
     detail::resize_workspace(context_, batch_ * T, hidden_);
+    dropping_ = this->training_ && dropout_ > 0;
+    if (dropping_) {
+      detail::resize_workspace(drop_mask_, batch_ * heads_ * T, T);
+      detail::resize_workspace(dropped_, T, T);
+    }
+    const Scalar keep = static_cast<Scalar>(1.0 / (1.0 - dropout_));
     for (Index b = 0; b < batch_; ++b) {
       const Index len = lengths_[static_cast<std::size_t>(b)];
       for (Index h = 0; h < heads_; ++h) {
@@ -110,7 +130,15 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
           row.head(visible) /= row.head(visible).sum();
           row.tail(T - visible).setZero();
         }
-        context_.block(b * T, h * d, T, d).noalias() = P * v.block(b * T, h * d, T, d);
+        if (dropping_) {
+          auto M = drop_mask_.block((b * heads_ + h) * T, 0, T, T);
+          for (Index i = 0; i < T; ++i)
+            for (Index j = 0; j < T; ++j) M(i, j) = dropout_rng_.uniform() < dropout_ ? Scalar(0) : keep;
+          dropped_.noalias() = P.cwiseProduct(M);
+          context_.block(b * T, h * d, T, d).noalias() = dropped_ * v.block(b * T, h * d, T, d);
+        } else {
+          context_.block(b * T, h * d, T, d).noalias() = P * v.block(b * T, h * d, T, d);
+        }
       }
     }
     cached_ = this->training_;
@@ -134,7 +162,14 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
         const auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
         const auto dc = dC.block(b * T, h * d, T, d);
         dp_.noalias() = dc * v.block(b * T, h * d, T, d).transpose();
-        dv_.block(b * T, h * d, T, d).noalias() = P.transpose() * dc;
+        if (dropping_) {
+          const auto M = drop_mask_.block((b * heads_ + h) * T, 0, T, T);
+          dropped_.noalias() = P.cwiseProduct(M);
+          dv_.block(b * T, h * d, T, d).noalias() = dropped_.transpose() * dc;
+          dp_.array() *= M.array();
+        } else {
+          dv_.block(b * T, h * d, T, d).noalias() = P.transpose() * dc;
+        }
         for (Index i = 0; i < T; ++i) {
           const Scalar dot = dp_.row(i).dot(P.row(i));
           dp_.row(i) = (P.row(i).array() * (dp_.row(i).array() - dot) * scale).matrix();
@@ -238,6 +273,10 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   ModulePtr children_[4];
   Index batch_ = 0, seq_len_ = 0;
   std::vector<Index> lengths_;
+  double dropout_ = 0;
+  detail::Random dropout_rng_;
+  bool dropping_ = false;  // the last forward applied dropout (training mode, p > 0)
+  MatrixType drop_mask_, dropped_;
   bool cached_ = false;
   // The projections of the last forward, in the children's own output buffers (a copy starts without them).
   const MatrixType *q_ = nullptr, *k_ = nullptr, *v_ = nullptr;

@@ -9,7 +9,8 @@
 // backward (dY): through output.LayerNorm to dS2; dH1 = dS2 + intermediate.dense.backward(GELU'(...)
 //   output.dense.backward(dS2)); through attention.output.LayerNorm to dS1;
 //   dX = dS1 + attention.self.backward(attention.output.dense.backward(dS1)).
-// Dropout: none (BERT's hidden and attention dropout are not applied; eval mode and p = 0 match it).
+// Dropout (set_dropout; none by default), in training mode, where BERT has it: on the attention
+// probabilities, and on each branch before its residual sum (dense(C) and dense(G) above).
 //
 // Paths under a BertLayer at <p> (Hugging Face's BertLayer state dict):
 //   <p>.attention.self.{query,key,value}, <p>.attention.output.dense, <p>.attention.output.LayerNorm,
@@ -22,6 +23,7 @@
 #include <lora/common.hpp>
 #include <lora/nn/activation.hpp>
 #include <lora/nn/attention.hpp>
+#include <lora/nn/dropout.hpp>
 #include <lora/nn/linear.hpp>
 #include <lora/nn/module.hpp>
 #include <lora/nn/norm.hpp>
@@ -152,7 +154,12 @@ class BertLayer final : public Module<Scalar> {
     groups_[2] = std::move(output);
   }
   BertLayer(const BertLayer& other)
-      : Module<Scalar>(other), hidden_(other.hidden_), intermediate_(other.intermediate_), gelu_(other.gelu_) {
+      : Module<Scalar>(other),
+        hidden_(other.hidden_),
+        intermediate_(other.intermediate_),
+        gelu_(other.gelu_),
+        drop1_(other.drop1_),
+        drop2_(other.drop2_) {
     for (int i = 0; i < 3; ++i) groups_[i] = std::make_unique<ModuleGroup<Scalar>>(*other.groups_[i]);
   }
   BertLayer& operator=(const BertLayer&) = delete;
@@ -165,18 +172,32 @@ class BertLayer final : public Module<Scalar> {
   }
   void set_layout(const TokenBatch& tokens) { set_layout(tokens.batch_size(), tokens.seq_len(), tokens.lengths()); }
 
+  // Dropout in training mode: hidden_p on the two residual branches, attention_p on the attention
+  // probabilities (BERT's hidden_dropout_prob and attention_probs_dropout_prob); streams seeded from
+  // seed, seed + 1, seed + 2. requires: both in [0, 1).
+  void set_dropout(double hidden_p, double attention_p, std::uint64_t seed = 0) {
+    constexpr const char* where = "BertLayer::set_dropout";
+    if (!(hidden_p >= 0 && hidden_p < 1)) detail::fail(where, "hidden_p must be in [0, 1), got ", hidden_p);
+    self_attention().set_dropout(attention_p, seed + 2);
+    drop1_ = Dropout<Scalar>(hidden_p, seed);
+    drop2_ = Dropout<Scalar>(hidden_p, seed + 1);
+    drop1_.train(this->training_);
+    drop2_.train(this->training_);
+    cached_ = false;
+  }
+
   const MatrixType& forward(const Input& X) override {
     constexpr const char* where = "BertLayer::forward";
     detail::require_cols(where, "input", X, hidden_, "hidden");
     const MatrixType& C = self_attention().forward(X);
     const MatrixType& Z1 = leaf(0, 1, 0).forward(C);
     detail::resize_workspace(sum1_, X.rows(), hidden_);
-    sum1_.noalias() = Z1 + X;
+    sum1_.noalias() = (drop1_.p() > 0 ? drop1_.forward(Z1) : Z1) + X;
     const MatrixType& H1 = leaf(0, 1, 1).forward(sum1_);
     const MatrixType& G = gelu_.forward(leaf(1, 0).forward(H1));
     const MatrixType& Z2 = leaf(2, 0).forward(G);
     detail::resize_workspace(sum2_, X.rows(), hidden_);
-    sum2_.noalias() = Z2 + H1;
+    sum2_.noalias() = (drop2_.p() > 0 ? drop2_.forward(Z2) : Z2) + H1;
     cached_ = this->training_;
     return leaf(2, 1).forward(sum2_);
   }
@@ -186,12 +207,12 @@ class BertLayer final : public Module<Scalar> {
     if (!cached_) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
     detail::require_shape(where, "grad_output", dY, sum2_.rows(), hidden_);
     const MatrixType& dS2 = leaf(2, 1).backward(dY);
-    const MatrixType& dG = leaf(2, 0).backward(dS2);
+    const MatrixType& dG = leaf(2, 0).backward(drop2_.p() > 0 ? drop2_.backward(dS2) : dS2);
     const MatrixType& dH1 = leaf(1, 0).backward(gelu_.backward(dG));
     detail::resize_workspace(grad_h1_, dH1.rows(), hidden_);
     grad_h1_.noalias() = dH1 + dS2;
     const MatrixType& dS1 = leaf(0, 1, 1).backward(grad_h1_);
-    const MatrixType& dX = self_attention().backward(leaf(0, 1, 0).backward(dS1));
+    const MatrixType& dX = self_attention().backward(leaf(0, 1, 0).backward(drop1_.p() > 0 ? drop1_.backward(dS1) : dS1));
     detail::resize_workspace(grad_input_, dX.rows(), hidden_);
     grad_input_.noalias() = dX + dS1;
     return grad_input_;
@@ -204,6 +225,8 @@ class BertLayer final : public Module<Scalar> {
     Module<Scalar>::train(on);
     for (auto& g : groups_) g->train(on);
     gelu_.train(on);
+    drop1_.train(on);
+    drop2_.train(on);
     if (!on) cached_ = false;
   }
   void set_requires_grad(bool on) override {
@@ -268,6 +291,7 @@ class BertLayer final : public Module<Scalar> {
   Index hidden_, intermediate_;
   std::unique_ptr<ModuleGroup<Scalar>> groups_[3];
   GELU<Scalar> gelu_;
+  Dropout<Scalar> drop1_{0.0}, drop2_{0.0};
   bool cached_ = false;
   MatrixType sum1_, sum2_, grad_h1_, grad_input_;
 };

@@ -117,14 +117,15 @@ namespace nn {
 // layers share an initial A. `bias` is model-wide here: none; all (every bias of the model trains);
 // lora_only (the biases of the adapted layers).
 struct LoraInjectConfig : LoraConfig {
-  // ---- which Linear modules get an adapter (PEFT's check_target_module_exists) -----------------------
+  // ---- which Linear and Embedding modules get an adapter (PEFT's check_target_module_exists) ----------
   // Either names or one regex, not both:
   //  - target_modules: an entry matches a module whose path equals it or ends with "." + entry
   //    ("layers.0" or "0" match "layers.0"; "q_proj" matches "blocks.3.q_proj"). Every entry must match at
-  //    least one module. The single entry "all-linear" targets every Linear except the last one (the
-  //    output layer).
+  //    least one module, and every module matched must be a Linear or an Embedding. The single entry
+  //    "all-linear" targets every Linear except the last one (the output layer), never an Embedding (PEFT).
   //  - target_regex: must match a module's whole path (re.fullmatch, on the linear-time matcher of
-  //    detail/pattern.hpp); modules that match but are not Linear are skipped; at least one Linear must match.
+  //    detail/pattern.hpp); modules that match but are neither Linear nor Embedding are skipped; at least
+  //    one must be left.
   std::vector<std::string> target_modules;
   std::string target_regex;
 
@@ -151,8 +152,15 @@ struct LoraInjectConfig : LoraConfig {
   // Modules kept fully trainable (weight and bias), matched like target_modules: the classifier head.
   std::vector<std::string> modules_to_save;
 
+  // PEFT's fan_in_fan_out: the adapted base layers were GPT-2 Conv1D modules, whose weight PyTorch stores
+  // [in, out]. Here every Linear holds W [out x in] (a Conv1D is loaded as a Linear from the transposed
+  // weight), so the adapter's shapes and math are those of any Linear (lora_A [r x in], lora_B [out x r],
+  // as PEFT stores them for Conv1D too) and the flag changes nothing in the computation: it is recorded,
+  // so that an adapter saved from the model says what its base was (adapter_config.json).
+  bool fan_in_fan_out = false;
+
   // Whether the module at `path` is selected by name (exclude_modules, target_modules or target_regex,
-  // layers_to_transform); inject_lora also requires it to be a Linear. "all-linear" selects by type, so
+  // layers_to_transform); inject_lora also requires it to be a Linear or an Embedding. "all-linear" selects by type, so
   // here it selects every path that is not excluded and lies in layers_to_transform. Throws
   // std::invalid_argument naming `where` when PEFT's readings of the layer index disagree.
   bool targets(const std::string& path, const char* where = "LoraInjectConfig::targets") const {

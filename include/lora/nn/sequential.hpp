@@ -8,9 +8,11 @@
 #include <lora/common.hpp>
 #include <lora/linear.hpp>
 #include <lora/nn/config.hpp>
+#include <lora/nn/embedding.hpp>
 #include <lora/nn/linear.hpp>
 #include <lora/nn/lora_layer.hpp>
 #include <lora/nn/modules_to_save.hpp>
+#include <lora/nn/norm.hpp>
 #include <lora/nn/inference.hpp>
 #include <lora/nn/module.hpp>
 
@@ -26,7 +28,7 @@
 namespace lora::nn {
 
 template <class Scalar>
-class Sequential final : public Module<Scalar> {
+class Sequential : public Module<Scalar> {
  public:
   using typename Module<Scalar>::MatrixType;
   using typename Module<Scalar>::VectorType;
@@ -100,7 +102,7 @@ class Sequential final : public Module<Scalar> {
   const MatrixType& backward(const Input& dY) override;
   // Like backward(), but stops at the lowest module that has trainable parameters: every parameter
   // gradient is accumulated, dL/dX of the model input is not computed. Cheaper when the bottom is frozen.
-  void backward_parameters(const Input& dY);
+  virtual void backward_parameters(const Input& dY);
   // The children's infer() in order (see Module::infer and nn/inference.hpp).
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
     if (children_.empty()) detail::fail("Sequential::infer", "the model has no modules");
@@ -138,9 +140,13 @@ class Sequential final : public Module<Scalar> {
     for (const Child& c : children_) n += c.module->num_trainable_parameters();
     return n;
   }
+  // The first width a module reads, skipping modules that take any width (activations); -1 when a
+  // module that reads no width but produces one (an Embedding, which reads ids) comes first.
   Index in_features() const override {
-    for (const Child& c : children_)
+    for (const Child& c : children_) {
       if (c.module->in_features() >= 0) return c.module->in_features();
+      if (c.module->out_features() >= 0) return -1;
+    }
     return -1;
   }
   Index out_features() const override {
@@ -172,27 +178,33 @@ class Sequential final : public Module<Scalar> {
   // The LoRA layers by module path ("layers.0"), in order.
   std::vector<std::pair<std::string, LoraLinear<Scalar>*>> lora_layers();
   std::vector<std::pair<std::string, const LoraLinear<Scalar>*>> lora_layers() const;
+  // The Embedding modules that have a LoRA adapter (inject_lora's Embedding targets), by path, in order.
+  std::vector<std::pair<std::string, Embedding<Scalar>*>> lora_embeddings();
+  std::vector<std::pair<std::string, const Embedding<Scalar>*>> lora_embeddings() const;
+  // Whether any module has LoRA (a LoRA layer or an Embedding with an adapter).
+  bool has_lora() const { return !lora_layers().empty() || !lora_embeddings().empty(); }
   // The modules_to_save of inject_lora (a frozen original and a trainable copy per adapter), by path.
   std::vector<std::pair<std::string, ModulesToSave<Scalar>*>> saved_modules();
   std::vector<std::pair<std::string, const ModulesToSave<Scalar>*>> saved_modules() const;
   // The config inject_lora used, or nullptr if LoRA was not injected.
   const LoraInjectConfig* lora_config() const { return lora_config_ ? &*lora_config_ : nullptr; }
 
-  // Merges the active adapters of every LoRA layer, all or none (see merge_adapters in lora/adapters.hpp:
-  // layers without an active adapter are left as they are; on a throw no weight has changed).
-  // unmerge() undoes merge().
+  // Merges the active adapters of every LoRA layer and the adapter of every LoRA embedding, all or none
+  // (see merge_adapters in lora/adapters.hpp: layers without an active adapter are left as they are; on a
+  // throw no weight has changed). unmerge() undoes merge().
   void merge();
   void unmerge();
   bool merged() const;
 
   // ---- base weights by name --------------------------------------------------------------------------
-  // "<path>.weight" and "<path>.bias" of every Linear and LoraLinear (W0 and its bias for the latter):
-  // the pretrained base, without adapters. Biases are [n x 1]. A weight kept in a quantized base reads as
-  // its dequantized values.
+  // "<path>.weight" and "<path>.bias" of every Linear and LoraLinear (W0 and its bias for the latter),
+  // LayerNorm and RMSNorm (weight and bias: [dim x 1]), and "<path>.weight" of every Embedding (its table
+  // without the adapter): the pretrained base, without adapters. Biases are [n x 1]. A weight kept in a
+  // quantized base reads as its dequantized values.
   std::vector<std::string> base_tensor_names() const;
   MatrixType base_tensor(const std::string& name) const;
-  // Shapes must match (a bias may be given as a row or a column). Throws on an unknown name, listing the
-  // names that exist, on a merged LoRA layer, and for a weight kept in a shared or quantized base (which is
+  // Shapes must match (a bias or a norm's weight may be given as a row or a column). Throws on an unknown
+  // name, listing the names that exist, on a merged LoRA layer or Embedding, and for a weight kept in a shared or quantized base (which is
   // read-only; quantize a model after loading its values).
   void set_base_tensor(const std::string& name, const Eigen::Ref<const MatrixType>& value);
 
@@ -403,6 +415,22 @@ std::vector<std::pair<std::string, const LoraLinear<Scalar>*>> Sequential<Scalar
 }
 
 template <class Scalar>
+std::vector<std::pair<std::string, Embedding<Scalar>*>> Sequential<Scalar>::lora_embeddings() {
+  std::vector<std::pair<std::string, Embedding<Scalar>*>> out;
+  for (const auto& [path, m] : named_modules())
+    if (auto* e = dynamic_cast<Embedding<Scalar>*>(m); e && e->has_lora()) out.emplace_back(path, e);
+  return out;
+}
+
+template <class Scalar>
+std::vector<std::pair<std::string, const Embedding<Scalar>*>> Sequential<Scalar>::lora_embeddings() const {
+  std::vector<std::pair<std::string, const Embedding<Scalar>*>> out;
+  for (const auto& [path, m] : named_modules())
+    if (auto* e = dynamic_cast<const Embedding<Scalar>*>(m); e && e->has_lora()) out.emplace_back(path, e);
+  return out;
+}
+
+template <class Scalar>
 std::vector<std::pair<std::string, ModulesToSave<Scalar>*>> Sequential<Scalar>::saved_modules() {
   std::vector<std::pair<std::string, ModulesToSave<Scalar>*>> out;
   for (const auto& [path, m] : named_modules())
@@ -422,7 +450,8 @@ template <class Scalar>
 LoraModelView<Scalar> Sequential<Scalar>::lora_view(const char* where) {
   LoraModelView<Scalar> view;
   for (const auto& [path, layer] : lora_layers()) view.lora_modules.push_back({path, layer});
-  if (view.lora_modules.empty()) detail::fail(where, "the model has no LoRA layer");
+  for (const auto& [path, layer] : lora_embeddings()) view.embedding_modules.push_back({path, layer});
+  if (view.lora_modules.empty() && view.embedding_modules.empty()) detail::fail(where, "the model has no LoRA layer");
   return view;
 }
 
@@ -443,6 +472,8 @@ template <class Scalar>
 bool Sequential<Scalar>::merged() const {
   for (const auto& [path, layer] : lora_layers())
     if (layer->merged()) return true;
+  for (const auto& [path, layer] : lora_embeddings())
+    if (layer->merged()) return true;
   return false;
 }
 
@@ -457,7 +488,9 @@ std::vector<std::string> Sequential<Scalar>::base_tensor_names() const {
       has_bias = l->has_bias();
     else if (auto* q = dynamic_cast<const LoraLayer<Scalar>*>(m))
       has_bias = q->lora().has_bias();
-    else
+    else if (dynamic_cast<const LayerNorm<Scalar>*>(m))
+      has_bias = true;
+    else if (!dynamic_cast<const RMSNorm<Scalar>*>(m) && !dynamic_cast<const Embedding<Scalar>*>(m))
       continue;
     names.push_back(path + ".weight");
     if (has_bias) names.push_back(path + ".bias");
@@ -484,12 +517,35 @@ typename Sequential<Scalar>::MatrixType Sequential<Scalar>::base_tensor(const st
         return W;
       }
       if (q->lora().has_bias()) return q->lora().bias();
+    } else if (auto* e = dynamic_cast<const Embedding<Scalar>*>(module)) {
+      if (e->merged()) detail::fail(where, "'", path, "' is merged; unmerge() to read the base table");
+      if (is_weight) return e->weight();
+    } else if (auto* n = dynamic_cast<const LayerNorm<Scalar>*>(module)) {
+      return is_weight ? MatrixType(n->weight()) : MatrixType(n->bias());
+    } else if (auto* r = dynamic_cast<const RMSNorm<Scalar>*>(module)) {
+      if (is_weight) return r->weight();
     }
   }
   std::string known;
   for (const std::string& n : base_tensor_names()) known += (known.empty() ? "" : ", ") + n;
   detail::fail(where, "no base tensor named '", name, "'; the model has: ", known.empty() ? "none" : known);
 }
+
+namespace detail_sequential {
+// A vector parameter from a row or a column of values, checked (shape, finite).
+template <class Scalar>
+void set_vector(ParamRef<Scalar> target, const Eigen::Ref<const Matrix<Scalar>>& value) {
+  if (value.rows() != 1 && value.cols() != 1)
+    lora::detail::fail("set_vector", "expected a vector of ", target.rows(), " values, got ", lora::detail::shape_of(value));
+  if (value.size() != target.rows())
+    lora::detail::fail("set_vector", "expected ", target.rows(), " values, got ", value.size());
+  if (!value.allFinite()) lora::detail::fail("set_vector", "the values contain NaN or Inf");
+  if (value.cols() == 1)
+    target = value;
+  else
+    target = value.transpose();
+}
+}  // namespace detail_sequential
 
 template <class Scalar>
 void Sequential<Scalar>::set_base_tensor(const std::string& name, const Eigen::Ref<const MatrixType>& value) {
@@ -506,6 +562,12 @@ void Sequential<Scalar>::set_base_tensor(const std::string& name, const Eigen::R
       } else if (auto* q = dynamic_cast<LoraLayer<Scalar>*>(module)) {
         if (is_weight) return q->set_base_weight(value);
         if (q->lora().has_bias()) return q->set_base_bias(value);
+      } else if (auto* e = dynamic_cast<Embedding<Scalar>*>(module)) {
+        if (is_weight) return e->set_weight(value);
+      } else if (auto* n = dynamic_cast<LayerNorm<Scalar>*>(module)) {
+        return detail_sequential::set_vector<Scalar>(is_weight ? n->weight() : n->bias(), value);
+      } else if (auto* r = dynamic_cast<RMSNorm<Scalar>*>(module)) {
+        if (is_weight) return detail_sequential::set_vector<Scalar>(r->weight(), value);
       }
     } catch (const std::invalid_argument& e) {
       detail::fail(where, name, ": ", e.what());
