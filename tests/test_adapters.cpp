@@ -38,7 +38,7 @@ TEMPLATE_TEST_CASE("model-level adapter operations", "[adapters]", float, double
   lora::LoraLinear<TestType> fc1(W1, cfg(2, 4, 1)), fc2(W2, cfg(2, 4, 2));
   fc1.eval();
   fc2.eval();
-  const lora::LoraModelView<TestType> model{{{"fc1", &fc1}, {"fc2", &fc2}}, {}};
+  const lora::LoraModelView<TestType> model{{{"fc1", &fc1}, {"fc2", &fc2}}, {}, {}};
   lora::add_adapter(model, "second", cfg(3, 3, 3));
   CHECK(lora::adapter_names(model) == std::vector<std::string>{"default", "second"});
   CHECK(fc2.has_adapter("second"));
@@ -84,7 +84,7 @@ TEMPLATE_TEST_CASE("model-level adapter operations", "[adapters]", float, double
   // A rank above min(in, out) is accepted, as PEFT accepts it (fc2 is 8 -> 5).
   lora::add_adapter(model, "wide", cfg(6, 6, 1));
   CHECK(fc2.rank("wide") == 6);
-  const lora::LoraModelView<TestType> twice{{{"fc1", &fc1}, {"fc1", &fc2}}, {}};
+  const lora::LoraModelView<TestType> twice{{{"fc1", &fc1}, {"fc1", &fc2}}, {}, {}};
   CHECK_THROWS_WITH(lora::set_active_adapters(twice, {}), Catch::Contains("appears twice"));
 }
 
@@ -137,7 +137,7 @@ TEST_CASE("combining adapters: cat is exact, svd is the best rank-k approximatio
 
   // As a new adapter on a model: forward equals the weighted sum.
   lora::LoraLineard other(lora::Matrix<double>::Random(20, 16), cfg(2, 2, 4));  // has none of b, c
-  const lora::LoraModelView<double> model{{{"l", &l}, {"other", &other}}, {}};
+  const lora::LoraModelView<double> model{{{"l", &l}, {"other", &other}}, {}, {}};
   lora::add_weighted_adapter(model, names, w, "mix", lora::CombineMethod::cat);
   lora::add_weighted_adapter(model, {"b", "c"}, {1.0, 1.0}, "mix_svd", lora::CombineMethod::svd, 4);
   CHECK(l.rank("mix") == 9);

@@ -81,13 +81,13 @@ struct Adapters {
   lora::Matrix<float> W = lora::Matrix<float>::Random(16, 12);
   lora::LoraLinearf old_layer{W, adapter_config(8, 1)};
   lora::LoraLinearf new_layer{W, adapter_config(16, 2)};
-  lora::LoraModelView<float> old_view{{{"fc", &old_layer}}, {}};
-  lora::LoraModelView<float> new_view{{{"fc", &new_layer}}, {}};
+  lora::LoraModelView<float> old_view{{{"fc", &old_layer}}, {}, {}};
+  lora::LoraModelView<float> new_view{{{"fc", &new_layer}}, {}, {}};
 
   // "old", "new", "mixed" (weights of one, config of the other, or anything else), or "unreadable".
   std::string state_of(const std::string& dir) const {
     lora::LoraLinearf fresh(W, adapter_config(1, 3));
-    const lora::LoraModelView<float> view{{{"fc", &fresh}}, {}};
+    const lora::LoraModelView<float> view{{{"fc", &fresh}}, {}, {}};
     lora::PeftLoraConfig config;
     try {
       config = lora::load_adapter(dir, view, "x");
@@ -307,7 +307,7 @@ TEST_CASE("failed saves: NaN weights, a write error midway, a file in the way", 
   // Values that cannot be written fail before anything is created.
   lora::LoraLinearf bad(a.W, adapter_config(16, 2));
   bad.B().set(0, 0, NAN);
-  const lora::LoraModelView<float> bad_view{{{"fc", &bad}}, {}};
+  const lora::LoraModelView<float> bad_view{{{"fc", &bad}}, {}, {}};
   CHECK_THROWS_WITH(lora::save_adapter(ad, bad_view), Contains("NaN or Inf"));
   CHECK(listing(root.path) == std::vector<std::string>{"adapter"});
   CHECK(read_file(ad + "/adapter_model.safetensors") == weights);
@@ -316,7 +316,7 @@ TEST_CASE("failed saves: NaN weights, a write error midway, a file in the way", 
   for (Mode mode : {Mode::exchange, Mode::file_by_file}) {
     INFO("mode " << to_string(mode));
     lora::LoraLinearf big(lora::Matrix<float>::Random(256, 256), adapter_config(16, 4));
-    const lora::LoraModelView<float> big_view{{{"fc", &big}}, {}};
+    const lora::LoraModelView<float> big_view{{{"fc", &big}}, {}, {}};
     const pid_t pid = ::fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {

@@ -61,8 +61,8 @@ struct SavedModuleRef {
 template <class Scalar>
 struct LoraModelView {
   std::vector<LoraModuleRef<Scalar>> lora_modules;
-  std::vector<LoraEmbeddingRef<Scalar>> embedding_modules;  // each with an adapter (has_lora())
   std::vector<SavedModuleRef<Scalar>> saved_modules;
+  std::vector<LoraEmbeddingRef<Scalar>> embedding_modules;  // each with an adapter (has_lora())
 
   // Throws std::invalid_argument for null pointers, empty or repeated paths and embeddings without an adapter.
   void validate(const char* where) const {
