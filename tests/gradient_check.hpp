@@ -85,7 +85,6 @@ void check_module_gradients(M& module, Matrix<double> X, unsigned seed, bool wit
   if (with_input) CHECK(relative_error(dX, numerical_gradient(X, loss)) < 1e-7);
   lora::ParameterList<double> params;
   module.collect_parameters(params, "");
-  CHECK(!params.empty());
   for (auto& p : params) {
     INFO(p.name);
     const Matrix<double> analytic = p.grad;

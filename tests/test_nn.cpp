@@ -369,7 +369,7 @@ TEST_CASE("inject_lora selects targets by name, suffix, regex and all-linear", "
   c.target_regex = R"(layers\.[0-3])";  // matches layers.0 to layers.3; the activations among them are skipped
   CHECK(targets(c) == std::vector<std::string>{"layers.0", "layers.2"});
   c.target_regex = R"(\.2)";  // must match the whole path, as PEFT's re.fullmatch
-  CHECK_THROWS_WITH(targets(c), Catch::Contains("target_regex '\\.2' matches no Linear module"));
+  CHECK_THROWS_WITH(targets(c), Catch::Contains("target_regex '\\.2' matches no Linear or Embedding module"));
 }
 
 TEST_CASE("target_regex is matched in linear time, as re.fullmatch", "[nn][inject]") {
@@ -613,7 +613,7 @@ TEST_CASE("inject_lora errors list what exists and leave the model unchanged", "
                     "layers.6 (Linear)"));
   c.target_modules = {"layers.1"};
   m = message_of([&] { inject_lora(model, c); });
-  CHECK(contains(m, "target 'layers.1' is Tanh; LoRA adapts Linear modules only"));
+  CHECK(contains(m, "target 'layers.1' is Tanh; LoRA adapts Linear and Embedding modules only"));
   c.target_modules = {"layers.0"};
   c.modules_to_save = {"classifier"};
   m = message_of([&] { inject_lora(model, c); });
