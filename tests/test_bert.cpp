@@ -475,6 +475,24 @@ TEST_CASE("load_bert: a BertModel checkpoint, save_bert round trip, errors name 
   encoder->forward(f.batch);
   CHECK(encoder->last_hidden_state() == hidden);
 
+  // Without the pooler either (BertForMaskedLM's checkpoints): a fresh pooler, reported, as transformers
+  // does; refused when allow_missing_pooler is off.
+  lora::NamedTensors<double> no_pooler = tensors;
+  no_pooler.matrices.erase("pooler.dense.weight");
+  no_pooler.vectors.erase("pooler.dense.bias");
+  lora::save_base_weights(bare_dir + "/model.safetensors", no_pooler, lora::Dtype::F64);
+  auto fresh_pooler = lora::load_bert<double>(bare_dir, options, &report);
+  CHECK(report.initialized ==
+        std::vector<std::string>{"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"});
+  fresh_pooler->set_dropout(0, 0);
+  fresh_pooler->train(false);
+  fresh_pooler->forward(f.batch);
+  CHECK(fresh_pooler->last_hidden_state() == hidden);
+  options.allow_missing_pooler = false;
+  CHECK_THROWS_WITH(lora::load_bert<double>(bare_dir, options),
+                    Catch::Contains("lacks tensors of the model: pooler.dense.weight, pooler.dense.bias"));
+  options.allow_missing_pooler = true;
+
   // A missing tensor, an unknown one, a wrong shape: errors naming them; nothing is returned.
   auto message = [](const std::function<void()>& call) {
     try {

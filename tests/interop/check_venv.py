@@ -6,7 +6,8 @@
 Prints the versions in use; exits 1 (saying why) when a pin is not installed at its version or a
 dependency of a pinned package is missing or out of range. torch is Debian's python3-torch, whose
 version reads 1.13.0a0 (a pre-release, which pip does not take for "torch>=1.13.0"): torch requirements
-are checked against 1.13 without the pre-release tag.
+are checked against 1.13 without the pre-release tag. A pin whose comment starts with "data:" is a
+package that only carries files (a pretrained model): its declared dependencies are not checked.
 """
 import importlib.metadata as metadata
 import sys
@@ -14,12 +15,16 @@ import sys
 
 def main():
     pins = {}
+    data_only = set()
     with open(sys.argv[1]) as f:
         for line in f:
-            line = line.split("#")[0].strip()
+            line, _, comment = line.partition("#")
+            line = line.strip()
             if line:
                 name, version = line.split("==")
                 pins[name.lower()] = version
+                if comment.strip().startswith("data:"):
+                    data_only.add(name.lower())
     problems = []
     for name, version in pins.items():
         try:
@@ -38,6 +43,8 @@ def main():
     if torch.__file__.startswith(sys.prefix):
         problems.append("torch comes from the venv (%s), not from Debian" % torch.__file__)
     for name in pins:
+        if name in data_only:
+            continue
         for text in metadata.requires(name) or []:
             req = Requirement(text)
             if req.marker and not req.marker.evaluate({"extra": ""}):

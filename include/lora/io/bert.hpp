@@ -6,6 +6,8 @@
 // ("bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"); a BertModel checkpoint
 // (sentence-transformers' models, BertModel.save_pretrained) the same without "bert." and without the
 // classifier, which then keeps its fresh initialisation (as transformers does, which warns about it).
+// A checkpoint without the pooler (BertForMaskedLM, BertModel(add_pooling_layer=False)) gets a fresh
+// pooler the same way.
 // Pretraining heads ("cls.*") and integer buffers ("embeddings.position_ids") are skipped; any other
 // tensor the model does not have, and any tensor of the model the checkpoint lacks (the classifier
 // excepted), is an error listing them. A failed load returns nothing.
@@ -34,6 +36,7 @@ struct BertLoadOptions {
   std::optional<Index> num_labels;  // overrides config.json's (a new head for another task)
   std::uint64_t seed = 0;           // initialises what the checkpoint lacks (the classifier)
   bool allow_missing_classifier = true;
+  bool allow_missing_pooler = true;  // BertForMaskedLM checkpoints have none; transformers initialises it
 };
 
 struct BertLoadReport {
@@ -88,7 +91,8 @@ std::unique_ptr<nn::BertForSequenceClassification<Scalar>> load_bert(const std::
   std::string missing;
   for (const std::string& name : wanted) {
     if (found.count(name)) continue;
-    if (options.allow_missing_classifier && name.rfind("classifier.", 0) == 0)
+    if ((options.allow_missing_classifier && name.rfind("classifier.", 0) == 0) ||
+        (options.allow_missing_pooler && name.rfind("bert.pooler.", 0) == 0))
       local.initialized.push_back(name);
     else
       missing += (missing.empty() ? "" : ", ") + (prefixed ? name : name.substr(name.rfind("bert.", 0) == 0 ? 5 : 0));
