@@ -43,7 +43,7 @@ inline const std::vector<Language>& task_a_languages() {
 inline const std::vector<Language>& task_b_languages() {
   static const std::vector<Language> v = {{"it", "italian", "witalian"},   {"pt", "portuguese", "wportuguese"},
                                           {"nl", "dutch", "wdutch"},       {"da", "danish", "wdanish"},
-                                          {"no", "norsk", "wnorwegian"},   {"ca", "catalan", "wcatalan"}};
+                                          {"no", "bokmaal", "wnorwegian"},   {"ca", "catalan", "wcatalan"}};
   return v;
 }
 
@@ -78,6 +78,27 @@ inline bool keep_word(const std::string& w, std::vector<std::uint32_t>& cps) {
   return true;
 }
 
+// One line of a word list as a UTF-8 word: drops a trailing '\r' and affix flags ("word/FLAGS"); a line
+// that is not valid UTF-8 is read as ISO-8859-1, the encoding of the swedish and bokmaal lists.
+inline void read_word_list_line(std::string& line, std::vector<std::uint32_t>& cps) {
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  const std::size_t slash = line.find('/');
+  if (slash != std::string::npos) line.resize(slash);
+  if (decode_utf8(line, cps)) return;
+  std::string utf8;
+  utf8.reserve(2 * line.size());
+  for (const char ch : line) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    if (c < 0x80) {
+      utf8.push_back(ch);
+    } else {
+      utf8.push_back(static_cast<char>(0xC0 | (c >> 6)));
+      utf8.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    }
+  }
+  line.swap(utf8);
+}
+
 struct Word {
   std::string text;
   int label = 0;
@@ -109,9 +130,7 @@ inline Split make_split(const std::vector<Language>& languages, std::size_t per_
     std::size_t count = 0;
     auto& sample = drawn[l];
     while (std::getline(in, line)) {
-      if (!line.empty() && line.back() == '\r') line.pop_back();
-      const std::size_t slash = line.find('/');  // some lists carry affix flags: word/FLAGS
-      if (slash != std::string::npos) line.resize(slash);
+      read_word_list_line(line, cps);
       if (!keep_word(line, cps) || !seen.insert(line).second) continue;
       ++count;
       if (sample.size() < want) {
@@ -131,9 +150,7 @@ inline Split make_split(const std::vector<Language>& languages, std::size_t per_
     std::ifstream in(std::string("/usr/share/dict/") + languages[l].file);
     std::string line;
     while (std::getline(in, line)) {
-      if (!line.empty() && line.back() == '\r') line.pop_back();
-      const std::size_t slash = line.find('/');
-      if (slash != std::string::npos) line.resize(slash);
+      read_word_list_line(line, cps);
       const auto it = owner.find(line);
       if (it != owner.end() && it->second != l) ambiguous.insert(line);
     }
