@@ -112,14 +112,14 @@ struct Split {
 // (reservoir sampling with a fixed seed: the same words on every machine with the same lists), and drops
 // every drawn word that any other language of the task also lists (its label would be ambiguous).
 // Training and held-out words are distinct words. Throws naming the file and its package if a list is
-// missing.
+// missing. `dict_dir` is where the lists are (Debian: /usr/share/dict).
 inline Split make_split(const std::vector<Language>& languages, std::size_t per_language, std::size_t test_per_language,
-                        std::uint64_t seed) {
+                        std::uint64_t seed, const std::string& dict_dir = "/usr/share/dict") {
   const std::size_t want = per_language + test_per_language;
   std::vector<std::vector<std::string>> drawn(languages.size());
   std::vector<std::uint32_t> cps;
   for (std::size_t l = 0; l < languages.size(); ++l) {
-    const std::string path = std::string("/usr/share/dict/") + languages[l].file;
+    const std::string path = dict_dir + "/" + languages[l].file;
     std::ifstream in(path);
     if (!in)
       lora::detail::fail("make_split", "cannot read ", path, " (Debian package ", languages[l].package,
@@ -147,7 +147,7 @@ inline Split make_split(const std::vector<Language>& languages, std::size_t per_
     for (const std::string& w : drawn[l]) owner.emplace(w, l);
   std::unordered_set<std::string> ambiguous;
   for (std::size_t l = 0; l < languages.size(); ++l) {
-    std::ifstream in(std::string("/usr/share/dict/") + languages[l].file);
+    std::ifstream in(dict_dir + "/" + languages[l].file);
     std::string line;
     while (std::getline(in, line)) {
       read_word_list_line(line, cps);

@@ -7,6 +7,7 @@
 #include <lora/nn/dropout.hpp>
 
 #include "gradient_check.hpp"
+#include "transformer_common.hpp"  // examples/: the word-list reader
 #include "instances.hpp"
 #include "temp_files.hpp"
 #include <catch2/catch.hpp>
@@ -516,4 +517,28 @@ TEST_CASE("load_bert: a BertModel checkpoint, save_bert round trip, errors name 
   const std::string wrong = message([&] { lora::load_bert<double>(bare_dir); });
   CHECK(contains(wrong, "encoder.layer.0.intermediate.dense.weight"));
   CHECK(contains(wrong, "expected 12 x 8"));
+}
+
+// The examples' word lists: Debian's swedish and bokmaal are ISO-8859-1. A line that is not valid UTF-8 is
+// read as Latin-1 (it was dropped, and with it every word with a non-ASCII letter of those languages).
+TEST_CASE("finetune_transformer's make_split: ISO-8859-1 lists are read as Latin-1, affix flags and CR dropped",
+          "[transformer][examples]") {
+  const lora::testing::TempDir dict;
+  // "one" in ISO-8859-1: käse, möwe/XY (flags), haus\r, ålder, ÅLDER (capitals: not kept), a UTF-8 line too.
+  lora::testing::write_file(dict / "one", "k\xe4se\nm\xf6we/XY\nhaus\r\n\xe5lder\n\xc5LDER\nfl\xc3\xb6te\n");
+  // "two" in UTF-8: casa, caña, and käse, which makes the Latin-1 käse of "one" ambiguous (the same word).
+  lora::testing::write_file(dict / "two", "casa\nca\xc3\xb1" "a\nk\xc3\xa4se\n");
+  const std::vector<example::Language> languages = {{"aa", "one", "pkg-one"}, {"bb", "two", "pkg-two"}};
+  const example::Split split = example::make_split(languages, 10, 0, 1, dict.path.string());
+  std::vector<std::string> one, two;
+  for (const example::Word& w : split.train) (w.label == 0 ? one : two).push_back(w.text);
+  std::sort(one.begin(), one.end());
+  std::sort(two.begin(), two.end());
+  CHECK(one == std::vector<std::string>{"fl\xc3\xb6te", "haus", "m\xc3\xb6we", "\xc3\xa5lder"});
+  CHECK(two == std::vector<std::string>{"casa", "ca\xc3\xb1" "a"});
+  CHECK(split.test.empty());
+  const std::vector<example::Language> missing = {{"cc", "three", "pkg-three"}};
+  const std::string error = message_of([&] { example::make_split(missing, 10, 0, 1, dict.path.string()); });
+  CHECK(contains(error, "make_split"));
+  CHECK(contains(error, "pkg-three"));
 }
