@@ -27,23 +27,8 @@
 namespace {
 
 using example::Model;
-
-struct Row {
-  std::string method;
-  lora::Index trainable = 0;
-  double percent = 0, accuracy = 0, seconds = 0, rss_mib = 0;
-  std::size_t optimizer_bytes = 0, base_bytes = 0;
-};
-
-lora::nn::LoraInjectConfig lora_on(std::vector<std::string> targets, int rank) {
-  lora::nn::LoraInjectConfig c;
-  c.target_modules = std::move(targets);
-  c.modules_to_save = {"classifier"};
-  c.rank = rank;
-  c.alpha = 2.0 * rank;
-  c.seed = 5;
-  return c;
-}
+using example::Row;
+using example::lora_on;
 
 // The first `per_language` words of each label, in the split's order (already shuffled per language).
 std::vector<example::Word> first_per_label(const std::vector<example::Word>& words, std::size_t per_language) {
