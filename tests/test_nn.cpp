@@ -168,6 +168,25 @@ TEMPLATE_TEST_CASE("activations in float agree with double", "[nn][activation]",
   CHECK(relative_error(gf.forward(Xf), gd.forward(X)) < 1e-6);
   const Matrix<float> R = Matrix<float>::Ones(6, 7);
   CHECK(relative_error(gf.backward(R), gd.backward(R.cast<double>())) < 1e-6);
+
+  // Entry by entry over [-12, 12] (float's erf is +-1 beyond +-4 sqrt 2), in both tails and at 0: float's
+  // vectorised erf against double's std::erf, for GELU and its derivative; infer() gives forward's values.
+  const Index n = 2401;
+  Matrix<double> grid(1, n);
+  for (Index j = 0; j < n; ++j) grid(0, j) = -12.0 + 0.01 * static_cast<double>(j);
+  const Matrix<float> grid_f = grid.cast<float>();
+  const Matrix<double> y = gd.forward(grid), dy = gd.backward(Matrix<double>::Ones(1, n));
+  const Matrix<float> yf = gf.forward(grid_f), dyf = gf.backward(Matrix<float>::Ones(1, n));
+  double worst_y = 0, worst_dy = 0;
+  for (Index j = 0; j < n; ++j) {
+    worst_y = std::max(worst_y, std::abs(yf(0, j) - y(0, j)) / std::max(1.0, std::abs(grid(0, j))));
+    worst_dy = std::max(worst_dy, std::abs(dyf(0, j) - dy(0, j)));
+  }
+  CHECK(worst_y < 1e-6);
+  CHECK(worst_dy < 1e-6);
+  lora::nn::InferenceContext<float> ctx;
+  gf.eval();
+  CHECK(gf.infer(grid_f, ctx) == gf.forward(grid_f));
 }
 
 TEST_CASE("layers reject bad input with the function and the values", "[nn][errors]") {

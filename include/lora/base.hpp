@@ -17,8 +17,9 @@
 
 namespace lora {
 
-// What a base's products need between calls: Eigen's packing buffers, kept so that a steady-state loop
-// allocates nothing. One per thread (they are written by every product).
+// What a base's products keep between calls: the block sizes of each thread's part (the pack buffers
+// themselves are the thread's, detail::PackArena) and the decoding rows, so that a steady-state loop
+// allocates nothing.
 template <class Scalar>
 struct BaseWorkspace {
   detail::GemmBuffers<Scalar> forward, backward;

@@ -7,9 +7,11 @@
 //   pc over k in KC steps:    the first step applies beta, the later ones accumulate
 //   ic over m in MC rows:     pack A(ic block, pc block) into MR-row panels (kept in L2)
 //   jr, ir over NR x MR tiles: the micro-kernel (detail/gemm_kernels.hpp), its B panel held in L1
-// The pack buffers live in a GemmBlocking kept by the caller and only grow, so a product of a shape
-// already seen allocates nothing. gemm_parallel() splits a product over the threads, one GemmBlocking
-// each. With EIGEN_USE_BLAS (the LORA_USE_BLAS build) the product goes to the BLAS through Eigen, and
+// The pack buffers belong to the thread (PackArena): every product a thread runs packs into the same two
+// buffers, which only grow, so a product of a shape already seen allocates nothing and a model holds one
+// set of buffers per thread (at most MC x KC + KC x NC values) rather than one per call site. A
+// GemmBlocking kept by the caller holds the block sizes. gemm_parallel() splits a product over the
+// threads, one GemmBlocking each. With EIGEN_USE_BLAS (the LORA_USE_BLAS build) the product goes to the BLAS through Eigen, and
 // products too small to pack (a row, a column, tiny sizes) go through Eigen's ordinary product.
 #pragma once
 
@@ -19,25 +21,30 @@
 #include <lora/detail/kernels.hpp>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 namespace lora::detail {
 
-// Pack buffers and block sizes of one call site. Copies start with empty buffers of their own.
+// The pack buffers of the calling thread, shared by every packed product it runs (one product at a time
+// per thread: packed_gemm does not call itself, nor does a pack_b). Grown, never shrunk; freed when the
+// thread ends (OpenMP keeps its pool's threads, and with them their buffers).
+template <class Scalar>
+struct PackArena {
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> a, b;
+
+  static PackArena& of_this_thread() {
+    thread_local PackArena arena;
+    return arena;
+  }
+};
+
+// The block sizes of one call site; the buffers they need come from the calling thread's PackArena.
 template <class Scalar>
 class GemmBlocking {
  public:
   using Kernel = gemm_kernel::Kernel<Scalar>;
   static constexpr int MR = Kernel::MR, NR = Kernel::NR;
-
-  GemmBlocking() = default;
-  GemmBlocking(const GemmBlocking& other) : mc_(other.mc_), kc_(other.kc_), nc_(other.nc_) {}
-  GemmBlocking& operator=(const GemmBlocking& other) {
-    mc_ = other.mc_;
-    kc_ = other.kc_;
-    nc_ = other.nc_;
-    return *this;
-  }
 
   Index mc() const { return mc_; }
   Index kc() const { return kc_; }
@@ -53,14 +60,15 @@ class GemmBlocking {
     nc_ = nc;
   }
 
-  // Buffers for an m x n x k product (grown, never shrunk).
-  void reserve(Index m, Index n, Index k) {
+  // The calling thread's buffers, grown for an m x n x k product: {packed A, packed B}. Valid until the
+  // thread's next reserve().
+  std::pair<Scalar*, Scalar*> reserve(Index m, Index n, Index k) const {
+    PackArena<Scalar>& arena = PackArena<Scalar>::of_this_thread();
     const Index kc = std::min(kc_, k);
-    grow(a_, round_up(std::min(mc_, m), MR) * kc);
-    grow(b_, kc * round_up(std::min(nc_, n), NR));
+    grow(arena.a, round_up(std::min(mc_, m), MR) * kc);
+    grow(arena.b, kc * round_up(std::min(nc_, n), NR));
+    return {arena.a.data(), arena.b.data()};
   }
-  Scalar* packed_a() { return a_.data(); }
-  Scalar* packed_b() { return b_.data(); }
 
  private:
   static Index round_up(Index x, Index to) { return (x + to - 1) / to * to; }
@@ -68,7 +76,6 @@ class GemmBlocking {
     if (buffer.size() < size) buffer.resize(size);
   }
   Index mc_ = Kernel::MC, kc_ = Kernel::KC, nc_ = Kernel::NC;
-  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> a_, b_;
 };
 
 // The operands of one packed product: A(i, p) = a[i * a_rs + p * a_cs], B(p, j) = b[p * b_rs + j * b_cs],
@@ -89,13 +96,11 @@ struct GemmOperands {
 // pack_b(pc, kc, jc, nc, dst): B(pc + p, jc + j), p < kc, j < nc, into gemm_pack::pack_b's panels at dst
 // (zeros past column nc). A B that is not in memory as values (a quantized W0) decodes itself there.
 template <class Scalar, class PackB>
-void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, PackB&& pack_b) {
+void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, PackB&& pack_b) {
   using Kernel = gemm_kernel::Kernel<Scalar>;
   constexpr int MR = Kernel::MR, NR = Kernel::NR;
   LORA_ASSERT(g.k >= 1);
-  blocking.reserve(g.m, g.n, g.k);
-  Scalar* const pa = blocking.packed_a();
-  Scalar* const pb = blocking.packed_b();
+  const auto [pa, pb] = blocking.reserve(g.m, g.n, g.k);
   const Index MC = blocking.mc(), KC = blocking.kc(), NC = blocking.nc();
   for (Index jc = 0; jc < g.n; jc += NC) {
     const Index nc = std::min(NC, g.n - jc);
@@ -120,7 +125,7 @@ void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, 
 
 // The packed product on the calling thread (k >= 1), B read from memory through (g.b, g.b_rs, g.b_cs).
 template <class Scalar>
-void packed_gemm(GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g) {
+void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g) {
   constexpr int NR = GemmBlocking<Scalar>::NR;
   packed_gemm(blocking, g, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
     gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, dst);
