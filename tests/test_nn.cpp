@@ -169,8 +169,8 @@ TEMPLATE_TEST_CASE("activations in float agree with double", "[nn][activation]",
   const Matrix<float> R = Matrix<float>::Ones(6, 7);
   CHECK(relative_error(gf.backward(R), gd.backward(R.cast<double>())) < 1e-6);
 
-  // Entry by entry over [-12, 12] (float's erf is +-1 beyond +-4 sqrt 2), in both tails and at 0: float's
-  // vectorised erf against double's std::erf, for GELU and its derivative; infer() gives forward's values.
+  // Entry by entry over [-12, 12], both tails and 0: GELU and the derivative forward keeps, float against
+  // double; infer() gives forward's values.
   const Index n = 2401;
   Matrix<double> grid(1, n);
   for (Index j = 0; j < n; ++j) grid(0, j) = -12.0 + 0.01 * static_cast<double>(j);

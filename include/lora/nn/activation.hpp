@@ -6,8 +6,6 @@
 #include <lora/nn/inference.hpp>
 #include <lora/nn/module.hpp>
 
-#include <unsupported/Eigen/SpecialFunctions>
-
 #include <cmath>
 #include <memory>
 #include <string>
@@ -109,8 +107,6 @@ class Tanh final : public lora::detail::Elementwise<Scalar> {
 // GELU(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, PyTorch's default (approximate = "none").
 // dX = dY (Phi(x) + x phi(x)), phi the standard normal density. In training mode forward keeps that
 // derivative rather than the input, so backward is one product and evaluates no erf or exp.
-// float runs vectorised: Eigen's erf (a rational approximation within a few ulp of erf on [-4, 4], exactly
-// +-1 outside, where float's erf is +-1 too) and exp; double uses std::erf and std::exp, element by element.
 template <class Scalar>
 class GELU final : public lora::detail::Elementwise<Scalar> {
  public:
@@ -120,18 +116,21 @@ class GELU final : public lora::detail::Elementwise<Scalar> {
   const MatrixType& forward(const Input& X) override {
     const Input x = this->begin_forward("GELU::forward", X);
     if (!this->training_) {
-      this->output_ = x.array() * cdf(x.array());
+      this->output_ = x.unaryExpr([](Scalar v) { return v * cdf(v); });
       return this->output_;
     }
     lora::detail::resize_workspace(derivative_, x.rows(), x.cols());
-    derivative_ = cdf(x.array());
-    this->output_ = x.array() * derivative_.array();
-    derivative_.array() += x.array() * pdf(x.array());
+    for (Index i = 0; i < x.rows(); ++i)
+      for (Index j = 0; j < x.cols(); ++j) {
+        const Scalar v = x(i, j), phi = cdf(v);
+        this->output_(i, j) = v * phi;
+        derivative_(i, j) = phi + v * pdf(v);
+      }
     return this->output_;
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
     auto [x, out] = this->begin_infer("GELU::infer", X, ctx);
-    *out = x.array() * cdf(x.array());
+    *out = x.unaryExpr([](Scalar v) { return v * cdf(v); });
     return *out;
   }
   const MatrixType& backward(const Input& dY) override {
@@ -143,15 +142,10 @@ class GELU final : public lora::detail::Elementwise<Scalar> {
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<GELU>(*this); }
 
  private:
-  // Phi(x) and phi(x) of an array expression, as expressions.
-  template <class A>
-  static auto cdf(const A& x) {
-    return Scalar(0.5) * (Scalar(1) + (x * static_cast<Scalar>(0.70710678118654752440)).erf());
+  static Scalar cdf(Scalar x) {
+    return static_cast<Scalar>(0.5) * (Scalar(1) + std::erf(x * static_cast<Scalar>(0.70710678118654752440)));
   }
-  template <class A>
-  static auto pdf(const A& x) {
-    return static_cast<Scalar>(0.39894228040143267794) * (x.square() * Scalar(-0.5)).exp();
-  }
+  static Scalar pdf(Scalar x) { return static_cast<Scalar>(0.39894228040143267794) * std::exp(-x * x / Scalar(2)); }
 
   MatrixType derivative_;  // Phi(x) + x phi(x) of the last training-mode forward
 };
