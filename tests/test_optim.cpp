@@ -14,6 +14,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // Counts calls of the global operator new while `counting` is set (std containers and strings; Eigen's
@@ -204,6 +205,43 @@ TEMPLATE_TEST_CASE("AdamW, the first two steps by hand", "[optim][adamw]", float
   check_close(p[0].value, expected);
   CHECK(adam.step_count("w") == 2);
   CHECK(adam.state_bytes() == 4 * sizeof(Scalar));
+}
+
+TEMPLATE_TEST_CASE("AdamW updates a large parameter in row blocks over the threads as one pass would", "[optim][adamw]",
+                   float, double) {
+  using Scalar = TestType;
+  // 601 x 617 values: past the threading threshold, in blocks of one row (1024 / 617 = 1), an odd row
+  // count for the split; a 3 x 1900 one (row blocks of 1) and a 5000 x 1 one (blocks of 1024
+  // rows, a partial last block). The reference is the update written out on whole matrices.
+  const bool amsgrad = GENERATE(false, true);
+  const auto [rows, cols] = GENERATE(table<Index, Index>({{601, 617}, {3, 1900}, {5000, 1}}));
+  CAPTURE(amsgrad, rows, cols);
+  std::vector<Owned<Scalar>> p = {{"w", ParameterRole::weight, Matrix<Scalar>::Random(rows, cols),
+                                   Matrix<Scalar>::Zero(rows, cols)}};
+  auto list = views(p);
+  AdamWOptions o;
+  o.lr = 0.01;
+  o.weight_decay = 0.1;
+  o.amsgrad = amsgrad;
+  AdamW<Scalar> adam(o);
+  Matrix<double> value = p[0].value.template cast<double>(), m = Matrix<double>::Zero(rows, cols), v = m, v_max = m;
+  for (int t = 1; t <= 3; ++t) {
+    p[0].grad = Matrix<Scalar>::Random(rows, cols) * Scalar(t);
+    const Matrix<double> g = p[0].grad.template cast<double>();
+    adam.step(list);
+    m = 0.9 * m + 0.1 * g;
+    v = (0.999 * v.array() + 0.001 * g.array().square()).matrix();
+    v_max = v_max.cwiseMax(v);
+    const Matrix<double>& second = amsgrad ? v_max : v;
+    const double step_size = o.lr / (1 - std::pow(0.9, t)), bc2 = std::sqrt(1 - std::pow(0.999, t));
+    value = (value.array() * (1 - o.lr * o.weight_decay) -
+             step_size * m.array() / (second.array().sqrt() / bc2 + o.eps)).matrix();
+    // Each entry within a few roundings of the double reference: a skipped, repeated or misplaced block
+    // would be off by a whole step.
+    const double tolerance = std::is_same_v<Scalar, float> ? 1e-5 : 1e-12;
+    CHECK((p[0].value.template cast<double>() - value).cwiseAbs().maxCoeff() < tolerance);
+    CHECK((adam.exp_avg("w")->template cast<double>() - m).cwiseAbs().maxCoeff() < tolerance);
+  }
 }
 
 TEMPLATE_TEST_CASE("AdamW amsgrad keeps the largest second moment", "[optim][adamw]", float, double) {
