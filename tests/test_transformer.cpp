@@ -12,6 +12,10 @@
 #include "temp_files.hpp"
 #include <catch2/catch.hpp>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -367,6 +371,44 @@ TEST_CASE("MultiHeadSelfAttention: gradient check in double with padding and cau
       CHECK(analytic.norm() > 0);
       CHECK(relative_error(analytic, numerical_gradient(p.value, loss)) < 1e-8);
     }
+  }
+}
+
+TEST_CASE("MultiHeadSelfAttention: the per-head loop split over two threads gives one thread's values",
+          "[transformer][attention][threads]") {
+  // With dropout on the probabilities (its masks are drawn before the loop, in one order) and padding:
+  // each (sequence, head) pair is computed alone, on whichever thread. The projections' products split
+  // too, so the values agree to rounding; a pair computed twice, skipped or given another's mask or
+  // scratch would be off by far more.
+  for (bool causal : {false, true}) {
+    INFO("causal " << causal);
+    const std::vector<Index> lengths = {6, 2, 5, 1, 4};
+    const Matrix<float> X = random_matrix<float>(30, 12, 71), R = random_matrix<float>(30, 12, 72);
+    auto run = [&](double work_per_thread, Matrix<float>& Y, Matrix<float>& dX, Matrix<float>& dWq) {
+      const lora::testing::ThreadSmallWork small_work(work_per_thread);
+      lora::nn::MultiHeadSelfAttention<float> att(12, 3, causal, 73);
+      att.set_layout(5, 6, lengths);
+      att.set_dropout(0.3, 74);
+      att.zero_grad();
+      Y = att.forward(X);
+      dX = att.backward(R);
+      lora::ParameterList<float> params;
+      att.collect_parameters(params, "");
+      dWq = params.front().grad;
+    };
+#ifdef _OPENMP
+    omp_set_num_threads(2);
+#endif
+    Matrix<float> Y1, dX1, dW1, Y2, dX2, dW2;
+    run(1e300, Y1, dX1, dW1);  // one thread
+    run(1, Y2, dX2, dW2);      // every loop split (threads_for: all threads)
+#ifdef _OPENMP
+    omp_set_num_threads(omp_get_num_procs());
+#endif
+    CHECK(Y1.norm() > 0);
+    CHECK(relative_error(Y2, Y1) < 1e-6);
+    CHECK(relative_error(dX2, dX1) < 1e-6);
+    CHECK(relative_error(dW2, dW1) < 1e-6);
   }
 }
 

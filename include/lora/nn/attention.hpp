@@ -16,6 +16,7 @@
 #pragma once
 
 #include <lora/common.hpp>
+#include <lora/detail/kernels.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/nn/linear.hpp>
 #include <lora/nn/module.hpp>
@@ -23,6 +24,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -112,35 +114,34 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     detail::resize_workspace(probs_, batch_ * heads_ * T, T);
     detail::resize_workspace(context_, batch_ * T, hidden_);
     dropping_ = this->training_ && dropout_ > 0;
+    const int threads = head_threads(2);
     if (dropping_) {
+      // Drawn here, in (b, h, i, j) order, so that the masks do not depend on the thread count.
       detail::resize_workspace(drop_mask_, batch_ * heads_ * T, T);
-      detail::resize_workspace(dropped_, T, T);
+      const Scalar keep = static_cast<Scalar>(1.0 / (1.0 - dropout_));
+      for (Index r = 0; r < drop_mask_.rows(); ++r)
+        for (Index j = 0; j < T; ++j) drop_mask_(r, j) = dropout_rng_.uniform() < dropout_ ? Scalar(0) : keep;
+      for (int t = 0; t < threads; ++t) detail::resize_workspace(scratch_[static_cast<std::size_t>(t)].dropped, T, T);
     }
-    const Scalar keep = static_cast<Scalar>(1.0 / (1.0 - dropout_));
-    for (Index b = 0; b < batch_; ++b) {
+    for_each_head(threads, [&](Index b, Index h, Scratch& own) {
       const Index len = lengths_[static_cast<std::size_t>(b)];
-      for (Index h = 0; h < heads_; ++h) {
-        auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
-        P.noalias() = q.block(b * T, h * d, T, d) * k.block(b * T, h * d, T, d).transpose();
-        for (Index i = 0; i < T; ++i) {
-          const Index visible = causal_ ? std::min(len, i + 1) : len;
-          auto row = P.row(i);
-          const Scalar m = row.head(visible).maxCoeff() * scale;
-          row.head(visible) = (row.head(visible).array() * scale - m).exp().matrix();
-          row.head(visible) /= row.head(visible).sum();
-          row.tail(T - visible).setZero();
-        }
-        if (dropping_) {
-          auto M = drop_mask_.block((b * heads_ + h) * T, 0, T, T);
-          for (Index i = 0; i < T; ++i)
-            for (Index j = 0; j < T; ++j) M(i, j) = dropout_rng_.uniform() < dropout_ ? Scalar(0) : keep;
-          dropped_.noalias() = P.cwiseProduct(M);
-          context_.block(b * T, h * d, T, d).noalias() = dropped_ * v.block(b * T, h * d, T, d);
-        } else {
-          context_.block(b * T, h * d, T, d).noalias() = P * v.block(b * T, h * d, T, d);
-        }
+      auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
+      P.noalias() = q.block(b * T, h * d, T, d) * k.block(b * T, h * d, T, d).transpose();
+      for (Index i = 0; i < T; ++i) {
+        const Index visible = causal_ ? std::min(len, i + 1) : len;
+        auto row = P.row(i);
+        const Scalar m = row.head(visible).maxCoeff() * scale;
+        row.head(visible) = (row.head(visible).array() * scale - m).exp().matrix();
+        row.head(visible) /= row.head(visible).sum();
+        row.tail(T - visible).setZero();
       }
-    }
+      if (dropping_) {
+        own.dropped.noalias() = P.cwiseProduct(drop_mask_.block((b * heads_ + h) * T, 0, T, T));
+        context_.block(b * T, h * d, T, d).noalias() = own.dropped * v.block(b * T, h * d, T, d);
+      } else {
+        context_.block(b * T, h * d, T, d).noalias() = P * v.block(b * T, h * d, T, d);
+      }
+    });
     cached_ = this->training_;
     return count_ == 4 ? children_[3]->forward(context_) : context_;
   }
@@ -156,27 +157,32 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     detail::resize_workspace(dq_, batch_ * T, hidden_);
     detail::resize_workspace(dk_, batch_ * T, hidden_);
     detail::resize_workspace(dv_, batch_ * T, hidden_);
-    detail::resize_workspace(dp_, T, T);
-    for (Index b = 0; b < batch_; ++b)
-      for (Index h = 0; h < heads_; ++h) {
-        const auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
-        const auto dc = dC.block(b * T, h * d, T, d);
-        dp_.noalias() = dc * v.block(b * T, h * d, T, d).transpose();
-        if (dropping_) {
-          const auto M = drop_mask_.block((b * heads_ + h) * T, 0, T, T);
-          dropped_.noalias() = P.cwiseProduct(M);
-          dv_.block(b * T, h * d, T, d).noalias() = dropped_.transpose() * dc;
-          dp_.array() *= M.array();
-        } else {
-          dv_.block(b * T, h * d, T, d).noalias() = P.transpose() * dc;
-        }
-        for (Index i = 0; i < T; ++i) {
-          const Scalar dot = dp_.row(i).dot(P.row(i));
-          dp_.row(i) = (P.row(i).array() * (dp_.row(i).array() - dot) * scale).matrix();
-        }
-        dq_.block(b * T, h * d, T, d).noalias() = dp_ * k.block(b * T, h * d, T, d);
-        dk_.block(b * T, h * d, T, d).noalias() = dp_.transpose() * q.block(b * T, h * d, T, d);
+    const int threads = head_threads(4);
+    for (int t = 0; t < threads; ++t) {
+      Scratch& own = scratch_[static_cast<std::size_t>(t)];
+      detail::resize_workspace(own.dp, T, T);
+      if (dropping_) detail::resize_workspace(own.dropped, T, T);
+    }
+    for_each_head(threads, [&](Index b, Index h, Scratch& own) {
+      const auto P = probs_.block((b * heads_ + h) * T, 0, T, T);
+      const auto dc = dC.block(b * T, h * d, T, d);
+      MatrixType& dp = own.dp;
+      dp.noalias() = dc * v.block(b * T, h * d, T, d).transpose();
+      if (dropping_) {
+        const auto M = drop_mask_.block((b * heads_ + h) * T, 0, T, T);
+        own.dropped.noalias() = P.cwiseProduct(M);
+        dv_.block(b * T, h * d, T, d).noalias() = own.dropped.transpose() * dc;
+        dp.array() *= M.array();
+      } else {
+        dv_.block(b * T, h * d, T, d).noalias() = P.transpose() * dc;
       }
+      for (Index i = 0; i < T; ++i) {
+        const Scalar dot = dp.row(i).dot(P.row(i));
+        dp.row(i) = (P.row(i).array() * (dp.row(i).array() - dot) * scale).matrix();
+      }
+      dq_.block(b * T, h * d, T, d).noalias() = dp * k.block(b * T, h * d, T, d);
+      dk_.block(b * T, h * d, T, d).noalias() = dp.transpose() * q.block(b * T, h * d, T, d);
+    });
     grad_input_ = children_[0]->backward(dq_);
     grad_input_ += children_[1]->backward(dk_);
     grad_input_ += children_[2]->backward(dv_);
@@ -267,6 +273,35 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     detail::fail(where, "no child '", name, "' (children: query, key, value", count_ == 4 ? ", dense)" : ")");
   }
 
+  // Each thread's T x T scratch for one (sequence, head) pair at a time.
+  struct Scratch {
+    MatrixType dropped, dp;
+  };
+
+  // Threads for the per-head loop, `products` T x T x d products per head. Those products are small and
+  // go through Eigen's product at about a third of the packed GEMM's rate per multiply-add (a profile of
+  // the MiniLM shape), so their work counts four times against threads_for's threshold. Grows scratch_
+  // to that many entries, outside any parallel region (nothing allocates inside one).
+  int head_threads(int products) {
+    const Index T = seq_len_, d = hidden_ / heads_;
+    const double work = 4.0 * static_cast<double>(batch_ * heads_) * static_cast<double>(T * T) *
+                        static_cast<double>(products * d + 8);
+    const int threads = static_cast<int>(std::max<Index>(1, std::min<Index>(detail::threads_for(work), batch_ * heads_)));
+    if (scratch_.size() < static_cast<std::size_t>(threads)) scratch_.resize(static_cast<std::size_t>(threads));
+    return threads;
+  }
+  // f(b, h, scratch) for every sequence b and head h, the pairs split in contiguous runs over `threads`.
+  // Each pair writes its own blocks of the outputs; nothing inside may throw.
+  template <class F>
+  void for_each_head(int threads, F&& f) {
+    const Index pairs = batch_ * heads_;
+    detail::parallel_region(threads, [&](int t, int nt) {
+      Scratch& own = scratch_[static_cast<std::size_t>(t)];
+      const auto range = detail::split(pairs, 1, t, nt);
+      for (Index pair = range.first; pair < range.second; ++pair) f(pair / heads_, pair % heads_, own);
+    });
+  }
+
   Index hidden_, heads_;
   bool causal_;
   int count_;  // 4 with the output projection, 3 without
@@ -276,11 +311,12 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   double dropout_ = 0;
   detail::Random dropout_rng_;
   bool dropping_ = false;  // the last forward applied dropout (training mode, p > 0)
-  MatrixType drop_mask_, dropped_;
+  MatrixType drop_mask_;
+  std::vector<Scratch> scratch_;  // one per thread of the per-head loops
   bool cached_ = false;
   // The projections of the last forward, in the children's own output buffers (a copy starts without them).
   const MatrixType *q_ = nullptr, *k_ = nullptr, *v_ = nullptr;
-  MatrixType probs_, context_, dq_, dk_, dv_, dp_, grad_input_;
+  MatrixType probs_, context_, dq_, dk_, dv_, grad_input_;
 };
 
 }  // namespace lora::nn
