@@ -329,8 +329,17 @@ TEST_CASE("Dropout: masks, scaling, backward, eval", "[transformer][dropout]") {
   const Matrix<double> dY = random_matrix<double>(50, 40, 72);
   const Matrix<double> dX = drop.backward(dY);
   for (Index i = 0; i < X.size(); ++i) CHECK(dX(i) == (Y(i) == 0 ? 0.0 : dY(i) / 0.6));
+  // dX was written over the mask: a second backward for the same forward is an error, not garbage.
+  CHECK(contains(message_of([&] { drop.backward(dY); }), "Dropout::backward: backward() already ran"));
   drop.reseed(3);
   CHECK(drop.forward(X) == Y);  // the same stream again
+  CHECK(drop.backward(dY) == dX);
+  lora::nn::Dropout<double> none(0.0);  // p = 0 passes dY through, as often as asked
+  none.forward(X);
+  CHECK(none.backward(dY) == dY);
+  CHECK(none.backward(dY) == dY);
+  drop.reseed(3);
+  drop.forward(X);
   drop.train(false);
   CHECK(drop.forward(X) == X);
   CHECK(contains(message_of([&] { drop.backward(dY); }), "training mode"));

@@ -158,6 +158,21 @@ TEST_CASE("activations: values and gradients", "[nn][activation][gradient]") {
   check_module_gradients(relu, X, 12);
   check_module_gradients(tanh_layer, X, 13);
   check_module_gradients(gelu, X, 14);
+
+  // GELU writes dX = dY (Phi(x) + x phi(x)) over its kept derivative: once per forward.
+  const Matrix<double> dY = random_matrix<double>(4, 5, 15);
+  gelu.forward(X);
+  const Matrix<double> dX = gelu.backward(dY);
+  const Matrix<double> expected_dX = X.binaryExpr(dY, [](double x, double dy) {
+    return dy * (0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-x * x / 2) / std::sqrt(2 * 3.14159265358979323846));
+  });
+  CHECK(relative_error(dX, expected_dX) < 1e-14);
+  CHECK(contains(message_of([&] { gelu.backward(dY); }), "GELU::backward: backward() already ran"));
+  gelu.forward(X);
+  CHECK(gelu.backward(dY) == dX);
+  relu.forward(X);  // the activations that keep their output allow it
+  const Matrix<double> relu_dX = relu.backward(dY);
+  CHECK(relu.backward(dY) == relu_dX);
 }
 
 TEMPLATE_TEST_CASE("activations in float agree with double", "[nn][activation]", float) {

@@ -127,6 +127,25 @@ TEST_CASE("LayerNorm: errors", "[transformer][norm]") {
   CHECK(contains(message_of([&] { ln.weight() = Matrix<double>::Ones(4, 1); }), "fixed shape"));
 }
 
+TEST_CASE("LayerNorm and RMSNorm: backward writes dX over the cache, once per forward", "[transformer][norm]") {
+  const Matrix<double> X = random_matrix<double>(5, 6, 24), R = random_matrix<double>(5, 6, 25);
+  lora::nn::LayerNorm<double> ln(6);
+  lora::nn::RMSNorm<double> rms(6);
+  ln.weight() = random_matrix<double>(6, 1, 26);
+  rms.weight() = random_matrix<double>(6, 1, 27);
+  for (lora::nn::Module<double>* m : {static_cast<lora::nn::Module<double>*>(&ln), static_cast<lora::nn::Module<double>*>(&rms)}) {
+    const Matrix<double> Y = m->forward(X);
+    const Matrix<double> dX = m->backward(R);
+    CHECK(m->forward(X) == Y);  // the forward after a backward is whole again
+    CHECK(m->backward(R) == dX);
+    const std::string second = message_of([&] { m->backward(R); });
+    CHECK(contains(second, m->type_name() + "::backward"));
+    CHECK(contains(second, "already ran"));
+    m->forward(X);
+    CHECK(m->backward(R) == dX);
+  }
+}
+
 namespace {
 // <forward(ids), R>, the scalar the embedding's gradient checks differentiate.
 double embedding_loss(lora::nn::Embedding<double>& e, const std::vector<Index>& ids, const Matrix<double>& R) {

@@ -27,6 +27,7 @@ class Elementwise : public nn::Module<Scalar> {
     lora::detail::resize_workspace(output_, x.rows(), x.cols());
     cached_rows_ = this->training() ? x.rows() : -1;
     cached_cols_ = x.cols();
+    consumed_ = false;
     return x;
   }
   // The same for infer(): the output goes to the context's next workspace.
@@ -37,14 +38,22 @@ class Elementwise : public nn::Module<Scalar> {
     lora::detail::resize_workspace(ws.output, x.rows(), x.cols());
     return {x, &ws.output};
   }
-  void begin_backward(const char* where, const Input& dY) {
+  // Checks dY against the last training forward; allocate = false for a module that writes dX over its
+  // cache (and calls consume()).
+  void begin_backward(const char* where, const Input& dY, bool allocate = true) {
+    if (consumed_)
+      detail::fail(where, "backward() already ran for the last forward(), whose cache now holds dX: "
+                          "call forward() again first");
     if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
     detail::require_shape(where, "grad_output", dY, cached_rows_, cached_cols_);
-    grad_input_.resize(dY.rows(), dY.cols());
+    if (allocate) grad_input_.resize(dY.rows(), dY.cols());
   }
+  // The cache now holds dX: a second backward() for the same forward() throws.
+  void consume() { consumed_ = true; }
 
   MatrixType output_, grad_input_, staging_;
   Index cached_rows_ = -1, cached_cols_ = 0;
+  bool consumed_ = false;
 };
 
 }  // namespace lora::detail
@@ -106,7 +115,8 @@ class Tanh final : public lora::detail::Elementwise<Scalar> {
 
 // GELU(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, PyTorch's default (approximate = "none").
 // dX = dY (Phi(x) + x phi(x)), phi the standard normal density. In training mode forward keeps that
-// derivative rather than the input, so backward is one product and evaluates no erf or exp.
+// derivative rather than the input, so backward is one product and evaluates no erf or exp; backward
+// writes dX over the kept derivative (no buffer of its own), so it runs once per forward().
 template <class Scalar>
 class GELU final : public lora::detail::Elementwise<Scalar> {
  public:
@@ -134,9 +144,10 @@ class GELU final : public lora::detail::Elementwise<Scalar> {
     return *out;
   }
   const MatrixType& backward(const Input& dY) override {
-    this->begin_backward("GELU::backward", dY);
-    this->grad_input_ = dY.cwiseProduct(derivative_);
-    return this->grad_input_;
+    this->begin_backward("GELU::backward", dY, false);
+    derivative_.array() *= dY.array();  // dY is never derivative_: that buffer leaves only as dX, after this
+    this->consume();
+    return derivative_;
   }
   std::string type_name() const override { return "GELU"; }
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<GELU>(*this); }
@@ -147,7 +158,7 @@ class GELU final : public lora::detail::Elementwise<Scalar> {
   }
   static Scalar pdf(Scalar x) { return static_cast<Scalar>(0.39894228040143267794) * std::exp(-x * x / Scalar(2)); }
 
-  MatrixType derivative_;  // Phi(x) + x phi(x) of the last training-mode forward
+  MatrixType derivative_;  // Phi(x) + x phi(x) of the last training-mode forward; dX after backward()
 };
 
 // log softmax of each row: y = x - max(x) - log(sum exp(x - max(x))), PyTorch's nn.LogSoftmax(dim = -1).

@@ -14,7 +14,8 @@
 
 namespace lora::nn {
 
-// The mask of a forward in training mode is kept for backward: dX = dY * mask. Masks come from a seeded,
+// The mask of a forward in training mode is kept for backward: dX = dY * mask, written over the mask (no
+// buffer of its own), so with p > 0 backward runs once per forward(). Masks come from a seeded,
 // platform-independent stream (reseed() restarts it), one uniform draw per entry, row by row.
 template <class Scalar>
 class Dropout final : public Module<Scalar> {
@@ -44,6 +45,7 @@ class Dropout final : public Module<Scalar> {
     }
     rows_ = this->training_ ? X.rows() : -1;
     cols_ = X.cols();
+    consumed_ = false;
     return output_;
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
@@ -54,13 +56,18 @@ class Dropout final : public Module<Scalar> {
   }
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "Dropout::backward";
+    if (consumed_)
+      detail::fail(where, "backward() already ran for the last forward(), whose mask now holds dX: "
+                          "call forward() again first");
     if (rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
     detail::require_shape(where, "grad_output", dY, rows_, cols_);
+    if (active_) {
+      mask_.array() *= dY.array();  // dY is never mask_: that buffer leaves only as dX, after this
+      consumed_ = true;
+      return mask_;
+    }
     detail::resize_workspace(grad_input_, dY.rows(), dY.cols());
-    if (active_)
-      grad_input_.noalias() = dY.cwiseProduct(mask_);
-    else
-      grad_input_ = dY;
+    grad_input_ = dY;
     return grad_input_;
   }
   void zero_grad() override {}
@@ -78,9 +85,9 @@ class Dropout final : public Module<Scalar> {
  private:
   double p_;
   detail::Random rng_;
-  bool active_ = false;
+  bool active_ = false, consumed_ = false;
   Index rows_ = -1, cols_ = 0;
-  MatrixType output_, mask_, grad_input_;
+  MatrixType output_, mask_, grad_input_;  // mask_ holds dX after backward(); grad_input_ only with p = 0
 };
 
 }  // namespace lora::nn

@@ -20,8 +20,11 @@ class InferenceContext;
 //             next forward(). In training mode the module keeps what backward() needs.
 // backward(dY)
 //   requires: dY = dL/dY, shaped like the output of the most recent forward(), which ran in training mode.
-//   ensures:  returns dX = dL/dX (assigned, valid until the next backward()); accumulates (+=) into the
-//             gradients of the trainable parameters. zero_grad() clears them.
+//   ensures:  returns dX = dL/dX (assigned, valid until the module's next forward() or backward());
+//             accumulates (+=) into the gradients of the trainable parameters. zero_grad() clears them.
+//   Once per training forward(), as in PyTorch: a module may write dX over what its forward() kept
+//   (GELU, Dropout with p > 0, LayerNorm and RMSNorm do, so no buffer lives only for the gradient) and
+//   then a second backward() throws until the next forward().
 template <class Scalar>
 class Module {
   static_assert(is_supported_scalar_v<Scalar>, "lora::nn modules support float and double only.");

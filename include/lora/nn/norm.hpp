@@ -19,6 +19,7 @@ namespace lora::nn::detail_norm {
 // backward (per row, g = dY * weight, m1 = mean(g), m2 = mean(g * xhat)):
 //   LayerNorm: dX = rstd (g - m1 - xhat m2);  RMSNorm: dX = rstd (g - xhat m2);
 //   grad_weight += column sums of dY * xhat, grad_bias += column sums of dY.
+// backward writes dX over the kept xhat (no buffer of its own), so it runs once per forward().
 template <class Scalar, bool Centered>
 class Norm final : public Module<Scalar> {
  public:
@@ -55,6 +56,7 @@ class Norm final : public Module<Scalar> {
     rstd_.resize(x.rows());
     compute(x, xhat_, rstd_, output_);
     cached_rows_ = this->training_ ? x.rows() : -1;
+    consumed_ = false;
     return output_;
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
@@ -71,22 +73,27 @@ class Norm final : public Module<Scalar> {
   }
   const MatrixType& backward(const Input& dY) override {
     const char* where = Centered ? "LayerNorm::backward" : "RMSNorm::backward";
+    if (consumed_)
+      lora::detail::fail(where, "backward() already ran for the last forward(), whose cache now holds dX: "
+                                "call forward() again first");
     if (cached_rows_ < 0) lora::detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
     lora::detail::require_shape(where, "grad_output", dY, cached_rows_, dim());
-    const Index n = dY.rows(), d = dim();
+    const Index n = dY.rows();
     if (trainable_) {
       grad_weight_.noalias() += (dY.array() * xhat_.array()).colwise().sum().matrix().transpose();
       if (Centered) grad_bias_.noalias() += dY.colwise().sum().transpose();
     }
-    lora::detail::resize_workspace(grad_input_, n, d);
+    g_.resize(dim());
     for (Index i = 0; i < n; ++i) {
-      // g = dY * weight, written into grad_input_ first, then replaced by dX.
-      grad_input_.row(i) = (dY.row(i).array() * weight_.transpose().array()).matrix();
-      const Scalar m2 = (grad_input_.row(i).array() * xhat_.row(i).array()).mean();
-      const Scalar m1 = Centered ? grad_input_.row(i).mean() : Scalar(0);
-      grad_input_.row(i) = ((grad_input_.row(i).array() - m1 - xhat_.row(i).array() * m2) * rstd_(i)).matrix();
+      // g = dY * weight; dX replaces the row of xhat it was computed from (dY is never xhat_: that buffer
+      // leaves only as dX, after this).
+      g_ = (dY.row(i).array() * weight_.transpose().array()).matrix();
+      const Scalar m2 = (g_.array() * xhat_.row(i).array()).mean();
+      const Scalar m1 = Centered ? g_.mean() : Scalar(0);
+      xhat_.row(i) = ((g_.array() - m1 - xhat_.row(i).array() * m2) * rstd_(i)).matrix();
     }
-    return grad_input_;
+    consumed_ = true;
+    return xhat_;
   }
   void zero_grad() override {
     grad_weight_.setZero();
@@ -176,9 +183,11 @@ class Norm final : public Module<Scalar> {
   bool trainable_ = false;
   lora::detail::GuardHandle guard_;
   lora::detail::TensorLease weight_lease_{guard_, "weight"}, bias_lease_{guard_, "bias"};
-  MatrixType xhat_, output_, grad_input_, staging_;
+  MatrixType xhat_, output_, staging_;  // xhat_ holds dX after backward()
   VectorType rstd_;
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> g_;  // one row of dY * weight
   Index cached_rows_ = -1;
+  bool consumed_ = false;
 };
 
 }  // namespace lora::nn::detail_norm
