@@ -109,6 +109,35 @@ void check_close(const Matrix<Scalar>& actual, const Matrix<double>& expected) {
 
 }  // namespace
 
+TEMPLATE_TEST_CASE("all_finite finds one NaN or Inf anywhere, in strided views too", "[optim][finite]", float, double) {
+  using Scalar = TestType;
+  const Scalar bad[] = {std::numeric_limits<Scalar>::quiet_NaN(), std::numeric_limits<Scalar>::infinity(),
+                        -std::numeric_limits<Scalar>::infinity()};
+  CHECK(lora::detail::all_finite(Matrix<Scalar>(0, 3)));
+  for (const Index rows : {Index(1), Index(7), Index(33)})
+    for (const Index cols : {Index(1), Index(5), Index(17)}) {
+      Matrix<Scalar> m = Matrix<Scalar>::Random(rows, cols);
+      m(0, 0) = std::numeric_limits<Scalar>::max();  // the largest finite value is finite
+      m(rows - 1, cols - 1) = -std::numeric_limits<Scalar>::max();
+      REQUIRE(lora::detail::all_finite(m));
+      // A view of all but the last column (outer stride cols): its entries, and only them, count.
+      const Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>> view(m.data(), rows, cols - 1,
+                                                                         Eigen::OuterStride<>(cols));
+      for (const Scalar b : bad)
+        for (const Index at : {Index(0), (rows * cols) / 2, rows * cols - 1}) {
+          Matrix<Scalar> x = m;
+          x(at / cols, at % cols) = b;
+          INFO(rows << " x " << cols << ", entry " << at << " = " << b);
+          CHECK_FALSE(lora::detail::all_finite(x));
+          CHECK(lora::detail::all_finite(x) == x.allFinite());
+          const Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>> xv(x.data(), rows, cols - 1,
+                                                                           Eigen::OuterStride<>(cols));
+          CHECK(lora::detail::all_finite(xv) == xv.allFinite());
+        }
+      CHECK(lora::detail::all_finite(view));
+    }
+}
+
 TEMPLATE_TEST_CASE("SGD without momentum: p -= lr g", "[optim][sgd]", float, double) {
   using Scalar = TestType;
   std::vector<Owned<Scalar>> p = {owned<Scalar>("w", ParameterRole::weight, {{1, -2}, {0.5, 3}}, {{0.5, 0.25}, {-1, 2}})};

@@ -53,7 +53,7 @@ auto softmax_cross_entropy() {
 namespace lora::detail {
 template <class Scalar>
 void require_finite_outputs(const char* where, const Matrix<Scalar>& out, Index first_row) {
-  if (out.allFinite()) return;
+  if (all_finite(out)) return;
   for (Index i = 0; i < out.rows(); ++i)
     if (!out.row(i).allFinite())
       fail(where, "the model's output for row ", first_row + i,

@@ -91,7 +91,7 @@ class StateStore {
                "; call reset_state() or erase_state(name) after changing the model");
         if (e.last_call == calls_) fail(where, "parameter '", p.name, "' appears twice in the list");
         e.last_call = calls_;
-        if (!p.grad.allFinite()) fail(where, "the gradient of '", p.name, "' contains NaN or Inf");
+        if (!lora::detail::all_finite(p.grad)) fail(where, "the gradient of '", p.name, "' contains NaN or Inf");
         resolved_.push_back(&e);
       }
     } catch (...) {
