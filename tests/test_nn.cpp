@@ -141,6 +141,27 @@ TEST_CASE("Linear gradients accumulate until zero_grad", "[nn][linear][gradient]
   CHECK(layer.grad_bias().isZero(0));
 }
 
+TEST_CASE("Linear writes dX over its kept input when the weight trains: once per forward", "[nn][linear]") {
+  Linear<double> layer(4, 3, true, 1);
+  const Matrix<double> X = random_matrix<double>(5, 4, 1), R = random_matrix<double>(5, 3, 2);
+  const Matrix<double> W = layer.weight();
+  const Matrix<double> Y = layer.forward(X);
+  const Matrix<double> dX = layer.backward(R);
+  CHECK(relative_error(dX, R * W) < 1e-15);
+  const Matrix<double> gW = layer.grad_weight();
+  CHECK(relative_error(gW, R.transpose() * X) < 1e-15);
+  CHECK(contains(message_of([&] { layer.backward(R); }), "Linear::backward: backward() already ran"));
+  CHECK(layer.grad_weight() == gW);  // the refused call changed nothing
+  CHECK(layer.forward(X) == Y);
+  CHECK(layer.backward(R) == dX);
+  CHECK(relative_error(layer.grad_weight(), 2 * gW) < 1e-15);
+  // A frozen weight keeps no input: dX has its own buffer, and backward may run again.
+  layer.set_trainable(false, true);
+  layer.forward(X);
+  CHECK(layer.backward(R) == dX);
+  CHECK(layer.backward(R) == dX);
+}
+
 TEST_CASE("activations: values and gradients", "[nn][activation][gradient]") {
   const Matrix<double> X = 2 * random_matrix<double>(4, 5, 11);
   ReLU<double> relu;

@@ -137,7 +137,8 @@ class Linear final : public Module<Scalar> {
   // Owner record and per-tensor guards of the views and parameter entries (see lora/parameter.hpp).
   detail::GuardHandle guard_;
   detail::TensorLease weight_lease_{guard_, "weight"}, bias_lease_{guard_, "bias"};
-  MatrixType input_, output_, grad_input_, staging_;
+  MatrixType input_, output_, grad_input_, staging_;  // input_ holds dX after backward() (trainable weight)
+  bool consumed_ = false;                             // ... and then a second backward() throws
   // The products' packing buffers (kept: a steady-state step allocates nothing). The products run through
   // the library's kernels, which thread only above threads_for's work threshold; Eigen's own threaded
   // product forks a team for any product above about 10^5 multiply-adds.
@@ -293,27 +294,35 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::forward(const Input& 
   }
   product(x, output_, gemm_);
   cached_rows_ = this->training_ ? X.rows() : -1;
+  consumed_ = false;
   return output_;
 }
 
 template <class Scalar>
 const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input& dY) {
   constexpr const char* where = "Linear::backward";
+  if (consumed_)
+    detail::fail(where, "backward() already ran for the last forward(), whose kept input now holds dX: "
+                        "call forward() again first");
   if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
   detail::require_shape(where, "grad_output", dY, cached_rows_, out_features());
-  const Input dy = lora::detail::unaliased<Scalar>(dY, grad_input_, staging_, base_ != nullptr);
+  // dX goes over the kept input X once grad_W has read it (a trainable weight), else into grad_input_.
+  const bool over_input = weight_trainable_;
+  MatrixType& dx = over_input ? input_ : grad_input_;
+  const Input dy = lora::detail::unaliased<Scalar>(dY, dx, staging_, base_ != nullptr);
   const Index n = dy.rows(), in = in_features(), out = out_features();
   if (weight_trainable_)  // grad_W += dY^T X: a rank-n update, dY^T read in place
     lora::detail::rank_update(lora::detail::in_place_update(out, in, n, dy.data(), Index(1), dy.outerStride(),
                                                             input_.data(), in, grad_weight_.data(), in),
                               pack_);
   if (bias_trainable_) grad_bias_.noalias() += dy.colwise().sum().transpose();
-  detail::resize_workspace(grad_input_, n, in);
+  detail::resize_workspace(dx, n, in);
   if (base_)
-    base_->backward_input(dy.data(), n, grad_input_.data(), gemm_);
+    base_->backward_input(dy.data(), n, dx.data(), gemm_);
   else
-    lora::detail::gemm_parallel(gemm_.backward, dy, Eigen::Map<const MatrixType>(weight_.data(), out, in), grad_input_);
-  return grad_input_;
+    lora::detail::gemm_parallel(gemm_.backward, dy, Eigen::Map<const MatrixType>(weight_.data(), out, in), dx);
+  consumed_ = over_input;
+  return dx;
 }
 
 template <class Scalar>

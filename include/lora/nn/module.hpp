@@ -23,7 +23,8 @@ class InferenceContext;
 //   ensures:  returns dX = dL/dX (assigned, valid until the module's next forward() or backward());
 //             accumulates (+=) into the gradients of the trainable parameters. zero_grad() clears them.
 //   Once per training forward(), as in PyTorch: a module may write dX over what its forward() kept
-//   (GELU, Dropout with p > 0, LayerNorm and RMSNorm do, so no buffer lives only for the gradient) and
+//   (GELU, Dropout with p > 0, LayerNorm, RMSNorm and a Linear whose weight trains do, so no buffer
+//   lives only for the gradient) and
 //   then a second backward() throws until the next forward().
 template <class Scalar>
 class Module {
