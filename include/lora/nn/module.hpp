@@ -24,8 +24,7 @@ class InferenceContext;
 //             accumulates (+=) into the gradients of the trainable parameters. zero_grad() clears them.
 //   Once per training forward(), as in PyTorch: a module may write dX over what its forward() kept
 //   (GELU, Dropout with p > 0, LayerNorm, RMSNorm and a Linear whose weight trains do, so no buffer
-//   lives only for the gradient) and
-//   then a second backward() throws until the next forward().
+//   lives only for the gradient), and then a second backward() throws until the next forward().
 template <class Scalar>
 class Module {
   static_assert(is_supported_scalar_v<Scalar>, "lora::nn modules support float and double only.");
