@@ -150,7 +150,8 @@ TEST_CASE("Linear writes dX over its kept input when the weight trains: once per
   CHECK(relative_error(dX, R * W) < 1e-15);
   const Matrix<double> gW = layer.grad_weight();
   CHECK(relative_error(gW, R.transpose() * X) < 1e-15);
-  CHECK(contains(message_of([&] { layer.backward(R); }), "Linear::backward: backward() already ran"));
+  CHECK(contains(message_of([&] { layer.backward(R); }), "Linear::backward: no cached forward"));
+  CHECK(contains(message_of([&] { layer.backward(R); }), "backward() already ran for the last forward()"));
   CHECK(layer.grad_weight() == gW);  // the refused call changed nothing
   CHECK(layer.forward(X) == Y);
   CHECK(layer.backward(R) == dX);
@@ -188,7 +189,8 @@ TEST_CASE("activations: values and gradients", "[nn][activation][gradient]") {
     return dy * (0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-x * x / 2) / std::sqrt(2 * 3.14159265358979323846));
   });
   CHECK(relative_error(dX, expected_dX) < 1e-14);
-  CHECK(contains(message_of([&] { gelu.backward(dY); }), "GELU::backward: backward() already ran"));
+  CHECK(contains(message_of([&] { gelu.backward(dY); }), "GELU::backward: no cached forward"));
+  CHECK(contains(message_of([&] { gelu.backward(dY); }), "backward() already ran for the last forward()"));
   gelu.forward(X);
   CHECK(gelu.backward(dY) == dX);
   relu.forward(X);  // the activations that keep their output allow it

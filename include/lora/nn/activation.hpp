@@ -27,7 +27,6 @@ class Elementwise : public nn::Module<Scalar> {
     lora::detail::resize_workspace(output_, x.rows(), x.cols());
     cached_rows_ = this->training() ? x.rows() : -1;
     cached_cols_ = x.cols();
-    consumed_ = false;
     return x;
   }
   // The same for infer(): the output goes to the context's next workspace.
@@ -41,19 +40,15 @@ class Elementwise : public nn::Module<Scalar> {
   // Checks dY against the last training forward; allocate = false for a module that writes dX over its
   // cache (and calls consume()).
   void begin_backward(const char* where, const Input& dY, bool allocate = true) {
-    if (consumed_)
-      detail::fail(where, "backward() already ran for the last forward(), whose cache now holds dX: "
-                          "call forward() again first");
-    if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    if (cached_rows_ < 0) this->fail_no_cached_forward(where);
     detail::require_shape(where, "grad_output", dY, cached_rows_, cached_cols_);
     if (allocate) grad_input_.resize(dY.rows(), dY.cols());
   }
-  // The cache now holds dX: a second backward() for the same forward() throws.
-  void consume() { consumed_ = true; }
+  // The cache now holds dX: dropped, so a second backward() for the same forward() throws.
+  void consume() { cached_rows_ = -1; }
 
   MatrixType output_, grad_input_, staging_;
-  Index cached_rows_ = -1, cached_cols_ = 0;
-  bool consumed_ = false;
+  Index cached_rows_ = -1, cached_cols_ = 0;  // cached_rows_ = -1: nothing to differentiate
 };
 
 }  // namespace lora::detail

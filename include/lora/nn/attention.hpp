@@ -148,7 +148,7 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
 
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "MultiHeadSelfAttention::backward";
-    if (!cached_) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    if (!cached_) this->fail_no_cached_forward(where);
     detail::require_shape(where, "grad_output", dY, batch_ * seq_len_, hidden_);
     const Input dC = count_ == 4 ? Input(children_[3]->backward(dY)) : dY;
     const MatrixType &q = *q_, &k = *k_, &v = *v_;

@@ -204,7 +204,7 @@ class BertLayer final : public Module<Scalar> {
 
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "BertLayer::backward";
-    if (!cached_) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    if (!cached_) this->fail_no_cached_forward(where);
     detail::require_shape(where, "grad_output", dY, sum2_.rows(), hidden_);
     const MatrixType& dS2 = leaf(2, 1).backward(dY);
     const MatrixType& dG = leaf(2, 0).backward(drop2_.p() > 0 ? drop2_.backward(dS2) : dS2);

@@ -102,7 +102,7 @@ class BertEmbeddings final : public Module<Scalar> {
   // Accumulates the gradients of the tables and the norm; returns an empty matrix.
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "BertEmbeddings::backward";
-    if (!cached_) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    if (!cached_) this->fail_no_cached_forward(where);
     detail::require_shape(where, "grad_output", dY, sum_.rows(), hidden_);
     const MatrixType& dS = children_[3]->backward(dropout_.p() > 0 ? Input(dropout_.backward(dY)) : dY);
     for (int i = 0; i < 3; ++i)

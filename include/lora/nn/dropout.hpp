@@ -45,7 +45,6 @@ class Dropout final : public Module<Scalar> {
     }
     rows_ = this->training_ ? X.rows() : -1;
     cols_ = X.cols();
-    consumed_ = false;
     return output_;
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
@@ -56,14 +55,11 @@ class Dropout final : public Module<Scalar> {
   }
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "Dropout::backward";
-    if (consumed_)
-      detail::fail(where, "backward() already ran for the last forward(), whose mask now holds dX: "
-                          "call forward() again first");
-    if (rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    if (rows_ < 0) this->fail_no_cached_forward(where);
     detail::require_shape(where, "grad_output", dY, rows_, cols_);
     if (active_) {
       mask_.array() *= dY.array();  // dY is never mask_: that buffer leaves only as dX, after this
-      consumed_ = true;
+      rows_ = -1;  // the mask is gone
       return mask_;
     }
     detail::resize_workspace(grad_input_, dY.rows(), dY.cols());
@@ -85,8 +81,8 @@ class Dropout final : public Module<Scalar> {
  private:
   double p_;
   detail::Random rng_;
-  bool active_ = false, consumed_ = false;
-  Index rows_ = -1, cols_ = 0;
+  bool active_ = false;
+  Index rows_ = -1, cols_ = 0;  // rows_ = -1: nothing to differentiate
   MatrixType output_, mask_, grad_input_;  // mask_ holds dX after backward(); grad_input_ only with p = 0
 };
 

@@ -164,7 +164,7 @@ class Embedding final : public Module<Scalar> {
   //             dA[:, id] += s (dY B)[i] (Z = A^T[ids]). Returns an empty matrix: ids have no gradient.
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "Embedding::backward";
-    if (!cached_) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    if (!cached_) this->fail_no_cached_forward(where);
     if (merged_) detail::fail(where, "the adapter is merged: unmerge() before training");
     detail::require_shape(where, "grad_output", dY, static_cast<Index>(ids_.size()), dim());
     const Index n = dY.rows();

@@ -138,7 +138,6 @@ class Linear final : public Module<Scalar> {
   detail::GuardHandle guard_;
   detail::TensorLease weight_lease_{guard_, "weight"}, bias_lease_{guard_, "bias"};
   MatrixType input_, output_, grad_input_, staging_;  // input_ holds dX after backward() (trainable weight)
-  bool consumed_ = false;                             // ... and then a second backward() throws
   // The products' packing buffers (kept: a steady-state step allocates nothing). The products run through
   // the library's kernels, which thread only above threads_for's work threshold; Eigen's own threaded
   // product forks a team for any product above about 10^5 multiply-adds.
@@ -294,17 +293,13 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::forward(const Input& 
   }
   product(x, output_, gemm_);
   cached_rows_ = this->training_ ? X.rows() : -1;
-  consumed_ = false;
   return output_;
 }
 
 template <class Scalar>
 const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input& dY) {
   constexpr const char* where = "Linear::backward";
-  if (consumed_)
-    detail::fail(where, "backward() already ran for the last forward(), whose kept input now holds dX: "
-                        "call forward() again first");
-  if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+  if (cached_rows_ < 0) this->fail_no_cached_forward(where);
   detail::require_shape(where, "grad_output", dY, cached_rows_, out_features());
   // dX goes over the kept input X once grad_W has read it (a trainable weight), else into grad_input_.
   const bool over_input = weight_trainable_;
@@ -321,7 +316,7 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input&
     base_->backward_input(dy.data(), n, dx.data(), gemm_);
   else
     lora::detail::gemm_parallel(gemm_.backward, dy, Eigen::Map<const MatrixType>(weight_.data(), out, in), dx);
-  consumed_ = over_input;
+  if (over_input) cached_rows_ = -1;  // X is gone
   return dx;
 }
 

@@ -24,7 +24,8 @@ class InferenceContext;
 //             accumulates (+=) into the gradients of the trainable parameters. zero_grad() clears them.
 //   Once per training forward(), as in PyTorch: a module may write dX over what its forward() kept
 //   (GELU, Dropout with p > 0, LayerNorm, RMSNorm and a Linear whose weight trains do, so no buffer
-//   lives only for the gradient), and then a second backward() throws until the next forward().
+//   lives only for the gradient; it drops that cache), and then a second backward() throws until the next
+//   forward().
 template <class Scalar>
 class Module {
   static_assert(is_supported_scalar_v<Scalar>, "lora::nn modules support float and double only.");
@@ -77,6 +78,13 @@ class Module {
 
   // A deep copy: parameters, gradients, trainability and mode.
   virtual std::unique_ptr<Module> clone() const = 0;
+
+ protected:
+  // backward() with no training forward() cached for it: none ran, or backward() already ran for it.
+  [[noreturn]] static void fail_no_cached_forward(const char* where) {
+    detail::fail(where, "no cached forward: call forward() in training mode (train()) first, once per backward() "
+                        "(if backward() already ran for the last forward(), its cache now holds dX)");
+  }
 
  protected:
   [[noreturn]] void no_child(const char* where, std::size_t i) const {

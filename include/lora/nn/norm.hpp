@@ -56,7 +56,6 @@ class Norm final : public Module<Scalar> {
     rstd_.resize(x.rows());
     compute(x, xhat_, rstd_, output_);
     cached_rows_ = this->training_ ? x.rows() : -1;
-    consumed_ = false;
     return output_;
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
@@ -73,10 +72,7 @@ class Norm final : public Module<Scalar> {
   }
   const MatrixType& backward(const Input& dY) override {
     const char* where = Centered ? "LayerNorm::backward" : "RMSNorm::backward";
-    if (consumed_)
-      lora::detail::fail(where, "backward() already ran for the last forward(), whose cache now holds dX: "
-                                "call forward() again first");
-    if (cached_rows_ < 0) lora::detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    if (cached_rows_ < 0) this->fail_no_cached_forward(where);
     lora::detail::require_shape(where, "grad_output", dY, cached_rows_, dim());
     const Index n = dY.rows();
     if (trainable_) {
@@ -92,7 +88,7 @@ class Norm final : public Module<Scalar> {
       const Scalar m1 = Centered ? g_.mean() : Scalar(0);
       xhat_.row(i) = ((g_.array() - m1 - xhat_.row(i).array() * m2) * rstd_(i)).matrix();
     }
-    consumed_ = true;
+    cached_rows_ = -1;  // xhat is gone
     return xhat_;
   }
   void zero_grad() override {
@@ -186,8 +182,7 @@ class Norm final : public Module<Scalar> {
   MatrixType xhat_, output_, staging_;  // xhat_ holds dX after backward()
   VectorType rstd_;
   Eigen::Matrix<Scalar, 1, Eigen::Dynamic> g_;  // one row of dY * weight
-  Index cached_rows_ = -1;
-  bool consumed_ = false;
+  Index cached_rows_ = -1;  // -1: nothing to differentiate
 };
 
 }  // namespace lora::nn::detail_norm

@@ -47,7 +47,7 @@ class Flatten final : public Module<Scalar> {
   //   ensures:  returns dX [n*g x c], dY's rows cut back into token rows (assigned).
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "Flatten::backward";
-    if (cached_rows_ < 0) detail::fail(where, "no cached forward: call forward() in training mode (train()) first");
+    if (cached_rows_ < 0) this->fail_no_cached_forward(where);
     detail::require_shape(where, "grad_output", dY, cached_rows_, group_ * features_);
     detail::resize_workspace(grad_input_, cached_rows_ * group_, features_);
     for (Index i = 0; i < dY.rows(); ++i)
