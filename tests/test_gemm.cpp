@@ -192,6 +192,108 @@ TEMPLATE_TEST_CASE("the packed GEMM splits large products over the threads and r
 #endif
 }
 
+TEMPLATE_TEST_CASE("the fused low-rank product (T = X U, C = X B + T V + bias) equals a double reference",
+                   "[kernels][gemm][lora]", float, double) {
+  using Scalar = TestType;
+  using Blocking = lora::detail::GemmBlocking<Scalar>;
+  constexpr Index MR = Blocking::MR, NR = Blocking::NR;
+  // Small blocks: T is finished across several KC blocks, several MC and NC blocks read it; r past one
+  // NR panel; with and without a bias; T made from X's panels or given; both thread splits.
+  const bool small_blocks = GENERATE(true, false);
+  const auto [m, n] = GENERATE(table<Index, Index>({{1, 1}, {MR + 1, NR - 1}, {2 * MR + 3, 3 * NR + 5}, {61, 9}, {7, 90}}));
+  const Index k = GENERATE(Index(1), Index(17), Index(70));
+  const Index r = GENERATE(Index(1), Index(3), Index(NR), NR + 1);
+  const bool with_bias = GENERATE(true, false);
+  const bool make_t = GENERATE(true, false);
+  const int mode = GENERATE(0, 1);  // assign (C is not read), accumulate with beta = -1.5
+  const int threads = GENERATE(1, 2);
+  CAPTURE(small_blocks, m, n, k, r, with_bias, make_t, mode, threads);
+  const lora::testing::ThreadSmallWork small_work(1);
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#endif
+  const Scalar beta = mode == 0 ? Scalar(0) : Scalar(-1.5);
+  const Matrix<Scalar> x = random_matrix<Scalar>(m, k, 31), w = random_matrix<Scalar>(n, k, 32);
+  const Matrix<Scalar> a = random_matrix<Scalar>(r, k, 33), v = random_matrix<Scalar>(r, n, 34);
+  const Matrix<Scalar> bias = random_matrix<Scalar>(1, n, 35), c0 = random_matrix<Scalar>(m, n, 36);
+  // The reference in double: T = X A^T; C = X W^T + T V + bias + beta C0, each entry's bound from the
+  // magnitudes of its terms (T's own rounding error carried through V).
+  const Matrix<double> xd = x.template cast<double>(), wd = w.template cast<double>(), ad = a.template cast<double>(),
+                       vd = v.template cast<double>();
+  const Matrix<double> t_ref = xd * ad.transpose(), t_mag = xd.cwiseAbs() * ad.cwiseAbs().transpose();
+  Matrix<double> c_ref = xd * wd.transpose() + t_ref * vd, c_mag = xd.cwiseAbs() * wd.cwiseAbs().transpose() +
+                                                                     t_mag * vd.cwiseAbs();
+  if (with_bias) {
+    c_ref.rowwise() += bias.template cast<double>().row(0);
+    c_mag.rowwise() += bias.template cast<double>().cwiseAbs().row(0);
+  }
+  if (beta != Scalar(0)) {
+    c_ref += static_cast<double>(beta) * c0.template cast<double>();
+    c_mag += std::abs(static_cast<double>(beta)) * c0.template cast<double>().cwiseAbs();
+  }
+  const double eps = std::numeric_limits<Scalar>::epsilon();
+  const Matrix<double> t_bound = (static_cast<double>(k + 2) * eps * t_mag).array() + std::numeric_limits<double>::min();
+  const Matrix<double> c_bound =
+      (static_cast<double>(k + r + 4) * eps * c_mag).array() + std::numeric_limits<double>::min();
+
+  lora::detail::GemmBuffers<Scalar> buffers(2);
+  if (small_blocks)
+    for (Blocking& b : buffers) b.set_block_sizes(2 * MR, 16, 2 * NR);
+  Matrix<Scalar> t(m, r), c = c0;
+  if (make_t)
+    t.setConstant(std::numeric_limits<Scalar>::quiet_NaN());  // made, not read
+  else
+    t = t_ref.template cast<Scalar>();
+  if (mode == 0) c.setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+  lora::detail::GemmOperands<Scalar> g;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = x.data();
+  g.a_rs = k;
+  g.a_cs = 1;
+  g.b = w.data();  // B = W^T
+  g.b_rs = 1;
+  g.b_cs = k;
+  g.c = c.data();
+  g.ldc = n;
+  g.beta = beta;
+  lora::detail::GemmLowRank<Scalar> low;
+  low.r = r;
+  low.u = make_t ? a.data() : nullptr;  // U = A^T, read in place (A's rows packed) ...
+  low.u_rs = 1;
+  low.u_cs = k;
+  const Matrix<Scalar> u_rows = a.transpose();  // ... or U [k x r] row-major (k = 17): the general path
+  if (k == 17) {
+    low.u = make_t ? u_rows.data() : nullptr;
+    low.u_rs = r;
+    low.u_cs = 1;
+  }
+  low.t = t.data();
+  low.ldt = r;
+  low.v = v.data();
+  low.ldv = n;
+  low.bias = with_bias ? bias.data() : nullptr;
+  for (int call = 0; call < 2; ++call) {  // the second call runs on the buffers the first one grew
+    if (call == 1) {
+      if (make_t) t.setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+      c = c0;
+      if (mode == 0) c.setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+    }
+    lora::detail::packed_gemm_parallel(
+        buffers, g,
+        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+          lora::detail::gemm_pack::pack_b<NR>(w.data() + jc * k + pc, Index(1), k, kc, nc, dst);
+        },
+        &low);
+    if (make_t) CHECK(wrong_entries(t, t_ref, t_bound) == 0);
+    CHECK(wrong_entries(c, c_ref, c_bound) == 0);
+  }
+#ifdef _OPENMP
+  omp_set_num_threads(omp_get_num_procs());
+#endif
+}
+
 TEST_CASE("GemmBlocking rejects block sizes the kernel cannot tile", "[kernels][gemm]") {
   using Blocking = lora::detail::GemmBlocking<float>;
   Blocking b;

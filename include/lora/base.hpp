@@ -48,8 +48,24 @@ class FrozenBase {
   // Y = X W0^T (+ b when add_bias). X [n x in] and Y [n x out] are row-major with packed rows and must not
   // overlap. Thread-safe: the base is only read; `work` belongs to the calling thread.
   virtual void forward(const Scalar* X, Index n, Scalar* Y, BaseWorkspace<Scalar>& work, bool add_bias) const = 0;
+  // The LoRA forward fused into the base's product, where the base can run it:
+  //   Y = X W0^T + T V + 1 bias^T, T = X U (U = low.u, [in x r]) from the same packed panels of X, or T given
+  // (low.u == nullptr); see detail::GemmLowRank. Returns false, having written nothing, where it cannot
+  // (the caller then runs forward() and the rank-r terms on their own): the BLAS build, decoding-sized n.
+  virtual bool forward_low_rank(const Scalar* X, Index n, Scalar* Y, const detail::GemmLowRank<Scalar>& low,
+                                BaseWorkspace<Scalar>& work) const {
+    (void)X, (void)n, (void)Y, (void)low, (void)work;
+    return false;
+  }
   // dX = dY W0, dY [n x out], dX [n x in] (assigned), same layout rules.
   virtual void backward_input(const Scalar* dY, Index n, Scalar* dX, BaseWorkspace<Scalar>& work) const = 0;
+  // The same with the adapters' part fused in: dX = dY W0 + T V, T = low.t given ([n x r], low.u is
+  // nullptr), V = low.v [r x in]. Returns false, having written nothing, where the base cannot.
+  virtual bool backward_input_low_rank(const Scalar* dY, Index n, Scalar* dX, const detail::GemmLowRank<Scalar>& low,
+                                       BaseWorkspace<Scalar>& work) const {
+    (void)dY, (void)n, (void)dX, (void)low, (void)work;
+    return false;
+  }
   // Rows [first, first + count) of W0 as dense values, into dst (count x in, row-major).
   virtual void dense_rows(Index first, Index count, Scalar* dst) const = 0;
   // W0 as dense row-major values when it is stored that way, else nullptr.
@@ -104,11 +120,67 @@ class DenseBase final : public FrozenBase<Scalar> {
     if (add_bias && this->has_bias()) Eigen::Map<MatrixType>(Y, n, out).rowwise() += this->bias().transpose();
   }
 
+  bool forward_low_rank(const Scalar* X, Index n, Scalar* Y, const detail::GemmLowRank<Scalar>& low,
+                        BaseWorkspace<Scalar>& work) const override {
+#ifdef EIGEN_USE_BLAS
+    (void)X, (void)n, (void)Y, (void)low, (void)work;
+    return false;  // the BLAS runs the big product
+#else
+    if (n <= small_batch) return false;  // the row-parallel pass of forward()
+    const Index in = this->in_features(), out = this->out_features();
+    detail::GemmOperands<Scalar> g;
+    g.m = n;
+    g.n = out;
+    g.k = in;
+    g.a = X;
+    g.a_rs = in;
+    g.a_cs = 1;
+    g.c = Y;
+    g.ldc = out;
+    constexpr int NR = detail::GemmBlocking<Scalar>::NR;
+    detail::packed_gemm_parallel(
+        work.forward, g,
+        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+          detail::gemm_pack::pack_b<NR>(W_ + jc * in + pc, Index(1), in, kc, nc, dst);  // B = W0^T
+        },
+        &low);
+    return true;
+#endif
+  }
+
   void backward_input(const Scalar* dY, Index n, Scalar* dX, BaseWorkspace<Scalar>& work) const override {
     const Index in = this->in_features(), out = this->out_features();
     Eigen::Map<MatrixType> dXm(dX, n, in);
     detail::gemm_parallel(work.backward, Eigen::Map<const MatrixType>(dY, n, out),
                       Eigen::Map<const MatrixType>(W_, out, in), dXm);
+  }
+
+  bool backward_input_low_rank(const Scalar* dY, Index n, Scalar* dX, const detail::GemmLowRank<Scalar>& low,
+                               BaseWorkspace<Scalar>& work) const override {
+#ifdef EIGEN_USE_BLAS
+    (void)dY, (void)n, (void)dX, (void)low, (void)work;
+    return false;  // the BLAS runs the big product
+#else
+    if (n <= small_batch) return false;  // few rows: Eigen's matrix-vector-like product of backward_input()
+    const Index in = this->in_features(), out = this->out_features();
+    detail::GemmOperands<Scalar> g;
+    g.m = n;
+    g.n = in;
+    g.k = out;
+    g.a = dY;
+    g.a_rs = out;
+    g.a_cs = 1;
+    g.c = dX;
+    g.ldc = in;
+    constexpr int NR = detail::GemmBlocking<Scalar>::NR;
+    detail::packed_gemm_parallel(
+        work.backward, g,
+        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+          detail::gemm_pack::pack_b<NR>(W_ + pc * in + jc, in, Index(1), kc, nc, dst);  // B = W0
+        },
+        &low);
+    return true;
+#endif
   }
 
   void dense_rows(Index first, Index count, Scalar* dst) const override {

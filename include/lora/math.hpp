@@ -14,6 +14,7 @@
 #include <lora/common.hpp>
 #include <lora/detail/kernels.hpp>
 
+#include <algorithm>
 #include <vector>
 
 namespace lora {
@@ -34,13 +35,14 @@ template <class Scalar>
 struct ForwardWorkspace {
   Matrix<Scalar> T;          // n x R, R = sum r_i
   Matrix<Scalar> scaled_Bt;  // R x out: [s_1 B_1^T; s_2 B_2^T; ...]
+  Matrix<Scalar> stacked_A;  // R x in: [A_1; A_2; ...] for a fused forward of several adapters
   detail::PackBuffer<Scalar> pack;
   BaseWorkspace<Scalar> base;
 };
 
 template <class Scalar>
 struct BackwardWorkspace {
-  Matrix<Scalar> dT, dBt, scaled_Bt, masked_grad;
+  Matrix<Scalar> dT, dBt, scaled_Bt, masked_grad, stacked_A;
   detail::PackBuffer<Scalar> pack;
   BaseWorkspace<Scalar> base;
 };
@@ -60,6 +62,19 @@ Index total_rank(const std::vector<AdapterTerm<Scalar>>& terms) {
   return R;
 }
 
+// [A_1; A_2; ...] (R x in): the terms' A, in place when there is one term, else stacked into `dst`.
+template <class Scalar>
+const Scalar* stacked_A(const std::vector<AdapterTerm<Scalar>>& terms, Index in, Matrix<Scalar>& dst) {
+  if (terms.size() == 1) return terms.front().A;
+  resize_workspace(dst, total_rank(terms), in);
+  Index row = 0;
+  for (const auto& t : terms) {
+    dst.middleRows(row, t.rank) = Eigen::Map<const Matrix<Scalar>>(t.A, t.rank, in);
+    row += t.rank;
+  }
+  return dst.data();
+}
+
 template <class Scalar>
 void stack_scaled_Bt(const std::vector<AdapterTerm<Scalar>>& terms, Index out, Matrix<Scalar>& dst) {
   resize_workspace(dst, total_rank(terms), out);
@@ -74,23 +89,41 @@ void stack_scaled_Bt(const std::vector<AdapterTerm<Scalar>>& terms, Index out, M
 // forward
 //   requires: X [n x in], Y [n x out], n >= 1; bias [out] or nullptr; every term's input (if any) [n x in].
 //   ensures:  Y = X W0^T + bias + sum_i s_i (X_i A_i^T) B_i^T; work.T holds [X_1 A_1^T | ...].
+// Where every adapter reads X itself (no dropout) and the base can (FrozenBase::forward_low_rank), T and
+// T [s_i B_i^T] + bias ride in the base's product: T from the packed panels of X, the update on each output
+// tile in registers. Otherwise the big product, T and one pass over the output run one after the other.
 template <class Scalar>
 void lora_forward(const FrozenBase<Scalar>& base, const std::vector<AdapterTerm<Scalar>>& terms, const Scalar* bias,
                   const Scalar* X, Index n, Scalar* Y, ForwardWorkspace<Scalar>& work) {
   const Index in = base.in_features(), out = base.out_features(), R = detail::total_rank(terms);
-  base.forward(X, n, Y, work.base, false);  // Y0 = X W0^T, the big product, straight into the output
   if (R == 0) {
+    base.forward(X, n, Y, work.base, false);
     if (bias) Eigen::Map<Matrix<Scalar>>(Y, n, out).rowwise() += Eigen::Map<const Vector<Scalar>>(bias, out).transpose();
     return;
   }
   detail::resize_workspace(work.T, n, R);
+  detail::stack_scaled_Bt(terms, out, work.scaled_Bt);
+  const bool reads_x = std::all_of(terms.begin(), terms.end(), [](const AdapterTerm<Scalar>& t) { return !t.input; });
+  if (reads_x) {
+    detail::GemmLowRank<Scalar> low;
+    low.r = R;
+    low.u = detail::stacked_A(terms, in, work.stacked_A);  // U = A^T: U(p, q) = A(q, p)
+    low.u_rs = 1;
+    low.u_cs = in;
+    low.t = work.T.data();
+    low.ldt = R;
+    low.v = work.scaled_Bt.data();
+    low.ldv = out;
+    low.bias = bias;
+    if (base.forward_low_rank(X, n, Y, low, work.base)) return;
+  }
+  base.forward(X, n, Y, work.base, false);  // Y0 = X W0^T, the big product, straight into the output
   Index col = 0;
   for (const auto& t : terms) {  // T_i = X_i A_i^T by the rank-r kernel
     detail::row_dots(n, t.rank, in, t.input ? t.input : X, in, t.A, in, work.T.data() + col, R);
     col += t.rank;
   }
   // Y = Y0 + bias + T [s_i B_i^T] in one pass over the output.
-  detail::stack_scaled_Bt(terms, out, work.scaled_Bt);
   auto epilogue = detail::in_place_update(n, out, R, work.T.data(), R, Index(1), work.scaled_Bt.data(), out, Y, out);
   epilogue.col_add = bias;
   detail::rank_update(epilogue, work.pack);
@@ -100,6 +133,9 @@ void lora_forward(const FrozenBase<Scalar>& base, const std::vector<AdapterTerm<
 //   requires: the terms, X and T (n x R) of a forward; dY [n x out]; dX [n x in]; grads per term.
 //   ensures:  dX = dY W0 + sum_i (dT_i A_i) * mask_i (assigned); grad_A_i += dT_i^T X_i and
 //             grad_B_i += s_i dY^T T_i (accumulated), with dT_i = s_i dY B_i.
+// dT = [dT_1 | ...] comes first (n x R x out); then, with no dropout mask, dX = dY W0 + dT [A_1; ...] is
+// one product (FrozenBase::forward_low_rank's fusion: the dT A update rides on each tile of dX), and the
+// rank-r gradients run in one parallel region over columns (dB^T = s T^T dY, dA += dT^T X).
 template <class Scalar>
 void lora_backward(const FrozenBase<Scalar>& base, const std::vector<AdapterTerm<Scalar>>& terms,
                    const std::vector<GradientTerm<Scalar>>& grads, const Scalar* X, const Matrix<Scalar>& T,
@@ -108,59 +144,68 @@ void lora_backward(const FrozenBase<Scalar>& base, const std::vector<AdapterTerm
   const Index in = base.in_features(), out = base.out_features(), R = detail::total_rank(terms);
   // T is only read when some adapter is active (R > 0): with none, the forward leaves it as it was.
   LORA_ASSERT(grads.size() == terms.size() && (R == 0 || (T.rows() == n && T.cols() == R)));
-  base.backward_input(dy, n, dX, work.base);  // the one big product: dY W0
-  if (R == 0) return;
+  if (R == 0) {
+    base.backward_input(dy, n, dX, work.base);
+    return;
+  }
   detail::stack_scaled_Bt(terms, out, work.scaled_Bt);
   detail::resize_workspace(work.dT, n, R);
   detail::resize_workspace(work.dBt, R, out);
+  detail::row_dots(n, R, out, dy, out, work.scaled_Bt.data(), out, work.dT.data(), R);  // dT = dY [s_i B_i^T]^T
+  const bool masked = std::any_of(terms.begin(), terms.end(), [](const AdapterTerm<Scalar>& t) { return t.mask; });
+  bool fused = false;
+  if (!masked) {
+    detail::GemmLowRank<Scalar> low;
+    low.r = R;
+    low.t = work.dT.data();
+    low.ldt = R;
+    low.v = detail::stacked_A(terms, in, work.stacked_A);
+    low.ldv = in;
+    fused = base.backward_input_low_rank(dy, n, dX, low, work.base);
+  }
+  if (!fused) base.backward_input(dy, n, dX, work.base);  // the one big product: dY W0
   Index col = 0;
   for (std::size_t k = 0; k < terms.size(); ++k) {
     const AdapterTerm<Scalar>& t = terms[k];
     const Index r = t.rank;
     const Scalar* Xi = t.input ? t.input : X;
-    // The four rank-r products in one parallel region with one barrier:
-    //   phase 1, rows of dY:    dT = dY (s B^T)^T, then dX += dT A on the same rows (no dropout);
-    //            columns of dY: dB^T = s T^T dY;
-    //   phase 2, columns of X:  dA += dT^T X_i (needs every row of dT).
+    //   columns of dY: dB^T = s T^T dY;   columns of X: dA += dT^T X_i;   rows: dX += dT A (not fused)
     auto db = detail::in_place_update(r, out, n, T.data() + col, Index(1), R, dy, out, work.dBt.data() + col * out, out,
                                       t.scaling);
     db.base = nullptr;
     const auto da = detail::in_place_update(r, in, n, work.dT.data() + col, Index(1), R, Xi, in, grads[k].grad_A, in);
     const auto dx = detail::in_place_update(n, in, r, work.dT.data() + col, R, Index(1), t.A, in, dX, in);
-    const bool fused_dx = t.mask == nullptr;
+    const bool row_dx = !fused && t.mask == nullptr;
     constexpr Index nr = detail::kernel::nr<Scalar>;
     const int threads = detail::threads_for(static_cast<double>(n) * static_cast<double>(r) *
-                                            static_cast<double>(2 * in + 2 * out));
+                                            static_cast<double>(in + out + (row_dx ? in : 0)));
     // pack: A's panels for dX (shared), then one block per thread for dB and dA
-    const Index a_panels = detail::kernel::panel_size<Scalar>(r, in);
+    const Index a_panels = row_dx ? detail::kernel::panel_size<Scalar>(r, in) : 0;
     const Index per_thread = detail::kernel::columns_pack_size<Scalar>();
     if (work.pack.size() < a_panels + threads * per_thread) work.pack.resize(a_panels + threads * per_thread);
-    if (fused_dx) detail::kernel::pack_panels(t.A, in, r, Index(0), in, work.pack.data());
-    Scalar* dT = work.dT.data();
-    const Scalar* sBt = work.scaled_Bt.data();
+    if (row_dx) detail::kernel::pack_panels(t.A, in, r, Index(0), in, work.pack.data());
     Scalar* pack_base = work.pack.data();
     detail::parallel_region(threads, [&](int th, int nt) {
       Scalar* pack = pack_base + a_panels + th * per_thread;
-      const auto rows = detail::split(n, detail::kernel::MR, th, nt);
-      detail::kernel::row_dots_block(out, dy, out, sBt + col * out, out, dT + col, R, Scalar(1), rows.first,
-                                     rows.second, Index(0), r);
-      if (fused_dx && rows.first < rows.second)
-        detail::kernel::rank_update_panels<false>(dx, pack_base, 0, 0, r, true, rows.first, rows.second, 0, in);
+      if (row_dx) {
+        const auto rows = detail::split(n, detail::kernel::MR, th, nt);
+        if (rows.first < rows.second)
+          detail::kernel::rank_update_panels<false>(dx, pack_base, 0, 0, r, true, rows.first, rows.second, 0, in);
+      }
       const auto out_cols = detail::split(out, nr, th, nt);
       if (out_cols.first < out_cols.second)
         detail::kernel::rank_update_columns<false>(db, pack, out_cols.first, out_cols.second);
-      detail::barrier(nt);
       const auto in_cols = detail::split(in, nr, th, nt);
       if (in_cols.first < in_cols.second)
         detail::kernel::rank_update_columns<false>(da, pack, in_cols.first, in_cols.second);
     });
     Eigen::Map<MatrixType>(grads[k].grad_B, out, r).noalias() += work.dBt.middleRows(col, r).transpose();
-    if (!fused_dx) {  // through the mask: dX += (dT A) * mask, by the rank-r kernel (no Eigen temporary)
+    if (t.mask) {  // through the mask: dX += (dT A) * mask, by the rank-r kernel (no Eigen temporary)
       detail::resize_workspace(work.masked_grad, n, in);
-      auto masked = detail::in_place_update(n, in, r, work.dT.data() + col, R, Index(1), t.A, in,
-                                            work.masked_grad.data(), in);
-      masked.base = nullptr;
-      detail::rank_update(masked, work.pack);
+      auto masked_dx = detail::in_place_update(n, in, r, work.dT.data() + col, R, Index(1), t.A, in,
+                                               work.masked_grad.data(), in);
+      masked_dx.base = nullptr;
+      detail::rank_update(masked_dx, work.pack);
       Eigen::Map<MatrixType>(dX, n, in).array() +=
           work.masked_grad.array() * Eigen::Map<const MatrixType>(t.mask, n, in).array();
     }

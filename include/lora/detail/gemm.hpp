@@ -31,7 +31,7 @@ namespace lora::detail {
 // thread ends (OpenMP keeps its pool's threads, and with them their buffers).
 template <class Scalar>
 struct PackArena {
-  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> a, b;
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> a, b, low_rank;  // low_rank: a fused product's extra panels
 
   static PackArena& of_this_thread() {
     thread_local PackArena arena;
@@ -69,6 +69,12 @@ class GemmBlocking {
     grow(arena.b, kc * round_up(std::min(nc_, n), NR));
     return {arena.a.data(), arena.b.data()};
   }
+  // The calling thread's buffer for a fused low-rank product's panels (packed_gemm), grown to `size`.
+  Scalar* reserve_low_rank(Index size) const {
+    PackArena<Scalar>& arena = PackArena<Scalar>::of_this_thread();
+    grow(arena.low_rank, size);
+    return arena.low_rank.data();
+  }
 
  private:
   static Index round_up(Index x, Index to) { return (x + to - 1) / to * to; }
@@ -92,30 +98,76 @@ struct GemmOperands {
   Scalar alpha = 1, beta = 0;
 };
 
+// The rank-r part of a LoRA forward, fused into a packed product C = A B (alpha = 1):
+//   T [m x r] = A U           U [k x r]: U(p, q) = u[p * u_rs + q * u_cs] (U = A_lora^T); u == nullptr: T is given
+//   C         = A B + T V + 1 bias^T + beta C       V [r x n]: V(q, j) = v[q * ldv + j]; bias [n] or nullptr
+// T comes from the same packed panels of A that feed C's tiles (r more columns of the product, kept
+// out of C), and T V + bias is one more stretch of each C tile's k loop (panels [T | 1] and [V; bias^T])
+// run at the last KC block, before the tile's store: no pass over C or A of its own.
+template <class Scalar>
+struct GemmLowRank {
+  Index r = 0;
+  const Scalar* u = nullptr;
+  Index u_rs = 0, u_cs = 0;
+  Scalar* t = nullptr;
+  Index ldt = 0;
+  const Scalar* v = nullptr;
+  Index ldv = 0;
+  const Scalar* bias = nullptr;
+};
+
 // The packed product on the calling thread (k >= 1), each block of B packed by
 // pack_b(pc, kc, jc, nc, dst): B(pc + p, jc + j), p < kc, j < nc, into gemm_pack::pack_b's panels at dst
 // (zeros past column nc). A B that is not in memory as values (a quantized W0) decodes itself there.
+// With `low` (r >= 1, alpha = 1), the fused low-rank product above.
 template <class Scalar, class PackB>
-void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, PackB&& pack_b) {
+void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, PackB&& pack_b,
+                 const GemmLowRank<Scalar>* low = nullptr) {
   using Kernel = gemm_kernel::Kernel<Scalar>;
   constexpr int MR = Kernel::MR, NR = Kernel::NR;
-  LORA_ASSERT(g.k >= 1);
+  LORA_ASSERT(g.k >= 1 && (!low || (low->r >= 1 && g.alpha == Scalar(1))));
   const auto [pa, pb] = blocking.reserve(g.m, g.n, g.k);
   const Index MC = blocking.mc(), KC = blocking.kc(), NC = blocking.nc();
+  // The low-rank panels: U's block (kc x r, NR-column panels), [T | 1] (MR-row panels of k2 steps) and
+  // [V; bias^T] (k2 x NR panels), k2 = r (+ 1 with a bias).
+  const Index r = low ? low->r : 0, k2 = low ? r + (low->bias ? 1 : 0) : 0;
+  const bool make_t = low && low->u;
+  const auto round_up = [](Index x, Index to) { return (x + to - 1) / to * to; };
+  const Index u_size = make_t ? std::min(KC, g.k) * round_up(r, NR) : 0;
+  const Index t_size = round_up(std::min(MC, g.m), MR) * k2;
+  Scalar* pu = low ? blocking.reserve_low_rank(u_size + t_size + k2 * round_up(std::min(NC, g.n), NR)) : nullptr;
+  Scalar* pt = pu + u_size;
+  Scalar* pv = pt + t_size;
   for (Index jc = 0; jc < g.n; jc += NC) {
     const Index nc = std::min(NC, g.n - jc);
+    if (low) gemm_pack::pack_b_row<NR>(low->v + jc, low->ldv, Index(1), r, nc, low->bias ? low->bias + jc : nullptr, pv);
     for (Index pc = 0; pc < g.k; pc += KC) {
       const Index kc = std::min(KC, g.k - pc);
       const Scalar beta = pc == 0 ? g.beta : Scalar(1);
+      const bool last = pc + kc == g.k, t_here = make_t && jc == 0;
       pack_b(pc, kc, jc, nc, pb);
+      if (t_here) gemm_pack::pack_b<NR>(low->u + pc * low->u_rs, low->u_rs, low->u_cs, kc, r, pu);
       for (Index ic = 0; ic < g.m; ic += MC) {
         const Index mc = std::min(MC, g.m - ic);
         gemm_pack::pack_a<MR>(g.a + ic * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, mc, kc, pa);
+        if (t_here) {  // T's rows of this block, from the panels just packed (complete at the last block)
+          for (Index jr = 0; jr < r; jr += NR)
+            for (Index ir = 0; ir < mc; ir += MR)
+              Kernel::run(kc, pa + ir * kc, pu + jr * kc, low->t + (ic + ir) * low->ldt + jr, low->ldt,
+                          std::min<Index>(MR, mc - ir), std::min<Index>(NR, r - jr), Scalar(1),
+                          pc == 0 ? Scalar(0) : Scalar(1));
+        }
+        if (low && last) gemm_pack::pack_a_ones<MR>(low->t + ic * low->ldt, low->ldt, Index(1), mc, r, low->bias != nullptr, pt);
         for (Index jr = 0; jr < nc; jr += NR) {
           const Index cols = std::min<Index>(NR, nc - jr);
           for (Index ir = 0; ir < mc; ir += MR) {
-            Kernel::run(kc, pa + ir * kc, pb + jr * kc, g.c + (ic + ir) * g.ldc + jc + jr, g.ldc,
-                        std::min<Index>(MR, mc - ir), cols, g.alpha, beta);
+            Scalar* c = g.c + (ic + ir) * g.ldc + jc + jr;
+            const Index rows = std::min<Index>(MR, mc - ir);
+            if (low && last)
+              Kernel::run(kc, pa + ir * kc, pb + jr * kc, k2, pt + ir * k2, pv + jr * k2, c, g.ldc, rows, cols,
+                          g.alpha, beta);
+            else
+              Kernel::run(kc, pa + ir * kc, pb + jr * kc, c, g.ldc, rows, cols, g.alpha, beta);
           }
         }
       }
@@ -125,11 +177,15 @@ void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar
 
 // The packed product on the calling thread (k >= 1), B read from memory through (g.b, g.b_rs, g.b_cs).
 template <class Scalar>
-void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g) {
+void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g,
+                 const GemmLowRank<Scalar>* low = nullptr) {
   constexpr int NR = GemmBlocking<Scalar>::NR;
-  packed_gemm(blocking, g, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
-    gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, dst);
-  });
+  packed_gemm(
+      blocking, g,
+      [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+        gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, dst);
+      },
+      low);
 }
 
 // Keeps a parameter out of template argument deduction (alpha, beta take the blocking's scalar).
@@ -235,16 +291,20 @@ void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs,
   });
 }
 
-// packed_gemm(blocking, g, pack_b) split over the threads as gemm_parallel splits (pack_b sees the
+// packed_gemm(blocking, g, pack_b, low) split over the threads as gemm_parallel splits (pack_b sees the
 // whole product's coordinates), one GemmBlocking of `buffers` each. Threads run even in the BLAS build:
-// a B that packs itself has no BLAS product.
+// a B that packs itself has no BLAS product. Split by columns, a fused product that makes T first
+// computes T = A U on each thread's rows (a packed product of its own), and after a barrier the column
+// parts read it.
 template <class Scalar, class PackB>
-void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scalar>& g, PackB&& pack_b) {
-  const int threads = std::max(
-      threads_for(static_cast<double>(g.m) * static_cast<double>(g.k) * static_cast<double>(g.n)), 1);
+void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scalar>& g, PackB&& pack_b,
+                          const GemmLowRank<Scalar>* low = nullptr) {
+  const double work = static_cast<double>(g.m) * static_cast<double>(g.k) *
+                      static_cast<double>(g.n + (low ? low->r : 0));
+  const int threads = std::max(threads_for(work), 1);
   if (static_cast<int>(buffers.size()) < threads) buffers.resize(static_cast<std::size_t>(threads));
   if (threads == 1) {
-    packed_gemm(buffers.front(), g, pack_b);
+    packed_gemm(buffers.front(), g, pack_b, low);
     return;
   }
   constexpr Index MR = GemmBlocking<Scalar>::MR, NR = GemmBlocking<Scalar>::NR;
@@ -252,20 +312,52 @@ void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scala
   parallel_region(threads, [&](int t, int nt) {
     GemmBlocking<Scalar>& own = buffers[static_cast<std::size_t>(t)];
     GemmOperands<Scalar> part = g;
-    const auto range = by_rows ? split(g.m, MR, t, nt) : split(g.n, NR, t, nt);
-    if (range.first >= range.second) return;
+    GemmLowRank<Scalar> part_low = low ? *low : GemmLowRank<Scalar>{};
     if (by_rows) {
-      part.m = range.second - range.first;
-      part.a += range.first * g.a_rs;
-      part.c += range.first * g.ldc;
-      packed_gemm(own, part, pack_b);
-    } else {
-      part.n = range.second - range.first;
-      part.c += range.first;
-      packed_gemm(own, part, [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
-        pack_b(pc, kc, range.first + jc, nc, dst);
-      });
+      const auto rows = split(g.m, MR, t, nt);
+      if (rows.first >= rows.second) return;
+      part.m = rows.second - rows.first;
+      part.a += rows.first * g.a_rs;
+      part.c += rows.first * g.ldc;
+      part_low.t += rows.first * part_low.ldt;
+      packed_gemm(own, part, pack_b, low ? &part_low : nullptr);
+      return;
     }
+    if (low && low->u) {  // T = A U by rows first: every column part needs all of it
+      const auto rows = split(g.m, MR, t, nt);
+      if (rows.first < rows.second && low->u_rs == 1 && g.a_cs == 1) {
+        // U = A_lora^T with A_lora's rows packed, A row-major: the rank-r row kernel, which reads A once
+        // and packs nothing (a packed product of r columns would pack all of A for them)
+        kernel::row_dots_block(g.k, g.a, g.a_rs, low->u, low->u_cs, low->t, low->ldt, Scalar(1), rows.first,
+                               rows.second, Index(0), low->r);
+      } else if (rows.first < rows.second) {
+        GemmOperands<Scalar> tg;
+        tg.m = rows.second - rows.first;
+        tg.n = low->r;
+        tg.k = g.k;
+        tg.a = g.a + rows.first * g.a_rs;
+        tg.a_rs = g.a_rs;
+        tg.a_cs = g.a_cs;
+        tg.b = low->u;
+        tg.b_rs = low->u_rs;
+        tg.b_cs = low->u_cs;
+        tg.c = low->t + rows.first * low->ldt;
+        tg.ldc = low->ldt;
+        packed_gemm(own, tg);
+      }
+      barrier(nt);
+      part_low.u = nullptr;
+    }
+    const auto cols = split(g.n, NR, t, nt);
+    if (cols.first >= cols.second) return;
+    part.n = cols.second - cols.first;
+    part.c += cols.first;
+    part_low.v += cols.first;
+    if (part_low.bias) part_low.bias += cols.first;
+    packed_gemm(
+        own, part,
+        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) { pack_b(pc, kc, cols.first + jc, nc, dst); },
+        low ? &part_low : nullptr);
   });
 }
 

@@ -6,7 +6,10 @@
 //   C[MR x NR] = alpha * Apanel[MR x kc] * Bpanel[kc x NR] + beta * C      (beta == 0: C is not read)
 // with NR = NV * V::width. The accumulators (MR x NV vectors) stay in registers; each step of p loads NV
 // vectors of the B panel and broadcasts MR values of the A panel. A tile clipped at the edge of C is
-// computed in full (the panels are zero-padded) and stored through a small buffer.
+// computed in full (the panels are zero-padded) and stored through a small buffer. A second pair of
+// panels (k2 steps of A2 [MR x k2] and B2 [k2 x NR]) may extend the sum before the store:
+//   C[MR x NR] = alpha * (Apanel Bpanel + A2panel B2panel) + beta * C
+// which is how a fused LoRA forward adds T (s B^T) and the bias to a tile while it is in registers.
 //
 // The tile shape is chosen at compile time from the compiler's target flags:
 //   __AVX512F__              12 x 32 float, 12 x 16 double
@@ -25,6 +28,7 @@ namespace lora::detail::gemm_kernel {
 // C tile = alpha * A panel * B panel + beta * C tile, rows x cols of it written (rows <= MR, cols <= NR).
 template <class V, int MR, int NV>
 inline void micro_kernel(Index kc, const typename V::Scalar* __restrict a, const typename V::Scalar* __restrict b,
+                         Index k2, const typename V::Scalar* __restrict a2, const typename V::Scalar* __restrict b2,
                          typename V::Scalar* c, Index ldc, Index rows, Index cols, typename V::Scalar alpha,
                          typename V::Scalar beta) {
   using Scalar = typename V::Scalar;
@@ -42,6 +46,17 @@ inline void micro_kernel(Index kc, const typename V::Scalar* __restrict a, const
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const T ar = V::broadcast(a[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
+    }
+  }
+  for (Index p = 0; p < k2; ++p, a2 += MR, b2 += NR) {
+    T bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b2 + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T ar = V::broadcast(a2[r]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
     }
@@ -91,7 +106,12 @@ struct PacketKernel {
   static constexpr int MR = MR_, NV = 2, NR = NV * V::width;
   static constexpr Index MC = MC_, KC = KC_, NC = NC_;
   static void run(Index kc, const S* a, const S* b, S* c, Index ldc, Index rows, Index cols, S alpha, S beta) {
-    micro_kernel<V, MR, NV>(kc, a, b, c, ldc, rows, cols, alpha, beta);
+    micro_kernel<V, MR, NV>(kc, a, b, 0, nullptr, nullptr, c, ldc, rows, cols, alpha, beta);
+  }
+  // The same with the k2 steps of a second pair of panels added before the store.
+  static void run(Index kc, const S* a, const S* b, Index k2, const S* a2, const S* b2, S* c, Index ldc, Index rows,
+                  Index cols, S alpha, S beta) {
+    micro_kernel<V, MR, NV>(kc, a, b, k2, a2, b2, c, ldc, rows, cols, alpha, beta);
   }
 };
 

@@ -39,4 +39,31 @@ void pack_b(const Scalar* b, Index rs, Index cs, Index kc, Index nc, Scalar* dst
   pack_a<NR>(b, cs, rs, nc, kc, dst);
 }
 
+// pack_a's panels of [A | 1] when `ones`: MR x (kc + 1) each, the last step 1 in the rows inside the block.
+template <int MR, class Scalar>
+void pack_a_ones(const Scalar* a, Index rs, Index cs, Index mc, Index kc, bool ones, Scalar* dst) {
+  const Index k = kc + (ones ? 1 : 0);
+  for (Index i = 0; i < mc; i += MR, dst += MR * k) {
+    const Index rows = std::min<Index>(MR, mc - i);
+    const Scalar* src = a + i * rs;
+    for (Index p = 0; p < kc; ++p)
+      for (int r = 0; r < MR; ++r) dst[p * MR + r] = r < rows ? src[r * rs + p * cs] : Scalar(0);
+    if (ones)
+      for (int r = 0; r < MR; ++r) dst[kc * MR + r] = r < rows ? Scalar(1) : Scalar(0);
+  }
+}
+
+// pack_b's panels of [B; row^T] when `row` is given: (kc + 1) x NR each, the last step row[j].
+template <int NR, class Scalar>
+void pack_b_row(const Scalar* b, Index rs, Index cs, Index kc, Index nc, const Scalar* row, Scalar* dst) {
+  const Index k = kc + (row ? 1 : 0);
+  for (Index j = 0; j < nc; j += NR, dst += NR * k) {
+    const Index cols = std::min<Index>(NR, nc - j);
+    for (Index p = 0; p < kc; ++p)
+      for (int c = 0; c < NR; ++c) dst[p * NR + c] = c < cols ? b[p * rs + (j + c) * cs] : Scalar(0);
+    if (row)
+      for (int c = 0; c < NR; ++c) dst[kc * NR + c] = c < cols ? row[j + c] : Scalar(0);
+  }
+}
+
 }  // namespace lora::detail::gemm_pack

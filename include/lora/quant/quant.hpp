@@ -329,45 +329,37 @@ class QuantizedBase final : public FrozenBase<Scalar> {
     if (n <= small_batch) {
       fused_forward(X, n, Y, work);
     } else {
-      // Y = X B with B = W0^T: B(p, j) = W0(j, p); a panel's NR columns are NR rows of W0.
-      lora::detail::packed_gemm_parallel(work.forward, operands(n, out, in, X, Y), [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
-        for (Index q = 0; q < nc; q += NR, dst += NR * kc) {
-          for (Index c = 0; c < NR; ++c) {
-            if (q + c >= nc) {
-              for (Index p = 0; p < kc; ++p) dst[p * NR + c] = Scalar(0);
-              continue;
-            }
-            Scalar chunk[pack_chunk];
-            for (Index p0 = 0; p0 < kc; p0 += pack_chunk) {
-              const Index len = std::min(pack_chunk, kc - p0);
-              q_.dequantize(jc + q + c, pc + p0, len, chunk);
-              for (Index p = 0; p < len; ++p) dst[(p0 + p) * NR + c] = chunk[p];
-            }
-          }
-        }
-      });
+      lora::detail::packed_gemm_parallel(work.forward, operands(n, out, in, X, Y),
+                                         [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+                                           pack_transposed(pc, kc, jc, nc, dst);
+                                         });
     }
     if (add_bias && this->has_bias()) Eigen::Map<Matrix<Scalar>>(Y, n, out).rowwise() += this->bias().transpose();
   }
 
+  // The fused LoRA forward (FrozenBase::forward_low_rank) through the same decoding packer: n > 8.
+  bool forward_low_rank(const Scalar* X, Index n, Scalar* Y, const lora::detail::GemmLowRank<Scalar>& low,
+                        BaseWorkspace<Scalar>& work) const override {
+    if (n <= small_batch) return false;
+    lora::detail::packed_gemm_parallel(
+        work.forward, operands(n, this->out_features(), this->in_features(), X, Y),
+        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) { pack_transposed(pc, kc, jc, nc, dst); }, &low);
+    return true;
+  }
+
   void backward_input(const Scalar* dY, Index n, Scalar* dX, BaseWorkspace<Scalar>& work) const override {
-    const Index in = this->in_features(), out = this->out_features();
-    // dX = dY B with B = W0: a panel's row p holds NR consecutive weights of W0's row pc + p.
-    lora::detail::packed_gemm_parallel(work.backward, operands(n, in, out, dY, dX), [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
-      Scalar chunk[pack_chunk];
-      for (Index p = 0; p < kc; ++p) {
-        for (Index j0 = 0; j0 < nc; j0 += pack_chunk) {
-          const Index len = std::min(pack_chunk, nc - j0);
-          q_.dequantize(pc + p, jc + j0, len, chunk);
-          for (Index q = 0; q < len; q += NR) {
-            Scalar* panel = dst + (j0 + q) * kc + p * NR;
-            const Index cols = std::min(NR, len - q);
-            std::copy(chunk + q, chunk + q + cols, panel);
-            std::fill(panel + cols, panel + NR, Scalar(0));
-          }
-        }
-      }
-    });
+    lora::detail::packed_gemm_parallel(work.backward, operands(n, this->in_features(), this->out_features(), dY, dX),
+                                       [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+                                         pack_rows(pc, kc, jc, nc, dst);
+                                       });
+  }
+  // dX = dY W0 + T V (FrozenBase::backward_input_low_rank) through the same decoding packer.
+  bool backward_input_low_rank(const Scalar* dY, Index n, Scalar* dX, const lora::detail::GemmLowRank<Scalar>& low,
+                               BaseWorkspace<Scalar>& work) const override {
+    lora::detail::packed_gemm_parallel(
+        work.backward, operands(n, this->in_features(), this->out_features(), dY, dX),
+        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) { pack_rows(pc, kc, jc, nc, dst); }, &low);
+    return true;
   }
 
   void dense_rows(Index first, Index count, Scalar* dst) const override { q_.dequantize_rows(first, count, dst); }
@@ -384,6 +376,43 @@ class QuantizedBase final : public FrozenBase<Scalar> {
  private:
   static constexpr Index small_batch = 8;
   static constexpr Index NR = lora::detail::GemmBlocking<Scalar>::NR;
+
+  // The forward's B = W0^T, block (pc, kc, jc, nc) into NR-column panels at dst: B(p, j) = W0(j, p), so a
+  // panel's NR columns are NR rows of W0, decoded a chunk at a time.
+  void pack_transposed(Index pc, Index kc, Index jc, Index nc, Scalar* dst) const {
+    for (Index q = 0; q < nc; q += NR, dst += NR * kc) {
+      for (Index c = 0; c < NR; ++c) {
+        if (q + c >= nc) {
+          for (Index p = 0; p < kc; ++p) dst[p * NR + c] = Scalar(0);
+          continue;
+        }
+        Scalar chunk[pack_chunk];
+        for (Index p0 = 0; p0 < kc; p0 += pack_chunk) {
+          const Index len = std::min(pack_chunk, kc - p0);
+          q_.dequantize(jc + q + c, pc + p0, len, chunk);
+          for (Index p = 0; p < len; ++p) dst[(p0 + p) * NR + c] = chunk[p];
+        }
+      }
+    }
+  }
+
+  // The backward's B = W0, block (pc, kc, jc, nc) into NR-column panels at dst: a panel's row p holds NR
+  // consecutive weights of W0's row pc + p.
+  void pack_rows(Index pc, Index kc, Index jc, Index nc, Scalar* dst) const {
+    Scalar chunk[pack_chunk];
+    for (Index p = 0; p < kc; ++p) {
+      for (Index j0 = 0; j0 < nc; j0 += pack_chunk) {
+        const Index len = std::min(pack_chunk, nc - j0);
+        q_.dequantize(pc + p, jc + j0, len, chunk);
+        for (Index q = 0; q < len; q += NR) {
+          Scalar* panel = dst + (j0 + q) * kc + p * NR;
+          const Index cols = std::min(NR, len - q);
+          std::copy(chunk + q, chunk + q + cols, panel);
+          std::fill(panel + cols, panel + NR, Scalar(0));
+        }
+      }
+    }
+  }
 
   // C [m x n] = A [m x k] B, A and C row-major with packed rows; B packs itself.
   static lora::detail::GemmOperands<Scalar> operands(Index m, Index n, Index k, const Scalar* a, Scalar* c) {
