@@ -319,7 +319,7 @@ void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scala
       part.m = rows.second - rows.first;
       part.a += rows.first * g.a_rs;
       part.c += rows.first * g.ldc;
-      part_low.t += rows.first * part_low.ldt;
+      if (low) part_low.t += rows.first * part_low.ldt;
       packed_gemm(own, part, pack_b, low ? &part_low : nullptr);
       return;
     }
@@ -352,8 +352,10 @@ void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scala
     if (cols.first >= cols.second) return;
     part.n = cols.second - cols.first;
     part.c += cols.first;
-    part_low.v += cols.first;
-    if (part_low.bias) part_low.bias += cols.first;
+    if (low) {
+      part_low.v += cols.first;
+      if (part_low.bias) part_low.bias += cols.first;
+    }
     packed_gemm(
         own, part,
         [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) { pack_b(pc, kc, cols.first + jc, nc, dst); },
