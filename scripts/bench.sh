@@ -3,7 +3,8 @@
 # dense-product comparison (the library's packed GEMM and LoRA layer beside OpenBLAS, BLIS and oneDNN and
 # the FMA peak, bench/sgemm_table.py), then the suite and the PyTorch comparison case by case, and prints
 # the tables (also in build/bench-results/).
-#   scripts/bench.sh            everything: f32 and f64, 1 and 2 threads, sweeps, PyTorch (about 45 min)
+#   scripts/bench.sh            everything: f32 and f64, 1 and 2 threads, sweeps, PyTorch (the suite took 33 min
+#                               on an idle 2-core machine; the dense comparison adds about 2 min a round, 3 rounds)
 #   scripts/bench.sh --quick    f32 main cases, fewer repetitions, one round of the dense comparison
 # Extra arguments go to bench/run.py (see bench/run.py --help).
 set -eu
