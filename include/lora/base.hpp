@@ -127,23 +127,12 @@ class DenseBase final : public FrozenBase<Scalar> {
     return false;  // the BLAS runs the big product
 #else
     if (n <= small_batch) return false;  // the row-parallel pass of forward()
-    const Index in = this->in_features(), out = this->out_features();
-    detail::GemmOperands<Scalar> g;
-    g.m = n;
-    g.n = out;
-    g.k = in;
-    g.a = X;
-    g.a_rs = in;
-    g.a_cs = 1;
-    g.c = Y;
-    g.ldc = out;
-    constexpr int NR = detail::GemmBlocking<Scalar>::NR;
-    detail::packed_gemm_parallel(
-        work.forward, g,
-        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
-          detail::gemm_pack::pack_b<NR>(W_ + jc * in + pc, Index(1), in, kc, nc, dst);  // B = W0^T
-        },
-        &low);
+    const Index in = this->in_features();
+    auto g = detail::row_major_operands(n, this->out_features(), in, X, Y);
+    g.b = W_;  // B = W0^T: B(p, j) = W0(j, p)
+    g.b_rs = 1;
+    g.b_cs = in;
+    detail::packed_gemm_parallel(work.forward, g, &low);
     return true;
 #endif
   }
@@ -162,23 +151,12 @@ class DenseBase final : public FrozenBase<Scalar> {
     return false;  // the BLAS runs the big product
 #else
     if (n <= small_batch) return false;  // few rows: Eigen's matrix-vector-like product of backward_input()
-    const Index in = this->in_features(), out = this->out_features();
-    detail::GemmOperands<Scalar> g;
-    g.m = n;
-    g.n = in;
-    g.k = out;
-    g.a = dY;
-    g.a_rs = out;
-    g.a_cs = 1;
-    g.c = dX;
-    g.ldc = in;
-    constexpr int NR = detail::GemmBlocking<Scalar>::NR;
-    detail::packed_gemm_parallel(
-        work.backward, g,
-        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
-          detail::gemm_pack::pack_b<NR>(W_ + pc * in + jc, in, Index(1), kc, nc, dst);  // B = W0
-        },
-        &low);
+    const Index in = this->in_features();
+    auto g = detail::row_major_operands(n, in, this->out_features(), dY, dX);
+    g.b = W_;  // B = W0
+    g.b_rs = in;
+    g.b_cs = 1;
+    detail::packed_gemm_parallel(work.backward, g, &low);
     return true;
 #endif
   }

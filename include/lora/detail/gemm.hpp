@@ -98,6 +98,21 @@ struct GemmOperands {
   Scalar alpha = 1, beta = 0;
 };
 
+// C [m x n] = A [m x k] B with A and C row-major, packed rows (B is set by the caller, or packs itself).
+template <class Scalar>
+GemmOperands<Scalar> row_major_operands(Index m, Index n, Index k, const Scalar* a, Scalar* c) {
+  GemmOperands<Scalar> g;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = a;
+  g.a_rs = k;
+  g.a_cs = 1;
+  g.c = c;
+  g.ldc = n;
+  return g;
+}
+
 // The rank-r part of a LoRA forward, fused into a packed product C = A B (alpha = 1):
 //   T [m x r] = A U           U [k x r]: U(p, q) = u[p * u_rs + q * u_cs] (U = A_lora^T); u == nullptr: T is given
 //   C         = A B + T V + 1 bias^T + beta C       V [r x n]: V(q, j) = v[q * ldv + j]; bias [n] or nullptr
@@ -361,6 +376,19 @@ void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scala
         [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) { pack_b(pc, kc, cols.first + jc, nc, dst); },
         low ? &part_low : nullptr);
   });
+}
+
+// packed_gemm_parallel with B read from memory through (g.b, g.b_rs, g.b_cs).
+template <class Scalar>
+void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scalar>& g,
+                          const GemmLowRank<Scalar>* low = nullptr) {
+  constexpr int NR = GemmBlocking<Scalar>::NR;
+  packed_gemm_parallel(
+      buffers, g,
+      [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+        gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, dst);
+      },
+      low);
 }
 
 }  // namespace lora::detail

@@ -25,6 +25,25 @@
 
 namespace lora::detail::gemm_kernel {
 
+// acc += the k steps of an A panel [MR x k] times a B panel [k x NR].
+template <class V, int MR, int NV>
+EIGEN_ALWAYS_INLINE void accumulate(typename V::type (&acc)[MR][NV], Index k, const typename V::Scalar* __restrict a,
+                                    const typename V::Scalar* __restrict b) {
+  using T = typename V::type;
+  constexpr int W = V::width, NR = NV * W;
+  for (Index p = 0; p < k; ++p, a += MR, b += NR) {
+    T bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T ar = V::broadcast(a[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
+    }
+  }
+}
+
 // C tile = alpha * A panel * B panel + beta * C tile, rows x cols of it written (rows <= MR, cols <= NR).
 template <class V, int MR, int NV>
 inline void micro_kernel(Index kc, const typename V::Scalar* __restrict a, const typename V::Scalar* __restrict b,
@@ -39,28 +58,8 @@ inline void micro_kernel(Index kc, const typename V::Scalar* __restrict a, const
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-  for (Index p = 0; p < kc; ++p, a += MR, b += NR) {
-    T bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const T ar = V::broadcast(a[r]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
-    }
-  }
-  for (Index p = 0; p < k2; ++p, a2 += MR, b2 += NR) {
-    T bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(b2 + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const T ar = V::broadcast(a2[r]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
-    }
-  }
+  accumulate<V, MR, NV>(acc, kc, a, b);
+  accumulate<V, MR, NV>(acc, k2, a2, b2);
   const T va = V::broadcast(alpha), vb = V::broadcast(beta);
   if (rows == MR && cols == NR) {
 #pragma GCC unroll 16

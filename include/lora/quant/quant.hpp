@@ -329,7 +329,7 @@ class QuantizedBase final : public FrozenBase<Scalar> {
     if (n <= small_batch) {
       fused_forward(X, n, Y, work);
     } else {
-      lora::detail::packed_gemm_parallel(work.forward, operands(n, out, in, X, Y),
+      lora::detail::packed_gemm_parallel(work.forward, lora::detail::row_major_operands(n, out, in, X, Y),
                                          [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
                                            pack_transposed(pc, kc, jc, nc, dst);
                                          });
@@ -342,13 +342,13 @@ class QuantizedBase final : public FrozenBase<Scalar> {
                         BaseWorkspace<Scalar>& work) const override {
     if (n <= small_batch) return false;
     lora::detail::packed_gemm_parallel(
-        work.forward, operands(n, this->out_features(), this->in_features(), X, Y),
+        work.forward, lora::detail::row_major_operands(n, this->out_features(), this->in_features(), X, Y),
         [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) { pack_transposed(pc, kc, jc, nc, dst); }, &low);
     return true;
   }
 
   void backward_input(const Scalar* dY, Index n, Scalar* dX, BaseWorkspace<Scalar>& work) const override {
-    lora::detail::packed_gemm_parallel(work.backward, operands(n, this->in_features(), this->out_features(), dY, dX),
+    lora::detail::packed_gemm_parallel(work.backward, lora::detail::row_major_operands(n, this->in_features(), this->out_features(), dY, dX),
                                        [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
                                          pack_rows(pc, kc, jc, nc, dst);
                                        });
@@ -357,7 +357,7 @@ class QuantizedBase final : public FrozenBase<Scalar> {
   bool backward_input_low_rank(const Scalar* dY, Index n, Scalar* dX, const lora::detail::GemmLowRank<Scalar>& low,
                                BaseWorkspace<Scalar>& work) const override {
     lora::detail::packed_gemm_parallel(
-        work.backward, operands(n, this->in_features(), this->out_features(), dY, dX),
+        work.backward, lora::detail::row_major_operands(n, this->in_features(), this->out_features(), dY, dX),
         [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) { pack_rows(pc, kc, jc, nc, dst); }, &low);
     return true;
   }
@@ -414,19 +414,6 @@ class QuantizedBase final : public FrozenBase<Scalar> {
     }
   }
 
-  // C [m x n] = A [m x k] B, A and C row-major with packed rows; B packs itself.
-  static lora::detail::GemmOperands<Scalar> operands(Index m, Index n, Index k, const Scalar* a, Scalar* c) {
-    lora::detail::GemmOperands<Scalar> g;
-    g.m = m;
-    g.n = n;
-    g.k = k;
-    g.a = a;
-    g.a_rs = k;
-    g.a_cs = 1;
-    g.c = c;
-    g.ldc = n;
-    return g;
-  }
   // Weights dequantized per call while packing (a multiple of NR, on the stack).
   static constexpr Index pack_chunk = 8 * NR;
 
