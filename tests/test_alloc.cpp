@@ -2,6 +2,8 @@
 // and everything built on it: operator new, Eigen's aligned_malloc, the OpenMP runtime) is counted
 // around a loop of calls with a fixed batch size. Its own executable, because it replaces malloc.
 #include <lora/lora.hpp>
+#include <lora/nn/bert_model.hpp>
+#include <lora/optim.hpp>
 
 #include "instances.hpp"
 #include "gradient_check.hpp"
@@ -313,6 +315,66 @@ TEST_CASE("two models train different adapters over one shared base", "[alloc][b
   first.eval();
   second.eval();
   CHECK(first.forward(X) != second.forward(X));
+#endif
+}
+
+TEST_CASE("a BERT training step allocates nothing in steady state; its layers share their transient buffers",
+          "[alloc][bert]") {
+#ifndef LORA_TEST_COUNTS_MALLOC
+  SUCCEED("malloc is not replaceable in this build (sanitizer or non-glibc): nothing to count");
+#else
+  using namespace lora::nn;
+  BertConfig config;
+  config.vocab_size = 50;
+  config.hidden_size = 32;
+  config.num_hidden_layers = 4;
+  config.num_attention_heads = 4;
+  config.intermediate_size = 128;
+  config.max_position_embeddings = 16;
+  config.num_labels = 3;
+  config.hidden_dropout_prob = 0.1;
+  config.attention_probs_dropout_prob = 0.1;
+  std::vector<std::vector<Index>> ids;
+  for (Index b = 0; b < 16; ++b) ids.push_back(std::vector<Index>(static_cast<std::size_t>(4 + b % 9), 1 + b % 40));
+  const TokenBatch batch(ids, config.vocab_size);
+  std::vector<int> labels(ids.size());
+  for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<int>(i % 3);
+  const bool lora = GENERATE(false, true);
+  CAPTURE(lora);
+  // The bytes the first steps allocate, with the layers' buffers shared or not.
+  long long first_steps[2] = {0, 0};
+  for (int share = 0; share < 2; ++share) {
+    BertForSequenceClassification<float> model(config, 1);
+    if (lora) {
+      LoraInjectConfig c;
+      c.target_modules = {"query", "value"};
+      c.modules_to_save = {"classifier"};
+      c.rank = 4;
+      inject_lora(model, c);
+    }
+    model.set_share_layer_buffers(share == 1);
+    lora::ParameterList<float> params = model.parameters();
+    lora::optim::AdamW<float> optimizer{lora::optim::AdamWOptions{}};
+    SoftmaxCrossEntropy<float> loss;
+    auto step = [&] {
+      model.zero_grad();
+      loss.forward(model.forward(batch), labels);
+      model.backward(loss.backward());
+      optimizer.step(params);
+    };
+    const long long bytes = allocation_bytes();
+    step();
+    step();
+    first_steps[share] = allocation_bytes() - bytes;
+    const long before = allocation_count();
+    for (int i = 0; i < 3; ++i) step();
+    CHECK(allocation_count() - before == 0);
+  }
+  // Shared, layers 1..3 use layer 0's outputs and gradients: at least the intermediate.dense output, the
+  // GELU output and output.dense's dX ([rows x intermediate] each) are not allocated again per layer.
+  const long long per_layer = 3LL * batch.num_rows() * config.intermediate_size * static_cast<long long>(sizeof(float));
+  INFO("first two steps: " << first_steps[0] << " bytes unshared, " << first_steps[1] << " shared");
+  CHECK(first_steps[0] - first_steps[1] >= (config.num_hidden_layers - 1) * per_layer);
 #endif
 }
 

@@ -254,6 +254,81 @@ TEST_CASE("BertForSequenceClassification: LoRA on query and value by PEFT's name
   CHECK(relative_error(model.forward(tiny_batch()), adapted) < 1e-14);
 }
 
+TEST_CASE("BertForSequenceClassification: the layers share transient buffers, with the unshared model's values",
+          "[transformer][bert_model]") {
+  lora::nn::BertConfig c = tiny_config();
+  c.num_hidden_layers = 3;
+  lora::nn::BertForSequenceClassification<double> shared(c, 12);
+  perturb(shared, 71);
+  const bool lora = GENERATE(false, true);
+  CAPTURE(lora);
+  if (lora) {
+    lora::nn::LoraInjectConfig config;
+    config.target_modules = {"query", "value", "intermediate.dense"};
+    config.layers_to_transform = {0, 2};  // layer 1 keeps plain Linear layers there: those do not share
+    config.rank = 2;
+    config.init = lora::InitMethod::random;
+    lora::nn::inject_lora(shared, config);
+  }
+  shared.set_dropout(0.2, 0.1, 5);
+  lora::nn::BertForSequenceClassification<double> own(shared);
+  own.set_share_layer_buffers(false);
+  CHECK(shared.share_layer_buffers());
+  CHECK(!own.share_layer_buffers());
+  const lora::nn::TokenBatch batch = tiny_batch();
+  const std::vector<int> labels = {1, 2, 0};
+  for (int step = 0; step < 2; ++step) {  // the second step runs over buffers the first one sized
+    shared.zero_grad();
+    own.zero_grad();
+    const double a = loss_of(shared, batch, labels, true), b = loss_of(own, batch, labels, true);
+    CHECK(a == b);
+    CHECK(shared.last_hidden_state() == own.last_hidden_state());
+    lora::ParameterList<double> ps = shared.parameters(), po = own.parameters();
+    REQUIRE(ps.size() == po.size());
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      INFO(ps[i].name);
+      CHECK(Matrix<double>(ps[i].grad) == Matrix<double>(po[i].grad));
+    }
+  }
+  // The same buffer serves the intermediate.dense output of layers 0 and 2 in the shared model (not in
+  // the other one), and of layer 1 unless a LoRA layer replaced it in 0 and 2.
+  auto dense = [](lora::nn::BertForSequenceClassification<double>& m, Index l) -> lora::nn::Module<double>& {
+    return m.layer(l).child(1).child(0);
+  };
+  const Matrix<double> H = random_matrix<double>(batch.num_rows(), c.hidden_size, 3);
+  auto output_of = [&](lora::nn::BertForSequenceClassification<double>& m, Index l) { return &dense(m, l).forward(H); };
+  CHECK(output_of(shared, 0) == output_of(shared, 2));
+  CHECK((output_of(shared, 0) == output_of(shared, 1)) == !lora);
+  CHECK(output_of(own, 0) != output_of(own, 2));
+  // A clone (or copy) never shares with its original; it links its own layers on its first forward.
+  std::unique_ptr<lora::nn::Module<double>> copy = shared.clone();
+  auto& cloned = static_cast<lora::nn::BertForSequenceClassification<double>&>(*copy);
+  CHECK(output_of(cloned, 0) != output_of(shared, 0));
+  loss_of(cloned, batch, labels);
+  CHECK(output_of(cloned, 0) == output_of(cloned, 2));
+  // Switched off, every layer has buffers of its own again.
+  shared.set_share_layer_buffers(false);
+  loss_of(shared, batch, labels);
+  CHECK(output_of(shared, 0) != output_of(shared, 2));
+}
+
+TEST_CASE("Module::share_transient_buffers: only between modules of one type and shape", "[transformer][bert_model]") {
+  lora::nn::Linear<double> a(4, 5, true, 1), b(4, 5, true, 2), wide(4, 6, true, 3);
+  lora::nn::GELU<double> g;
+  CHECK(a.share_transient_buffers(&wide) == 0);
+  CHECK(a.share_transient_buffers(&g) == 0);
+  CHECK(a.share_transient_buffers(&a) == 0);
+  const Matrix<double> X = random_matrix<double>(3, 4, 1);
+  CHECK(&a.forward(X) != &b.forward(X));
+  CHECK(a.share_transient_buffers(&b) == 1);
+  const Matrix<double>& ya = a.forward(X);
+  const Matrix<double> kept = ya;
+  CHECK(&b.forward(X) == &ya);  // b's output now overwrites a's
+  CHECK(ya != kept);
+  CHECK(a.share_transient_buffers(nullptr) == 1);
+  CHECK(&a.forward(X) != &b.forward(X));
+}
+
 TEST_CASE("BertForSequenceClassification: a frozen bottom is not run backward, and changes no gradient",
           "[transformer][bert_model]") {
   lora::nn::BertForSequenceClassification<double> full(tiny_config(), 10);

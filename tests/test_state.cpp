@@ -123,6 +123,31 @@ TEST_CASE("views have a fixed shape: assigning another shape throws", "[state][v
   CHECK(contains(m, "'bias' has shape 3 x 1"));
 }
 
+TEST_CASE("views: assignment copies in place or through a temporary, modify() writes in place", "[state][views]") {
+  lora::nn::Linear<double> linear(4, 4, true, 1);
+  const Matrix<double> W = linear.weight();
+  const double* storage = linear.weight().data();
+  linear.weight() = linear.weight().transpose();  // reads the tensor itself: through a temporary
+  CHECK(Matrix<double>(linear.weight()) == Matrix<double>(W.transpose()));
+  linear.weight() = W;  // other memory: copied directly
+  CHECK(Matrix<double>(linear.weight()) == W);
+  CHECK(linear.weight().data() == storage);
+  linear.weight().modify([](auto& values) { values.row(1).setConstant(2.5); });
+  CHECK(linear.weight()(1, 3) == 2.5);
+  CHECK(linear.weight()(0, 0) == W(0, 0));
+  CHECK(linear.weight().data() == storage);
+
+  // modify() is a write like the others: checked against the guard, and seen by the layer's caches.
+  LoraLinear<double> layer(random_matrix<double>(8, 9, 7), trained_adapter(4));
+  const Matrix<double> X = random_matrix<double>(3, 9, 2);
+  layer.forward(X);
+  layer.A().modify([](auto& A) { A(0, 0) += 1.0; });
+  CHECK(contains(message_of([&] { layer.backward(Matrix<double>::Ones(3, 8)); }), "the layer changed after the forward"));
+  layer.merge();
+  CHECK(contains(message_of([&] { layer.A().modify([](auto& A) { A.setZero(); }); }), "cannot be written: the layer is merged"));
+  layer.unmerge();
+}
+
 TEST_CASE("views of one adapter survive changes to the others", "[state][views]") {
   LoraLinear<double> layer(random_matrix<double>(8, 6, 8), trained_adapter(2));
   auto A = layer.A("default");

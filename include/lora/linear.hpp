@@ -20,6 +20,7 @@
 #include <lora/init.hpp>
 #include <lora/math.hpp>
 #include <lora/parameter.hpp>
+#include <lora/transient.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -97,6 +98,18 @@ class LoraLinear {
   template <class Derived>
   const MatrixType& backward(const Eigen::MatrixBase<Derived>& dY);
   void zero_grad();
+
+  // share_transient_buffers(other): this layer uses other's output, dX and dY staging buffers (not the
+  // input and masks forward keeps for backward); nullptr gives it buffers of its own again. Afterwards
+  // a result of either layer is valid only until the next forward() (backward()) of either: for layers
+  // that run in turn and whose results are read before the other one runs (see TransientBuffers).
+  void share_transient_buffers(LoraLinear* other) {
+    if (other == this) return;
+    if (other)
+      transient_.share(other->transient_);
+    else
+      transient_.unshare();
+  }
 
   void train(bool on = true) { training_ = on; }
   void eval() { training_ = false; }
@@ -316,7 +329,12 @@ class LoraLinear {
 
   // training workspaces, reused across calls (resized only when n changes)
   MatrixType input_;  // X of the last training forward
-  MatrixType output_, grad_output_, grad_input_, merge_U_, merge_V_, merge_chunk_;
+  MatrixType merge_U_, merge_V_, merge_chunk_;
+  // The output, the staging copy of dY and dX: shareable (share_transient_buffers).
+  TransientBuffers<Scalar, 3> transient_;
+  MatrixType& output_buffer() { return transient_[0]; }
+  MatrixType& grad_output_buffer() { return transient_[1]; }
+  MatrixType& grad_input_buffer() { return transient_[2]; }
   ForwardWorkspace<Scalar> forward_work_;
   BackwardWorkspace<Scalar> backward_work_;
   std::vector<AdapterTerm<Scalar>> terms_;
@@ -741,14 +759,14 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
     }
     x = input_.data();
   } else {
-    x = plain_input(where, X, input_, {&output_});
+    x = plain_input(where, X, input_, {&output_buffer()});
   }
-  detail::resize_workspace(output_, n, out);
+  detail::resize_workspace(output_buffer(), n, out);
 
   if (merged_) {
     const FrozenBase<Scalar>& w = merged_copy_ ? *merged_copy_ : *base_;
-    lora_forward(w, {}, effective_bias(), x, n, output_.data(), forward_work_);
-    return output_;
+    lora_forward(w, {}, effective_bias(), x, n, output_buffer().data(), forward_work_);
+    return output_buffer();
   }
   terms_.clear();
   for (AdapterPtr& a : adapters_) {
@@ -768,12 +786,12 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::forward(const
     }
     terms_.push_back(t);
   }
-  lora_forward(*base_, terms_, effective_bias(), x, n, output_.data(), forward_work_);
+  lora_forward(*base_, terms_, effective_bias(), x, n, output_buffer().data(), forward_work_);
   if (keep) {
     cached_rows_ = n;
     cached_version_ = guard_->version;
   }
-  return output_;
+  return output_buffer();
 }
 
 template <class Scalar>
@@ -791,17 +809,17 @@ const typename LoraLinear<Scalar>::MatrixType& LoraLinear<Scalar>::backward(cons
                         "run forward() again before backward()");
   detail::require_shape(where, "grad_output", dY, cached_rows_, out_features());
   const Index n = cached_rows_, in = in_features(), out = out_features();
-  const MatrixType* written[] = {&grad_input_, &backward_work_.dT, &backward_work_.dBt, &backward_work_.masked_grad};
-  const Scalar* dy = plain_input(where, dY, grad_output_, {written[0], written[1], written[2], written[3]});
+  const MatrixType* written[] = {&grad_input_buffer(), &backward_work_.dT, &backward_work_.dBt, &backward_work_.masked_grad};
+  const Scalar* dy = plain_input(where, dY, grad_output_buffer(), {written[0], written[1], written[2], written[3]});
   const Eigen::Map<const MatrixType> dYm(dy, n, out);
 
   if (bias_trainable_) grad_bias_.noalias() += dYm.colwise().sum().transpose();
-  detail::resize_workspace(grad_input_, n, in);
+  detail::resize_workspace(grad_input_buffer(), n, in);
   grads_.clear();
   for (AdapterPtr& a : adapters_)
     if (a->active) grads_.push_back({a->grad_A.data(), a->grad_B.data()});
-  lora_backward(*base_, terms_, grads_, input_.data(), forward_work_.T, dy, n, grad_input_.data(), backward_work_);
-  return grad_input_;
+  lora_backward(*base_, terms_, grads_, input_.data(), forward_work_.T, dy, n, grad_input_buffer().data(), backward_work_);
+  return grad_input_buffer();
 }
 
 // ---- inference ------------------------------------------------------------------------------------

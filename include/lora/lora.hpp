@@ -37,3 +37,4 @@
 #include <lora/quant/model.hpp>
 #include <lora/quant/quant.hpp>
 #include <lora/threads.hpp>
+#include <lora/transient.hpp>

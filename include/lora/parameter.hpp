@@ -154,6 +154,15 @@ class ParamRef : public Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>
     mutable_map().setConstant(value);
     return *this;
   }
+  // Calls f(values) with a writable map of the values (fixed shape), after the checks of any write: for
+  // filling a large tensor in place (an initialisation) without a temporary of its size.
+  template <class F>
+  ParamRef& modify(F&& f) {
+    begin_write(where_update);
+    MutableMap values = mutable_map();
+    f(values);
+    return *this;
+  }
   // A writable reference to one entry, checked when it is taken.
   Scalar& coeffRef(Index i, Index j) {
     begin_write("ParamRef::coeffRef");
@@ -173,8 +182,17 @@ class ParamRef : public Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>
   template <class Derived>
   ParamRef& assign(const Eigen::DenseBase<Derived>& value) {
     require(where_assign, value);
-    // Through a temporary: the value may read this very tensor (A = A * 2 is fine; A = A.transpose() of a
+    // Values in memory that does not overlap the tensor are copied directly. Anything else goes through
+    // a temporary: an expression may read this very tensor (A = A * 2 is fine; A = A.transpose() of a
     // square A must not alias).
+    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit)) {
+      const Derived& d = value.derived();
+      const Index span = d.size() == 0 ? 0 : (d.rows() - 1) * d.rowStride() + (d.cols() - 1) * d.colStride() + 1;
+      if (!detail::overlaps(d.data(), span, data_, this->size())) {
+        mutable_map() = value;
+        return *this;
+      }
+    }
     const Matrix<Scalar> copy = value;
     mutable_map() = copy;
     return *this;

@@ -13,6 +13,8 @@
 namespace lora::detail {
 
 // The shared bookkeeping: the output buffer, the gradient buffer, the shape a backward() must match.
+// The input gradient and staging copy are transient buffers (see nn::Module::share_transient_buffers),
+// and so is the output unless backward() reads it (backward_reads_output).
 template <class Scalar>
 class Elementwise : public nn::Module<Scalar> {
  public:
@@ -20,11 +22,24 @@ class Elementwise : public nn::Module<Scalar> {
   using typename nn::Module<Scalar>::Input;
 
  protected:
+  explicit Elementwise(bool backward_reads_output) : output_kept_(backward_reads_output) {}
+
+  MatrixType& output_buffer() { return output_kept_ ? kept_output_ : transient_[0]; }
+  MatrixType& grad_input_buffer() { return transient_[1]; }
+  MatrixType& staging_buffer() { return transient_[2]; }
+  bool share_own_buffers(nn::Module<Scalar>* other) override {
+    if (other)
+      transient_.share(static_cast<Elementwise*>(other)->transient_);
+    else
+      transient_.unshare();
+    return true;
+  }
+
   // Returns X, or a copy of it when it overlaps the output buffer about to be resized and written.
   Input begin_forward(const char* where, const Input& X) {
     if (X.rows() == 0 || X.cols() == 0) detail::fail(where, "input is empty (", detail::shape_of(X), ")");
-    const Input x = lora::detail::unaliased<Scalar>(X, output_, staging_);
-    lora::detail::resize_workspace(output_, x.rows(), x.cols());
+    const Input x = lora::detail::unaliased<Scalar>(X, output_buffer(), staging_buffer());
+    lora::detail::resize_workspace(output_buffer(), x.rows(), x.cols());
     cached_rows_ = this->training() ? x.rows() : -1;
     cached_cols_ = x.cols();
     return x;
@@ -42,12 +57,14 @@ class Elementwise : public nn::Module<Scalar> {
   void begin_backward(const char* where, const Input& dY, bool allocate = true) {
     if (cached_rows_ < 0) this->fail_no_cached_forward(where);
     detail::require_shape(where, "grad_output", dY, cached_rows_, cached_cols_);
-    if (allocate) grad_input_.resize(dY.rows(), dY.cols());
+    if (allocate) grad_input_buffer().resize(dY.rows(), dY.cols());
   }
   // The cache now holds dX: dropped, so a second backward() for the same forward() throws.
   void consume() { cached_rows_ = -1; }
 
-  MatrixType output_, grad_input_, staging_;
+  bool output_kept_;
+  MatrixType kept_output_;
+  TransientBuffers<Scalar, 3> transient_;
   Index cached_rows_ = -1, cached_cols_ = 0;  // cached_rows_ = -1: nothing to differentiate
 };
 
@@ -62,10 +79,12 @@ class ReLU final : public lora::detail::Elementwise<Scalar> {
   using typename Module<Scalar>::MatrixType;
   using typename Module<Scalar>::Input;
 
+  ReLU() : lora::detail::Elementwise<Scalar>(true) {}
+
   const MatrixType& forward(const Input& X) override {
     const Input x = this->begin_forward("ReLU::forward", X);
-    this->output_ = x.cwiseMax(Scalar(0));
-    return this->output_;
+    this->output_buffer() = x.cwiseMax(Scalar(0));
+    return this->output_buffer();
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
     auto [x, out] = this->begin_infer("ReLU::infer", X, ctx);
@@ -75,8 +94,8 @@ class ReLU final : public lora::detail::Elementwise<Scalar> {
   // dX = dY where the output is positive, 0 elsewhere (read from the kept output).
   const MatrixType& backward(const Input& dY) override {
     this->begin_backward("ReLU::backward", dY);
-    this->grad_input_ = (this->output_.array() > Scalar(0)).select(dY, Scalar(0));
-    return this->grad_input_;
+    this->grad_input_buffer() = (this->output_buffer().array() > Scalar(0)).select(dY, Scalar(0));
+    return this->grad_input_buffer();
   }
   std::string type_name() const override { return "ReLU"; }
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<ReLU>(*this); }
@@ -89,10 +108,12 @@ class Tanh final : public lora::detail::Elementwise<Scalar> {
   using typename Module<Scalar>::MatrixType;
   using typename Module<Scalar>::Input;
 
+  Tanh() : lora::detail::Elementwise<Scalar>(true) {}
+
   const MatrixType& forward(const Input& X) override {
     const Input x = this->begin_forward("Tanh::forward", X);
-    this->output_ = x.array().tanh();
-    return this->output_;
+    this->output_buffer() = x.array().tanh();
+    return this->output_buffer();
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
     auto [x, out] = this->begin_infer("Tanh::infer", X, ctx);
@@ -101,8 +122,8 @@ class Tanh final : public lora::detail::Elementwise<Scalar> {
   }
   const MatrixType& backward(const Input& dY) override {
     this->begin_backward("Tanh::backward", dY);
-    this->grad_input_ = dY.array() * (Scalar(1) - this->output_.array().square());
-    return this->grad_input_;
+    this->grad_input_buffer() = dY.array() * (Scalar(1) - this->output_buffer().array().square());
+    return this->grad_input_buffer();
   }
   std::string type_name() const override { return "Tanh"; }
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<Tanh>(*this); }
@@ -118,20 +139,22 @@ class GELU final : public lora::detail::Elementwise<Scalar> {
   using typename Module<Scalar>::MatrixType;
   using typename Module<Scalar>::Input;
 
+  GELU() : lora::detail::Elementwise<Scalar>(false) {}
+
   const MatrixType& forward(const Input& X) override {
     const Input x = this->begin_forward("GELU::forward", X);
     if (!this->training_) {
-      this->output_ = x.unaryExpr([](Scalar v) { return v * cdf(v); });
-      return this->output_;
+      this->output_buffer() = x.unaryExpr([](Scalar v) { return v * cdf(v); });
+      return this->output_buffer();
     }
     lora::detail::resize_workspace(derivative_, x.rows(), x.cols());
     for (Index i = 0; i < x.rows(); ++i)
       for (Index j = 0; j < x.cols(); ++j) {
         const Scalar v = x(i, j), phi = cdf(v);
-        this->output_(i, j) = v * phi;
+        this->output_buffer()(i, j) = v * phi;
         derivative_(i, j) = phi + v * pdf(v);
       }
-    return this->output_;
+    return this->output_buffer();
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
     auto [x, out] = this->begin_infer("GELU::infer", X, ctx);
@@ -164,10 +187,12 @@ class LogSoftmax final : public lora::detail::Elementwise<Scalar> {
   using typename Module<Scalar>::MatrixType;
   using typename Module<Scalar>::Input;
 
+  LogSoftmax() : lora::detail::Elementwise<Scalar>(true) {}
+
   const MatrixType& forward(const Input& X) override {
     const Input x = this->begin_forward("LogSoftmax::forward", X);
-    apply(x, this->output_);
-    return this->output_;
+    apply(x, this->output_buffer());
+    return this->output_buffer();
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
     auto [x, out] = this->begin_infer("LogSoftmax::infer", X, ctx);
@@ -177,8 +202,8 @@ class LogSoftmax final : public lora::detail::Elementwise<Scalar> {
   const MatrixType& backward(const Input& dY) override {
     this->begin_backward("LogSoftmax::backward", dY);
     for (Index i = 0; i < dY.rows(); ++i)
-      this->grad_input_.row(i) = dY.row(i).array() - this->output_.row(i).array().exp() * dY.row(i).sum();
-    return this->grad_input_;
+      this->grad_input_buffer().row(i) = dY.row(i).array() - this->output_buffer().row(i).array().exp() * dY.row(i).sum();
+    return this->grad_input_buffer();
   }
   std::string type_name() const override { return "LogSoftmax"; }
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<LogSoftmax>(*this); }

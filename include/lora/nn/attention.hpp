@@ -112,7 +112,8 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     const Index T = seq_len_, d = hidden_ / heads_;
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(d));
     detail::resize_workspace(probs_, batch_ * heads_ * T, T);
-    detail::resize_workspace(context_, batch_ * T, hidden_);
+    MatrixType& context = context_buffer();
+    detail::resize_workspace(context, batch_ * T, hidden_);
     dropping_ = this->training_ && dropout_ > 0;
     const int threads = head_threads(2);
     if (dropping_) {
@@ -137,13 +138,13 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
       }
       if (dropping_) {
         own.dropped.noalias() = P.cwiseProduct(drop_mask_.block((b * heads_ + h) * T, 0, T, T));
-        context_.block(b * T, h * d, T, d).noalias() = own.dropped * v.block(b * T, h * d, T, d);
+        context.block(b * T, h * d, T, d).noalias() = own.dropped * v.block(b * T, h * d, T, d);
       } else {
-        context_.block(b * T, h * d, T, d).noalias() = P * v.block(b * T, h * d, T, d);
+        context.block(b * T, h * d, T, d).noalias() = P * v.block(b * T, h * d, T, d);
       }
     });
     cached_ = this->training_;
-    return count_ == 4 ? children_[3]->forward(context_) : context_;
+    return count_ == 4 ? children_[3]->forward(context) : context;
   }
 
   const MatrixType& backward(const Input& dY) override {
@@ -154,9 +155,10 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
     const MatrixType &q = *q_, &k = *k_, &v = *v_;
     const Index T = seq_len_, d = hidden_ / heads_;
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(d));
-    detail::resize_workspace(dq_, batch_ * T, hidden_);
-    detail::resize_workspace(dk_, batch_ * T, hidden_);
-    detail::resize_workspace(dv_, batch_ * T, hidden_);
+    MatrixType &dq = dq_buffer(), &dk = dk_buffer(), &dv = dv_buffer(), &dx = grad_input_buffer();
+    detail::resize_workspace(dq, batch_ * T, hidden_);
+    detail::resize_workspace(dk, batch_ * T, hidden_);
+    detail::resize_workspace(dv, batch_ * T, hidden_);
     const int threads = head_threads(4);
     for (int t = 0; t < threads; ++t) {
       Scratch& own = scratch_[static_cast<std::size_t>(t)];
@@ -171,22 +173,22 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
       if (dropping_) {
         const auto M = drop_mask_.block((b * heads_ + h) * T, 0, T, T);
         own.dropped.noalias() = P.cwiseProduct(M);
-        dv_.block(b * T, h * d, T, d).noalias() = own.dropped.transpose() * dc;
+        dv.block(b * T, h * d, T, d).noalias() = own.dropped.transpose() * dc;
         dp.array() *= M.array();
       } else {
-        dv_.block(b * T, h * d, T, d).noalias() = P.transpose() * dc;
+        dv.block(b * T, h * d, T, d).noalias() = P.transpose() * dc;
       }
       for (Index i = 0; i < T; ++i) {
         const Scalar dot = dp.row(i).dot(P.row(i));
         dp.row(i) = (P.row(i).array() * (dp.row(i).array() - dot) * scale).matrix();
       }
-      dq_.block(b * T, h * d, T, d).noalias() = dp * k.block(b * T, h * d, T, d);
-      dk_.block(b * T, h * d, T, d).noalias() = dp.transpose() * q.block(b * T, h * d, T, d);
+      dq.block(b * T, h * d, T, d).noalias() = dp * k.block(b * T, h * d, T, d);
+      dk.block(b * T, h * d, T, d).noalias() = dp.transpose() * q.block(b * T, h * d, T, d);
     });
-    grad_input_ = children_[0]->backward(dq_);
-    grad_input_ += children_[1]->backward(dk_);
-    grad_input_ += children_[2]->backward(dv_);
-    return grad_input_;
+    dx = children_[0]->backward(dq);
+    dx += children_[1]->backward(dk);
+    dx += children_[2]->backward(dv);
+    return dx;
   }
 
   void zero_grad() override {
@@ -234,6 +236,16 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   ModulePtr replace_child(const std::string& name, ModulePtr module) {
     return replace_child(static_cast<std::size_t>(index_of("MultiHeadSelfAttention::replace_child", name)),
                          std::move(module));
+  }
+
+  // Shares this module's own transient buffers and those of the output projection; not the query, key
+  // and value children's, whose outputs backward() reads.
+  std::size_t share_transient_buffers(Module<Scalar>* other) override {
+    if (other == this) return 0;
+    auto* o = dynamic_cast<MultiHeadSelfAttention*>(other);
+    if (other && (!o || o->hidden_ != hidden_ || o->count_ != count_)) return 0;
+    share_own_buffers(other);
+    return 1 + (count_ == 4 ? children_[3]->share_transient_buffers(o ? o->children_[3].get() : nullptr) : 0);
   }
 
   // Children's parameters as "<prefix><child>.<name>".
@@ -316,7 +328,21 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   bool cached_ = false;
   // The projections of the last forward, in the children's own output buffers (a copy starts without them).
   const MatrixType *q_ = nullptr, *k_ = nullptr, *v_ = nullptr;
-  MatrixType probs_, context_, dq_, dk_, dv_, grad_input_;
+  MatrixType probs_;
+  // The context and the gradients dQ, dK, dV, dX: shareable (see share_transient_buffers).
+  TransientBuffers<Scalar, 5> transient_;
+  MatrixType& context_buffer() { return transient_[0]; }
+  MatrixType& dq_buffer() { return transient_[1]; }
+  MatrixType& dk_buffer() { return transient_[2]; }
+  MatrixType& dv_buffer() { return transient_[3]; }
+  MatrixType& grad_input_buffer() { return transient_[4]; }
+  bool share_own_buffers(Module<Scalar>* other) override {
+    if (other)
+      transient_.share(static_cast<MultiHeadSelfAttention*>(other)->transient_);
+    else
+      transient_.unshare();
+    return true;
+  }
 };
 
 }  // namespace lora::nn

@@ -191,27 +191,31 @@ class BertLayer final : public Module<Scalar> {
     detail::require_cols(where, "input", X, hidden_, "hidden");
     const MatrixType& C = self_attention().forward(X);
     const MatrixType& Z1 = leaf(0, 1, 0).forward(C);
-    detail::resize_workspace(sum1_, X.rows(), hidden_);
-    sum1_.noalias() = (drop1_.p() > 0 ? drop1_.forward(Z1) : Z1) + X;
-    const MatrixType& H1 = leaf(0, 1, 1).forward(sum1_);
+    MatrixType& sum1 = sum1_buffer();
+    detail::resize_workspace(sum1, X.rows(), hidden_);
+    sum1.noalias() = (drop1_.p() > 0 ? drop1_.forward(Z1) : Z1) + X;
+    const MatrixType& H1 = leaf(0, 1, 1).forward(sum1);
     const MatrixType& G = gelu_.forward(leaf(1, 0).forward(H1));
     const MatrixType& Z2 = leaf(2, 0).forward(G);
-    detail::resize_workspace(sum2_, X.rows(), hidden_);
-    sum2_.noalias() = (drop2_.p() > 0 ? drop2_.forward(Z2) : Z2) + H1;
+    MatrixType& sum2 = sum2_buffer();
+    detail::resize_workspace(sum2, X.rows(), hidden_);
+    sum2.noalias() = (drop2_.p() > 0 ? drop2_.forward(Z2) : Z2) + H1;
     cached_ = this->training_;
-    return leaf(2, 1).forward(sum2_);
+    rows_ = X.rows();
+    return leaf(2, 1).forward(sum2);
   }
 
   const MatrixType& backward(const Input& dY) override {
     constexpr const char* where = "BertLayer::backward";
     if (!cached_) this->fail_no_cached_forward(where);
-    detail::require_shape(where, "grad_output", dY, sum2_.rows(), hidden_);
+    detail::require_shape(where, "grad_output", dY, rows_, hidden_);
     const MatrixType& dS2 = leaf(2, 1).backward(dY);
     const MatrixType& dG = leaf(2, 0).backward(drop2_.p() > 0 ? drop2_.backward(dS2) : dS2);
     const MatrixType& dH1 = leaf(1, 0).backward(gelu_.backward(dG));
-    detail::resize_workspace(grad_h1_, dH1.rows(), hidden_);
-    grad_h1_.noalias() = dH1 + dS2;
-    const MatrixType& dS1 = leaf(0, 1, 1).backward(grad_h1_);
+    MatrixType& grad_h1 = grad_h1_buffer();
+    detail::resize_workspace(grad_h1, dH1.rows(), hidden_);
+    grad_h1.noalias() = dH1 + dS2;
+    const MatrixType& dS1 = leaf(0, 1, 1).backward(grad_h1);
     const MatrixType& dX = self_attention().backward(leaf(0, 1, 0).backward(drop1_.p() > 0 ? drop1_.backward(dS1) : dS1));
     detail::resize_workspace(grad_input_, dX.rows(), hidden_);
     grad_input_.noalias() = dX + dS1;
@@ -293,7 +297,26 @@ class BertLayer final : public Module<Scalar> {
   GELU<Scalar> gelu_;
   Dropout<Scalar> drop1_{0.0}, drop2_{0.0};
   bool cached_ = false;
-  MatrixType sum1_, sum2_, grad_h1_, grad_input_;
+  Index rows_ = 0;  // rows of the last forward
+  // dX, kept: the layer below reads it as its dY while its own transient buffers are written.
+  MatrixType grad_input_;
+  // The residual sums and the gradient at H1: shareable (see Module::share_transient_buffers), with
+  // those of the GELU and the dropouts.
+  TransientBuffers<Scalar, 3> transient_;
+  MatrixType& sum1_buffer() { return transient_[0]; }
+  MatrixType& sum2_buffer() { return transient_[1]; }
+  MatrixType& grad_h1_buffer() { return transient_[2]; }
+  bool share_own_buffers(Module<Scalar>* other) override {
+    auto* o = static_cast<BertLayer*>(other);
+    if (o)
+      transient_.share(o->transient_);
+    else
+      transient_.unshare();
+    gelu_.share_transient_buffers(o ? &o->gelu_ : nullptr);
+    drop1_.share_transient_buffers(o ? &o->drop1_ : nullptr);
+    drop2_.share_transient_buffers(o ? &o->drop2_ : nullptr);
+    return true;
+  }
 };
 
 }  // namespace lora::nn

@@ -224,7 +224,11 @@ class BertForSequenceClassification final : public Sequential<Scalar> {
     set_dropout(config.hidden_dropout_prob, config.attention_probs_dropout_prob, seed);
   }
   BertForSequenceClassification(const BertForSequenceClassification& other)
-      : Sequential<Scalar>(other), config_(other.config_), tanh_(other.tanh_), dropout_(other.dropout_) {}
+      : Sequential<Scalar>(other),
+        config_(other.config_),
+        tanh_(other.tanh_),
+        dropout_(other.dropout_),
+        share_layer_buffers_(other.share_layer_buffers_) {}
   BertForSequenceClassification& operator=(const BertForSequenceClassification&) = delete;
   ~BertForSequenceClassification() override = default;
 
@@ -237,18 +241,18 @@ class BertForSequenceClassification final : public Sequential<Scalar> {
     detail::Random rng(seed ^ 0x9e3779b97f4a7c15ull);
     const double std = config_.initializer_range;
     for (const auto& [path, m] : this->named_modules()) {
+      // Drawn in place (the word embeddings of a real vocabulary are tens of MiB).
       if (auto* linear = dynamic_cast<Linear<Scalar>*>(m)) {
         if (linear->frozen_base()) detail::fail(where, "'", path, "' reads a frozen base");
-        MatrixType W(linear->out_features(), linear->in_features());
-        init_gaussian(W, std, rng);
-        linear->set_weight(W);
-        if (linear->has_bias()) linear->set_bias(Vector<Scalar>::Zero(linear->out_features()));
+        linear->weight().modify([&](auto& W) { init_gaussian(W, std, rng); });
+        if (linear->has_bias()) linear->bias().setZero();
       } else if (auto* e = dynamic_cast<Embedding<Scalar>*>(m)) {
         if (e->has_lora()) detail::fail(where, "'", path, "' has a LoRA adapter");
-        MatrixType E(e->num_embeddings(), e->dim());
-        init_gaussian(E, std, rng);
-        if (path == "bert.embeddings.word_embeddings") E.row(config_.pad_token_id).setZero();
-        e->set_weight(E);
+        const bool word = path == "bert.embeddings.word_embeddings";
+        e->weight().modify([&](auto& E) {
+          init_gaussian(E, std, rng);
+          if (word) E.row(config_.pad_token_id).setZero();
+        });
       } else if (auto* n = dynamic_cast<LayerNorm<Scalar>*>(m)) {
         n->weight().setOnes();
         n->bias().setZero();
@@ -272,9 +276,20 @@ class BertForSequenceClassification final : public Sequential<Scalar> {
     config_.attention_probs_dropout_prob = attention_p;
   }
 
+  // The encoder's layers share their transient buffers (Module::share_transient_buffers): each layer
+  // after the first uses the first one's outputs, input gradients and staging copies wherever the two
+  // have the same modules, so a training step holds those of one layer plus what every layer's
+  // backward needs. A layer's intermediate results (its children's outputs) are then valid only until
+  // the next layer runs; the model's own results (logits, last_hidden_state, pooler_output, the input
+  // gradients of backward) are not affected. On by default; off, each layer has buffers of its own.
+  void set_share_layer_buffers(bool on) { share_layer_buffers_ = on; }
+  bool share_layer_buffers() const { return share_layer_buffers_; }
+
   // forward(tokens): the logits [batch x num_labels] (own buffer, valid until the next forward). The
   // batch's vocabulary must be the model's (its ids were checked against it).
   const MatrixType& forward(const TokenBatch& tokens) {
+    // Linked here, since inject_lora and quantize_model replace leaves (a new leaf has its own buffers).
+    for (Index i = 1; i < num_layers(); ++i) layer(i).share_transient_buffers(share_layer_buffers_ ? &layer(0) : nullptr);
     const MatrixType* H = &embeddings().forward(tokens);
     for (Index i = 0; i < num_layers(); ++i) {
       BertLayer<Scalar>& l = layer(i);
@@ -370,6 +385,7 @@ class BertForSequenceClassification final : public Sequential<Scalar> {
   Tanh<Scalar> tanh_;
   Dropout<Scalar> dropout_{0.0};
   bool cached_ = false;
+  bool share_layer_buffers_ = true;
   Index seq_len_ = 0;
   const MatrixType* hidden_ = nullptr;
   const MatrixType* pooled_ = nullptr;

@@ -32,20 +32,20 @@ class Dropout final : public Module<Scalar> {
   void reseed(std::uint64_t seed) { rng_.seed(seed); }
 
   const MatrixType& forward(const Input& X) override {
-    detail::resize_workspace(output_, X.rows(), X.cols());
+    detail::resize_workspace(output_buffer(), X.rows(), X.cols());
     active_ = this->training_ && p_ > 0;
     if (active_) {
       detail::resize_workspace(mask_, X.rows(), X.cols());
       const Scalar keep = static_cast<Scalar>(1.0 / (1.0 - p_));
       for (Index i = 0; i < X.rows(); ++i)
         for (Index j = 0; j < X.cols(); ++j) mask_(i, j) = rng_.uniform() < p_ ? Scalar(0) : keep;
-      output_.noalias() = X.cwiseProduct(mask_);
+      output_buffer().noalias() = X.cwiseProduct(mask_);
     } else {
-      output_ = X;
+      output_buffer() = X;
     }
     rows_ = this->training_ ? X.rows() : -1;
     cols_ = X.cols();
-    return output_;
+    return output_buffer();
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
     ModuleWorkspace<Scalar>& ws = ctx.next_workspace();
@@ -62,9 +62,9 @@ class Dropout final : public Module<Scalar> {
       rows_ = -1;  // the mask is gone
       return mask_;
     }
-    detail::resize_workspace(grad_input_, dY.rows(), dY.cols());
-    grad_input_ = dY;
-    return grad_input_;
+    detail::resize_workspace(grad_input_buffer(), dY.rows(), dY.cols());
+    grad_input_buffer() = dY;
+    return grad_input_buffer();
   }
   void zero_grad() override {}
   void train(bool on = true) override {
@@ -83,7 +83,18 @@ class Dropout final : public Module<Scalar> {
   detail::Random rng_;
   bool active_ = false;
   Index rows_ = -1, cols_ = 0;  // rows_ = -1: nothing to differentiate
-  MatrixType output_, mask_, grad_input_;  // mask_ holds dX after backward(); grad_input_ only with p = 0
+  MatrixType mask_;  // holds dX after backward()
+  // The output and, with p = 0, the input gradient: shareable (see Module::share_transient_buffers).
+  TransientBuffers<Scalar, 2> transient_;
+  MatrixType& output_buffer() { return transient_[0]; }
+  MatrixType& grad_input_buffer() { return transient_[1]; }
+  bool share_own_buffers(Module<Scalar>* other) override {
+    if (other)
+      transient_.share(static_cast<Dropout*>(other)->transient_);
+    else
+      transient_.unshare();
+    return true;
+  }
 };
 
 }  // namespace lora::nn

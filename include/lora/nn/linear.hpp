@@ -137,7 +137,19 @@ class Linear final : public Module<Scalar> {
   // Owner record and per-tensor guards of the views and parameter entries (see lora/parameter.hpp).
   detail::GuardHandle guard_;
   detail::TensorLease weight_lease_{guard_, "weight"}, bias_lease_{guard_, "bias"};
-  MatrixType input_, output_, grad_input_, staging_;  // input_ holds dX after backward() (trainable weight)
+  MatrixType input_;  // X of the last training forward (trainable weight); dX after backward()
+  // The output, the input gradient (frozen weight) and the staging copy: shareable (see Module).
+  TransientBuffers<Scalar, 3> transient_;
+  MatrixType& output_buffer() { return transient_[0]; }
+  MatrixType& grad_input_buffer() { return transient_[1]; }
+  MatrixType& staging_buffer() { return transient_[2]; }
+  bool share_own_buffers(Module<Scalar>* other) override {
+    if (other)
+      transient_.share(static_cast<Linear*>(other)->transient_);
+    else
+      transient_.unshare();
+    return true;
+  }
   // The products' packing buffers (kept: a steady-state step allocates nothing). The products run through
   // the library's kernels, which thread only above threads_for's work threshold; Eigen's own threaded
   // product forks a team for any product above about 10^5 multiply-adds.
@@ -286,14 +298,14 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::forward(const Input& 
   detail::require_cols(where, "input", X, in_features(), "in_features");
   if (X.rows() == 0) detail::fail(where, "input has 0 rows");
   // X may be a view of this layer's own output (forward(forward(X)) on a square layer): read it from a copy.
-  const Input x = lora::detail::unaliased<Scalar>(X, output_, staging_, base_ != nullptr);
+  const Input x = lora::detail::unaliased<Scalar>(X, output_buffer(), staging_buffer(), base_ != nullptr);
   if (this->training_ && weight_trainable_) {  // dW needs X; dX and db do not
     detail::resize_workspace(input_, x.rows(), x.cols());
     input_ = x;
   }
-  product(x, output_, gemm_);
+  product(x, output_buffer(), gemm_);
   cached_rows_ = this->training_ ? X.rows() : -1;
-  return output_;
+  return output_buffer();
 }
 
 template <class Scalar>
@@ -301,10 +313,11 @@ const typename Linear<Scalar>::MatrixType& Linear<Scalar>::backward(const Input&
   constexpr const char* where = "Linear::backward";
   if (cached_rows_ < 0) this->fail_no_cached_forward(where);
   detail::require_shape(where, "grad_output", dY, cached_rows_, out_features());
-  // dX goes over the kept input X once grad_W has read it (a trainable weight), else into grad_input_.
+  // dX goes over the kept input X once grad_W has read it (a trainable weight), else into the transient
+  // dX buffer.
   const bool over_input = weight_trainable_;
-  MatrixType& dx = over_input ? input_ : grad_input_;
-  const Input dy = lora::detail::unaliased<Scalar>(dY, dx, staging_, base_ != nullptr);
+  MatrixType& dx = over_input ? input_ : grad_input_buffer();
+  const Input dy = lora::detail::unaliased<Scalar>(dY, dx, staging_buffer(), base_ != nullptr);
   const Index n = dy.rows(), in = in_features(), out = out_features();
   if (weight_trainable_)  // grad_W += dY^T X: a rank-n update, dY^T read in place
     lora::detail::rank_update(lora::detail::in_place_update(out, in, n, dy.data(), Index(1), dy.outerStride(),

@@ -105,6 +105,11 @@ class LoraLayer final : public Module<Scalar> {
   std::unique_ptr<Module<Scalar>> clone() const override { return std::make_unique<LoraLayer>(*this); }
 
  private:
+  bool share_own_buffers(Module<Scalar>* other) override {
+    layer_.share_transient_buffers(other ? &static_cast<LoraLayer*>(other)->layer_ : nullptr);
+    return true;
+  }
+
   LoraLinear<Scalar> layer_;
   LoraConfig layer_config_;  // the per-layer fields (bias mode, keep_original_weight) it was built with
 };

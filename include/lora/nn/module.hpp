@@ -3,9 +3,12 @@
 
 #include <lora/common.hpp>
 #include <lora/parameter.hpp>
+#include <lora/transient.hpp>
 
+#include <cstddef>
 #include <memory>
 #include <string>
+#include <typeinfo>
 
 namespace lora::nn {
 
@@ -26,6 +29,8 @@ class InferenceContext;
 //   (GELU, Dropout with p > 0, LayerNorm, RMSNorm and a Linear whose weight trains do, so no buffer
 //   lives only for the gradient; it drops that cache), and then a second backward() throws until the next
 //   forward().
+// After share_transient_buffers(other), "the next forward()" / "backward()" above is that of this module
+// or of any module sharing its buffers.
 template <class Scalar>
 class Module {
   static_assert(is_supported_scalar_v<Scalar>, "lora::nn modules support float and double only.");
@@ -76,11 +81,44 @@ class Module {
   virtual std::string type_name() const = 0;
   virtual std::string describe() const { return type_name(); }
 
-  // A deep copy: parameters, gradients, trainability and mode.
+  // A deep copy: parameters, gradients, trainability and mode (not the sharing of transient buffers).
   virtual std::unique_ptr<Module> clone() const = 0;
+
+  // share_transient_buffers(other)
+  //   ensures: this module uses other's transient buffers (TransientBuffers: its output, its input
+  //            gradient, staging copies; not what forward keeps for backward), and so does each child with
+  //            the child of `other` at the same index and name, wherever the two are of the same type and
+  //            widths (elsewhere nothing changes). other = nullptr gives this module and its children sets
+  //            of their own again. Returns how many modules share (or were unshared).
+  //   Afterwards a result of either module is valid only until the next call of the same kind (forward,
+  //   backward) of either: share between modules that never run at the same time and whose results are
+  //   read before the other one runs, such as the corresponding modules of identical stacked layers
+  //   (BertForSequenceClassification does it for its encoder layers). A module whose backward() reads a
+  //   child's forward output does not share that child's buffers (attention's query, key and value).
+  virtual std::size_t share_transient_buffers(Module* other) {
+    if (other == this) return 0;
+    if (other && (typeid(*other) != typeid(*this) || other->in_features() != in_features() ||
+                  other->out_features() != out_features()))
+      return 0;
+    std::size_t shared = share_own_buffers(other) ? 1 : 0;
+    const std::size_t n = num_children();
+    if (other && other->num_children() != n) return shared;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (other && other->child_name(i) != child_name(i)) continue;
+      shared += child(i).share_transient_buffers(other ? &other->child(i) : nullptr);
+    }
+    return shared;
+  }
 
  protected:
   // backward() with no training forward() cached for it: none ran, or backward() already ran for it.
+  // This module's own transient buffers (not its children's), shared with those of `other` (of this
+  // module's dynamic type: share_transient_buffers checked it) or, for nullptr, unshared. Returns false
+  // for a module that has none.
+  virtual bool share_own_buffers(Module* other) {
+    (void)other;
+    return false;
+  }
   [[noreturn]] static void fail_no_cached_forward(const char* where) {
     detail::fail(where, "no cached forward: call forward() in training mode (train()) first, once per backward() "
                         "(if backward() already ran for the last forward(), its cache now holds dX)");

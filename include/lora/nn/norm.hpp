@@ -50,13 +50,13 @@ class Norm final : public Module<Scalar> {
   const MatrixType& forward(const Input& X) override {
     const char* where = Centered ? "LayerNorm::forward" : "RMSNorm::forward";
     require_input(where, X);
-    const Input x = lora::detail::unaliased<Scalar>(X, output_, staging_);
+    const Input x = lora::detail::unaliased<Scalar>(X, output_buffer(), staging_buffer());
     lora::detail::resize_workspace(xhat_, x.rows(), x.cols());
-    lora::detail::resize_workspace(output_, x.rows(), x.cols());
+    lora::detail::resize_workspace(output_buffer(), x.rows(), x.cols());
     rstd_.resize(x.rows());
-    compute(x, xhat_, rstd_, output_);
+    compute(x, xhat_, rstd_, output_buffer());
     cached_rows_ = this->training_ ? x.rows() : -1;
-    return output_;
+    return output_buffer();
   }
   const MatrixType& infer(const Input& X, InferenceContext<Scalar>& ctx) const override {
     const char* where = Centered ? "LayerNorm::infer" : "RMSNorm::infer";
@@ -179,7 +179,18 @@ class Norm final : public Module<Scalar> {
   bool trainable_ = false;
   lora::detail::GuardHandle guard_;
   lora::detail::TensorLease weight_lease_{guard_, "weight"}, bias_lease_{guard_, "bias"};
-  MatrixType xhat_, output_, staging_;  // xhat_ holds dX after backward()
+  MatrixType xhat_;  // holds dX after backward()
+  // The output and the staging copy: shareable (see Module::share_transient_buffers).
+  TransientBuffers<Scalar, 2> transient_;
+  MatrixType& output_buffer() { return transient_[0]; }
+  MatrixType& staging_buffer() { return transient_[1]; }
+  bool share_own_buffers(Module<Scalar>* other) override {
+    if (other)
+      transient_.share(static_cast<Norm*>(other)->transient_);
+    else
+      transient_.unshare();
+    return true;
+  }
   VectorType rstd_;
   Eigen::Matrix<Scalar, 1, Eigen::Dynamic> g_;  // one row of dY * weight
   Index cached_rows_ = -1;  // -1: nothing to differentiate
