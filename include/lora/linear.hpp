@@ -104,11 +104,7 @@ class LoraLinear {
   // a result of either layer is valid only until the next forward() (backward()) of either: for layers
   // that run in turn and whose results are read before the other one runs (see TransientBuffers).
   void share_transient_buffers(LoraLinear* other) {
-    if (other == this) return;
-    if (other)
-      transient_.share(other->transient_);
-    else
-      transient_.unshare();
+    transient_.share(other ? &other->transient_ : nullptr);
   }
 
   void train(bool on = true) { training_ = on; }

@@ -26,16 +26,16 @@ class TransientBuffers {
   ~TransientBuffers() = default;
 
   Matrix<Scalar>& operator[](std::size_t i) { return set()[i]; }
-  // Uses other's set from now on (this one's is released when nothing else holds it).
-  void share(TransientBuffers& other) {
-    other.set();
-    if (set_ != other.set_) set_ = other.set_;
+  // Uses other's set from now on (this one's is released when nothing else holds it); nullptr: a set
+  // of its own again (a fresh, empty one when the current set is shared).
+  void share(TransientBuffers* other) {
+    if (!other) {
+      if (set_.use_count() > 1) set_.reset();
+    } else {
+      other->set();  // created on first use
+      if (set_ != other->set_) set_ = other->set_;
+    }
   }
-  // A set of its own again (empty), when the current one is shared.
-  void unshare() {
-    if (set_ && set_.use_count() > 1) set_.reset();
-  }
-  bool shares_with(const TransientBuffers& other) const { return set_ && set_ == other.set_; }
 
  private:
   std::array<Matrix<Scalar>, N>& set() {

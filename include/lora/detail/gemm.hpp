@@ -190,17 +190,19 @@ void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar
   }
 }
 
-// The packed product on the calling thread (k >= 1), B read from memory through (g.b, g.b_rs, g.b_cs).
+// The pack_b of a product whose B is read from memory through (g.b, g.b_rs, g.b_cs).
+template <class Scalar>
+auto pack_b_from_memory(const GemmOperands<Scalar>& g) {
+  return [&g](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
+    gemm_pack::pack_b<GemmBlocking<Scalar>::NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, dst);
+  };
+}
+
+// The packed product on the calling thread (k >= 1), B read from memory.
 template <class Scalar>
 void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g,
                  const GemmLowRank<Scalar>* low = nullptr) {
-  constexpr int NR = GemmBlocking<Scalar>::NR;
-  packed_gemm(
-      blocking, g,
-      [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
-        gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, dst);
-      },
-      low);
+  packed_gemm(blocking, g, pack_b_from_memory(g), low);
 }
 
 // Keeps a parameter out of template argument deduction (alpha, beta take the blocking's scalar).
@@ -378,17 +380,11 @@ void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scala
   });
 }
 
-// packed_gemm_parallel with B read from memory through (g.b, g.b_rs, g.b_cs).
+// packed_gemm_parallel with B read from memory (pack_b_from_memory).
 template <class Scalar>
 void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scalar>& g,
                           const GemmLowRank<Scalar>* low = nullptr) {
-  constexpr int NR = GemmBlocking<Scalar>::NR;
-  packed_gemm_parallel(
-      buffers, g,
-      [&](Index pc, Index kc, Index jc, Index nc, Scalar* dst) {
-        gemm_pack::pack_b<NR>(g.b + pc * g.b_rs + jc * g.b_cs, g.b_rs, g.b_cs, kc, nc, dst);
-      },
-      low);
+  packed_gemm_parallel(buffers, g, pack_b_from_memory(g), low);
 }
 
 }  // namespace lora::detail

@@ -28,10 +28,7 @@ class Elementwise : public nn::Module<Scalar> {
   MatrixType& grad_input_buffer() { return transient_[1]; }
   MatrixType& staging_buffer() { return transient_[2]; }
   bool share_own_buffers(nn::Module<Scalar>* other) override {
-    if (other)
-      transient_.share(static_cast<Elementwise*>(other)->transient_);
-    else
-      transient_.unshare();
+    transient_.share(other ? &static_cast<Elementwise*>(other)->transient_ : nullptr);
     return true;
   }
 

@@ -337,10 +337,7 @@ class MultiHeadSelfAttention final : public Module<Scalar> {
   MatrixType& dv_buffer() { return transient_[3]; }
   MatrixType& grad_input_buffer() { return transient_[4]; }
   bool share_own_buffers(Module<Scalar>* other) override {
-    if (other)
-      transient_.share(static_cast<MultiHeadSelfAttention*>(other)->transient_);
-    else
-      transient_.unshare();
+    transient_.share(other ? &static_cast<MultiHeadSelfAttention*>(other)->transient_ : nullptr);
     return true;
   }
 };

@@ -308,10 +308,7 @@ class BertLayer final : public Module<Scalar> {
   MatrixType& grad_h1_buffer() { return transient_[2]; }
   bool share_own_buffers(Module<Scalar>* other) override {
     auto* o = static_cast<BertLayer*>(other);
-    if (o)
-      transient_.share(o->transient_);
-    else
-      transient_.unshare();
+    transient_.share(o ? &o->transient_ : nullptr);
     gelu_.share_transient_buffers(o ? &o->gelu_ : nullptr);
     drop1_.share_transient_buffers(o ? &o->drop1_ : nullptr);
     drop2_.share_transient_buffers(o ? &o->drop2_ : nullptr);

@@ -89,10 +89,7 @@ class Dropout final : public Module<Scalar> {
   MatrixType& output_buffer() { return transient_[0]; }
   MatrixType& grad_input_buffer() { return transient_[1]; }
   bool share_own_buffers(Module<Scalar>* other) override {
-    if (other)
-      transient_.share(static_cast<Dropout*>(other)->transient_);
-    else
-      transient_.unshare();
+    transient_.share(other ? &static_cast<Dropout*>(other)->transient_ : nullptr);
     return true;
   }
 };

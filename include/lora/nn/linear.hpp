@@ -144,10 +144,7 @@ class Linear final : public Module<Scalar> {
   MatrixType& grad_input_buffer() { return transient_[1]; }
   MatrixType& staging_buffer() { return transient_[2]; }
   bool share_own_buffers(Module<Scalar>* other) override {
-    if (other)
-      transient_.share(static_cast<Linear*>(other)->transient_);
-    else
-      transient_.unshare();
+    transient_.share(other ? &static_cast<Linear*>(other)->transient_ : nullptr);
     return true;
   }
   // The products' packing buffers (kept: a steady-state step allocates nothing). The products run through

@@ -185,10 +185,7 @@ class Norm final : public Module<Scalar> {
   MatrixType& output_buffer() { return transient_[0]; }
   MatrixType& staging_buffer() { return transient_[1]; }
   bool share_own_buffers(Module<Scalar>* other) override {
-    if (other)
-      transient_.share(static_cast<Norm*>(other)->transient_);
-    else
-      transient_.unshare();
+    transient_.share(other ? &static_cast<Norm*>(other)->transient_ : nullptr);
     return true;
   }
   VectorType rstd_;
