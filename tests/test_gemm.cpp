@@ -80,6 +80,57 @@ TEST_CASE("the packed GEMM runs the micro-kernel its build flags select", "[kern
 }
 #endif
 
+namespace {
+
+// pack_a<MR> of an mc x kc block read through (rs, cs) against the panels written value by value: the
+// values, the zero rows past mc, and nothing written past the last panel (the transposing pack's spill
+// into the next step must stay inside the block).
+template <int MR, class Scalar>
+Index wrong_packed_values(Index mc, Index kc, Index rs, Index cs) {
+  std::vector<Scalar> src(static_cast<std::size_t>((mc - 1) * rs + (kc - 1) * cs + 1));
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<Scalar>(i % 1000) + Scalar(0.5);
+  const Index panels = (mc + MR - 1) / MR, size = panels * MR * kc, guard = 64;
+  std::vector<Scalar> dst(static_cast<std::size_t>(size + guard), Scalar(-7));
+  lora::detail::gemm_pack::pack_a<MR>(src.data(), rs, cs, mc, kc, dst.data());
+  Index wrong = 0;
+  for (Index i = 0; i < panels * MR; ++i)
+    for (Index p = 0; p < kc; ++p) {
+      const Scalar want = i < mc ? src[static_cast<std::size_t>(i * rs + p * cs)] : Scalar(0);
+      if (dst[static_cast<std::size_t>((i / MR) * MR * kc + p * MR + i % MR)] != want) ++wrong;
+    }
+  for (Index x = size; x < size + guard; ++x)
+    if (dst[static_cast<std::size_t>(x)] != Scalar(-7)) ++wrong;
+  return wrong;
+}
+
+template <int MR, class Scalar>
+Index wrong_packed_values_all_layouts() {
+  Index wrong = 0;
+  for (const Index kc : {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 256})
+    for (const Index mc : {Index(1), Index(MR > 1 ? MR - 1 : 1), Index(MR), Index(2 * MR + 1)}) {
+      wrong += wrong_packed_values<MR, Scalar>(mc, kc, kc + 3, 1);   // contiguous along p: the transposing pack
+      wrong += wrong_packed_values<MR, Scalar>(mc, kc, 1, mc + 2);   // contiguous along i
+      wrong += wrong_packed_values<MR, Scalar>(mc, kc, 2, 2 * mc + 1);  // neither
+    }
+  return wrong;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("pack_a writes every panel value, zero padding and nothing past the panels", "[kernels][gemm]",
+                   float, double) {
+  using Scalar = TestType;
+  using Blocking = lora::detail::GemmBlocking<Scalar>;
+  // This build's tile (the transposing pack's groups spill when MR is not a multiple of the packet
+  // width) and the other kernels' MR and NR.
+  CHECK(wrong_packed_values_all_layouts<Blocking::MR, Scalar>() == 0);
+  CHECK(wrong_packed_values_all_layouts<Blocking::NR, Scalar>() == 0);
+  CHECK(wrong_packed_values_all_layouts<4, Scalar>() == 0);
+  CHECK(wrong_packed_values_all_layouts<6, Scalar>() == 0);
+  CHECK(wrong_packed_values_all_layouts<12, Scalar>() == 0);
+  CHECK(wrong_packed_values_all_layouts<16, Scalar>() == 0);
+}
+
 TEMPLATE_TEST_CASE("the packed GEMM equals a double reference at every tail, block edge and layout", "[kernels][gemm]",
                    float, double) {
   using Scalar = TestType;
@@ -91,7 +142,7 @@ TEMPLATE_TEST_CASE("the packed GEMM equals a double reference at every tail, blo
   const bool small_blocks = GENERATE(true, false);
   const Index m = GENERATE(Index(1), Index(2), MR - 1, MR + 1, 2 * MR + 3, Index(61));
   const Index n = GENERATE(Index(1), NR - 1, NR + 1, 3 * NR + 5);
-  const Index k = GENERATE(Index(1), Index(3), Index(17), Index(70));
+  const Index k = GENERATE(Index(1), Index(3), Index(9), Index(17), Index(70));
   const int layout = GENERATE(0, 1, 2, 3);  // A row/col-major x B row/col-major, then strided views
   const int mode = GENERATE(0, 1, 2);       // assign, accumulate, alpha and beta
   const int threads = GENERATE(1, 2);

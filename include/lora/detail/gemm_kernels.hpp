@@ -31,6 +31,7 @@ EIGEN_ALWAYS_INLINE void accumulate(typename V::type (&acc)[MR][NV], Index k, co
                                     const typename V::Scalar* __restrict b) {
   using T = typename V::type;
   constexpr int W = V::width, NR = NV * W;
+#pragma GCC unroll 4
   for (Index p = 0; p < k; ++p, a += MR, b += NR) {
     T bv[NV];
 #pragma GCC unroll 8
@@ -58,6 +59,14 @@ inline void micro_kernel(Index kc, const typename V::Scalar* __restrict a, const
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+#if defined(__GNUC__)
+  // The C tile's lines, asked for while the k loop runs: C is re-read once per KC block from L3 or
+  // memory, and its rows are ldc apart, too far for the hardware prefetcher to follow.
+  for (Index r = 0; r < rows; ++r) {
+    __builtin_prefetch(c + r * ldc, 1, 3);
+    __builtin_prefetch(c + r * ldc + NR - 1, 1, 3);
+  }
+#endif
   accumulate<V, MR, NV>(acc, kc, a, b);
   accumulate<V, MR, NV>(acc, k2, a2, b2);
   const T va = V::broadcast(alpha), vb = V::broadcast(beta);

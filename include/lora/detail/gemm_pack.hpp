@@ -13,6 +13,55 @@
 
 namespace lora::detail::gemm_pack {
 
+// The vector registers of the transposing pack: Eigen's widest packet for the target and its square
+// in-register transpose.
+template <class Scalar>
+struct TransposePacket {
+  using type = typename Eigen::internal::packet_traits<Scalar>::type;
+  static constexpr int width = Eigen::internal::unpacket_traits<type>::size;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // the packet's vector attributes, as a template argument
+  using Block = Eigen::internal::PacketBlock<type, width>;
+#pragma GCC diagnostic pop
+  static EIGEN_ALWAYS_INLINE type load(const Scalar* p) { return Eigen::internal::ploadu<type>(p); }
+  static EIGEN_ALWAYS_INLINE type zero() { return Eigen::internal::pset1<type>(Scalar(0)); }
+  static EIGEN_ALWAYS_INLINE void store(Scalar* p, type x) { Eigen::internal::pstoreu(p, x); }
+  static EIGEN_ALWAYS_INLINE void transpose(Block& block) { Eigen::internal::ptranspose(block); }
+};
+
+// One full panel (MR rows) of a source contiguous along p (cs == 1: A row-major, B = W^T with W
+// row-major), transposed W x W at a time in vector registers, W = the packet width: the rows are taken
+// in G = ceil(MR / W) groups of W (the last padded with zeros), and for each step p the G transposed
+// packets are stored at dst + p MR + g W. A padded group's store runs G W - MR values into step p + 1's
+// slots, which the next store rewrites, so when it spills the last block keeps a step after it for the
+// scalar loop. Returns the number of steps packed (a multiple of W).
+template <int MR, class Scalar>
+Index pack_panel_transposed(const Scalar* src, Index rs, Index kc, Scalar* dst) {
+  using V = TransposePacket<Scalar>;
+  constexpr int W = V::width, G = (MR + W - 1) / W, spill = G * W - MR;
+  if constexpr (W == 1 || spill > MR) {
+    return 0;
+  } else {
+    const Index blocks = spill == 0 ? kc / W : (kc - 1) / W;
+    for (Index q = 0; q < blocks; ++q) {
+      const Index p0 = q * W;
+      typename V::Block block[G];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+#pragma GCC unroll 16
+        for (int r = 0; r < W; ++r)
+          block[g].packet[r] = g * W + r < MR ? V::load(src + (g * W + r) * rs + p0) : V::zero();
+        V::transpose(block[g]);
+      }
+#pragma GCC unroll 16
+      for (int p = 0; p < W; ++p)
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) V::store(dst + (p0 + p) * MR + g * W, block[g].packet[p]);
+    }
+    return blocks * W;
+  }
+}
+
 // A(i, p) = a[i * rs + p * cs], i in [0, mc), p in [0, kc), into ceil(mc / MR) panels of MR x kc at dst.
 template <int MR, class Scalar>
 void pack_a(const Scalar* a, Index rs, Index cs, Index mc, Index kc, Scalar* dst) {
@@ -22,7 +71,10 @@ void pack_a(const Scalar* a, Index rs, Index cs, Index mc, Index kc, Scalar* dst
     if (rows == MR && rs == 1) {  // contiguous along i (A column-major, B row-major): MR values a step
       for (Index p = 0; p < kc; ++p)
         for (int r = 0; r < MR; ++r) dst[p * MR + r] = src[p * cs + r];
-    } else if (rows == MR) {  // any other stride (A row-major, B = W^T with W row-major): row by row
+    } else if (rows == MR && cs == 1) {  // contiguous along p: transposed in registers, the tail step by step
+      for (Index p = pack_panel_transposed<MR>(src, rs, kc, dst); p < kc; ++p)
+        for (int r = 0; r < MR; ++r) dst[p * MR + r] = src[r * rs + p];
+    } else if (rows == MR) {  // any other stride: row by row
       for (int r = 0; r < MR; ++r)
         for (Index p = 0; p < kc; ++p) dst[p * MR + r] = src[r * rs + p * cs];
     } else {
