@@ -3,20 +3,16 @@
 //   C [m x n, row-major] = alpha * A [m x k] * B [k x n] + beta * C      (beta == 0: C is not read)
 //
 // A and B may be row- or column-major, Maps or Blocks with any strides. Loops, outermost first:
-//   jc over n in NC columns:  pack B(pc blocks, jc block) into NR-column panels (kept in L3): one KC
-//                             block, or all of k when the jc block is narrow enough (b_steps)
+//   jc over n in NC columns:  pack B(pc block, jc block) into NR-column panels (kept in L3)
 //   pc over k in KC steps:    the first step applies beta, the later ones accumulate
 //   ic over m in MC rows:     pack A(ic block, pc block) into MR-row panels (kept in L2)
 //   jr, ir over NR x MR tiles: the micro-kernel (detail/gemm_kernels.hpp), its B panel held in L1
 // The pack buffers belong to the thread (PackArena): every product a thread runs packs into the same two
 // buffers, which only grow, so a product of a shape already seen allocates nothing and a model holds one
 // set of buffers per thread (at most MC x KC + KC x NC values) rather than one per call site. A
-// GemmBlocking kept by the caller holds the block sizes. On several threads (packed_gemm_parallel) the
-// threads are a team: they pack each B block together into one buffer (the calling thread's), and each
-// runs its own rows of C against all of it, packing its own A blocks (BLIS's split of the ic loop);
-// products with few rows split the columns instead. With EIGEN_USE_BLAS (the LORA_USE_BLAS build) the
-// product goes to the BLAS through Eigen, and products too small to pack (a row, a column, tiny sizes)
-// go through Eigen's ordinary product.
+// GemmBlocking kept by the caller holds the block sizes. gemm_parallel() splits a product over the
+// threads, one GemmBlocking each. With EIGEN_USE_BLAS (the LORA_USE_BLAS build) the product goes to the BLAS through Eigen, and
+// products too small to pack (a row, a column, tiny sizes) go through Eigen's ordinary product.
 #pragma once
 
 #include <lora/common.hpp>
@@ -64,26 +60,14 @@ class GemmBlocking {
     nc_ = nc;
   }
 
-  // The calling thread's buffer for packed A blocks of mc rows (mc <= MC) and k steps, grown. Valid until
-  // the thread's next reserve_a().
-  Scalar* reserve_a(Index mc, Index k) const {
+  // The calling thread's buffers, grown for an m x n x k product: {packed A, packed B}. Valid until the
+  // thread's next reserve().
+  std::pair<Scalar*, Scalar*> reserve(Index m, Index n, Index k) const {
     PackArena<Scalar>& arena = PackArena<Scalar>::of_this_thread();
-    grow(arena.a, round_up(mc, MR) * std::min(kc_, k));
-    return arena.a.data();
-  }
-  // The k steps of B a packed block holds for an n x k product: KC, or as many KC blocks as fit in the
-  // KC x NC budget when n is narrower than NC (all of k for the smaller layers), so that a team packs
-  // them in one go and waits once.
-  Index b_steps(Index n, Index k) const {
-    const Index per_block = std::max<Index>(1, nc_ / round_up(std::min(nc_, n), NR));
-    return std::min(k, per_block * kc_);
-  }
-  // The calling thread's buffer for a packed B block of an n x k product (b_steps(n, k) steps of
-  // min(NC, n) columns), grown. Valid until the thread's next reserve_b().
-  Scalar* reserve_b(Index n, Index k) const {
-    PackArena<Scalar>& arena = PackArena<Scalar>::of_this_thread();
-    grow(arena.b, b_steps(n, k) * round_up(std::min(nc_, n), NR));
-    return arena.b.data();
+    const Index kc = std::min(kc_, k);
+    grow(arena.a, round_up(std::min(mc_, m), MR) * kc);
+    grow(arena.b, kc * round_up(std::min(nc_, n), NR));
+    return {arena.a.data(), arena.b.data()};
   }
   // The calling thread's buffer for a fused low-rank product's panels (packed_gemm), grown to `size`.
   Scalar* reserve_low_rank(Index size) const {
@@ -147,93 +131,63 @@ struct GemmLowRank {
   const Scalar* bias = nullptr;
 };
 
-// The packed product (k >= 1) on thread t of a team of nt (a parallel_region's threads, or t = 0, nt = 1
-// on the calling thread alone), each block of B packed by pack_b(pc, kc, jc, nc, dst): B(pc + p, jc + j),
-// p < kc, j < nc, into gemm_pack::pack_b's panels at dst (zeros past column nc). A B that is not in
-// memory as values (a quantized W0) decodes itself there. With `low` (r >= 1, alpha = 1), the fused
-// low-rank product above.
-// The team shares `shared_b` (blocking.reserve_b(g.n, g.k) of one thread): for each block of B
-// (blocking.b_steps() steps of up to NC columns) every thread packs its share of the NR-column panels, a
-// barrier, then each thread runs its rows of C (split(m, MR, t, nt)) against all of the block, with its
-// own A blocks and low-rank panels, and a barrier before the next block is packed over it. Every thread
-// of the team must call this (one with no rows still packs and waits).
+// The packed product on the calling thread (k >= 1), each block of B packed by
+// pack_b(pc, kc, jc, nc, dst): B(pc + p, jc + j), p < kc, j < nc, into gemm_pack::pack_b's panels at dst
+// (zeros past column nc). A B that is not in memory as values (a quantized W0) decodes itself there.
+// With `low` (r >= 1, alpha = 1), the fused low-rank product above.
 template <class Scalar, class PackB>
-void packed_gemm_team(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, PackB&& pack_b,
-                      const GemmLowRank<Scalar>* low, int t, int nt, Scalar* shared_b) {
+void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, PackB&& pack_b,
+                 const GemmLowRank<Scalar>* low = nullptr) {
   using Kernel = gemm_kernel::Kernel<Scalar>;
   constexpr int MR = Kernel::MR, NR = Kernel::NR;
   LORA_ASSERT(g.k >= 1 && (!low || (low->r >= 1 && g.alpha == Scalar(1))));
-  const Index MC = blocking.mc(), KC = blocking.kc(), NC = blocking.nc(), b_steps = blocking.b_steps(g.n, g.k);
-  const auto round_up = [](Index x, Index to) { return (x + to - 1) / to * to; };
-  // This thread's rows, in blocks of at most MC rows of about equal size (a last block of a few rows
-  // would stream the whole B block from L3 for them).
-  const auto [row0, row1] = split(g.m, Index(MR), t, nt);
-  const Index my_rows = row1 - row0, row_blocks = (my_rows + MC - 1) / MC;
-  const Index MCe = row_blocks > 0 ? std::min(MC, round_up((my_rows + row_blocks - 1) / row_blocks, MR)) : MR;
-  Scalar* pa = blocking.reserve_a(MCe, g.k);
+  const auto [pa, pb] = blocking.reserve(g.m, g.n, g.k);
+  const Index MC = blocking.mc(), KC = blocking.kc(), NC = blocking.nc();
   // The low-rank panels: U's block (kc x r, NR-column panels), [T | 1] (MR-row panels of k2 steps) and
   // [V; bias^T] (k2 x NR panels), k2 = r (+ 1 with a bias).
   const Index r = low ? low->r : 0, k2 = low ? r + (low->bias ? 1 : 0) : 0;
   const bool make_t = low && low->u;
+  const auto round_up = [](Index x, Index to) { return (x + to - 1) / to * to; };
   const Index u_size = make_t ? std::min(KC, g.k) * round_up(r, NR) : 0;
-  const Index t_size = MCe * k2;
+  const Index t_size = round_up(std::min(MC, g.m), MR) * k2;
   Scalar* pu = low ? blocking.reserve_low_rank(u_size + t_size + k2 * round_up(std::min(NC, g.n), NR)) : nullptr;
   Scalar* pt = pu + u_size;
   Scalar* pv = pt + t_size;
   for (Index jc = 0; jc < g.n; jc += NC) {
-    const Index nc = std::min(NC, g.n - jc), ncr = round_up(nc, NR);
-    const auto [panel0, panel1] = split(ncr / NR, Index(1), t, nt);  // this thread's share of B's panels
-    const Index col0 = panel0 * NR, cols_packed = std::min(nc, panel1 * NR) - col0;
+    const Index nc = std::min(NC, g.n - jc);
     if (low) gemm_pack::pack_b_row<NR>(low->v + jc, low->ldv, Index(1), r, nc, low->bias ? low->bias + jc : nullptr, pv);
-    for (Index pc0 = 0; pc0 < g.k; pc0 += b_steps) {
-      const Index pc1 = std::min(g.k, pc0 + b_steps);
-      for (Index pc = pc0; cols_packed > 0 && pc < pc1; pc += KC) {
-        const Index kc = std::min(KC, pc1 - pc);
-        pack_b(pc, kc, jc + col0, cols_packed, shared_b + (pc - pc0) * ncr + col0 * kc);
-      }
-      barrier(nt);
-      for (Index pc = pc0; my_rows > 0 && pc < pc1; pc += KC) {
-        const Index kc = std::min(KC, pc1 - pc);
-        const Scalar* pb = shared_b + (pc - pc0) * ncr;
-        const Scalar beta = pc == 0 ? g.beta : Scalar(1);
-        const bool last = pc + kc == g.k, t_here = make_t && jc == 0;
-        if (t_here) gemm_pack::pack_b<NR>(low->u + pc * low->u_rs, low->u_rs, low->u_cs, kc, r, pu);
-        for (Index ic = row0; ic < row1; ic += MCe) {
-          const Index mc = std::min(MCe, row1 - ic);
-          gemm_pack::pack_a<MR>(g.a + ic * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, mc, kc, pa);
-          if (t_here) {  // T's rows of this block, from the panels just packed (complete at the last block)
-            for (Index jr = 0; jr < r; jr += NR)
-              for (Index ir = 0; ir < mc; ir += MR)
-                Kernel::run(kc, pa + ir * kc, pu + jr * kc, low->t + (ic + ir) * low->ldt + jr, low->ldt,
-                            std::min<Index>(MR, mc - ir), std::min<Index>(NR, r - jr), Scalar(1),
-                            pc == 0 ? Scalar(0) : Scalar(1));
-          }
-          if (low && last)
-            gemm_pack::pack_a_ones<MR>(low->t + ic * low->ldt, low->ldt, Index(1), mc, r, low->bias != nullptr, pt);
-          for (Index jr = 0; jr < nc; jr += NR) {
-            const Index cols = std::min<Index>(NR, nc - jr);
-            for (Index ir = 0; ir < mc; ir += MR) {
-              Scalar* c = g.c + (ic + ir) * g.ldc + jc + jr;
-              const Index rows = std::min<Index>(MR, mc - ir);
-              if (low && last)
-                Kernel::run(kc, pa + ir * kc, pb + jr * kc, k2, pt + ir * k2, pv + jr * k2, c, g.ldc, rows, cols,
-                            g.alpha, beta);
-              else
-                Kernel::run(kc, pa + ir * kc, pb + jr * kc, c, g.ldc, rows, cols, g.alpha, beta);
-            }
+    for (Index pc = 0; pc < g.k; pc += KC) {
+      const Index kc = std::min(KC, g.k - pc);
+      const Scalar beta = pc == 0 ? g.beta : Scalar(1);
+      const bool last = pc + kc == g.k, t_here = make_t && jc == 0;
+      pack_b(pc, kc, jc, nc, pb);
+      if (t_here) gemm_pack::pack_b<NR>(low->u + pc * low->u_rs, low->u_rs, low->u_cs, kc, r, pu);
+      for (Index ic = 0; ic < g.m; ic += MC) {
+        const Index mc = std::min(MC, g.m - ic);
+        gemm_pack::pack_a<MR>(g.a + ic * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, mc, kc, pa);
+        if (t_here) {  // T's rows of this block, from the panels just packed (complete at the last block)
+          for (Index jr = 0; jr < r; jr += NR)
+            for (Index ir = 0; ir < mc; ir += MR)
+              Kernel::run(kc, pa + ir * kc, pu + jr * kc, low->t + (ic + ir) * low->ldt + jr, low->ldt,
+                          std::min<Index>(MR, mc - ir), std::min<Index>(NR, r - jr), Scalar(1),
+                          pc == 0 ? Scalar(0) : Scalar(1));
+        }
+        if (low && last) gemm_pack::pack_a_ones<MR>(low->t + ic * low->ldt, low->ldt, Index(1), mc, r, low->bias != nullptr, pt);
+        for (Index jr = 0; jr < nc; jr += NR) {
+          const Index cols = std::min<Index>(NR, nc - jr);
+          for (Index ir = 0; ir < mc; ir += MR) {
+            Scalar* c = g.c + (ic + ir) * g.ldc + jc + jr;
+            const Index rows = std::min<Index>(MR, mc - ir);
+            if (low && last)
+              Kernel::run(kc, pa + ir * kc, pb + jr * kc, k2, pt + ir * k2, pv + jr * k2, c, g.ldc, rows, cols,
+                          g.alpha, beta);
+            else
+              Kernel::run(kc, pa + ir * kc, pb + jr * kc, c, g.ldc, rows, cols, g.alpha, beta);
           }
         }
       }
-      if (pc1 < g.k || jc + NC < g.n) barrier(nt);  // every thread is done with the block before it is repacked
     }
   }
-}
-
-// The packed product on the calling thread alone (k >= 1): packed_gemm_team with a team of one.
-template <class Scalar, class PackB>
-void packed_gemm(const GemmBlocking<Scalar>& blocking, const GemmOperands<Scalar>& g, PackB&& pack_b,
-                 const GemmLowRank<Scalar>* low = nullptr) {
-  packed_gemm_team(blocking, g, pack_b, low, 0, 1, blocking.reserve_b(g.n, g.k));
 }
 
 // The pack_b of a product whose B is read from memory through (g.b, g.b_rs, g.b_cs).
@@ -257,88 +211,108 @@ struct gemm_scalar {
   using type = T;
 };
 
-// Whether dst = alpha lhs rhs + beta dst runs the packed product (else Eigen's): direct-access operands
-// and a row-major destination with unit column stride, not too small to pack, and no BLAS to hand it to.
-template <class Lhs, class Rhs, class Dst>
-bool gemm_packs(const Lhs& lhs, const Rhs& rhs, const Dst& dst) {
-  using namespace Eigen;
-  static_assert(Dst::Flags & RowMajorBit, "lora::detail::gemm writes row-major destinations");
-#ifdef EIGEN_USE_BLAS
-  (void)lhs, (void)rhs, (void)dst;
-  return false;  // the BLAS runs the product (through Eigen's product)
-#else
-  constexpr bool direct = (Lhs::Flags & DirectAccessBit) && (Rhs::Flags & DirectAccessBit) &&
-                          (Dst::Flags & DirectAccessBit);
-  const Index m = lhs.rows(), k = lhs.cols(), n = rhs.cols();
-  return direct && !(m <= 1 || n <= 1 || k == 0 || m + n + k < 20) && dst.colStride() == 1;
-#endif
-}
-
-// The operands of dst = alpha lhs rhs + beta dst for the packed product (gemm_packs() is true).
-template <class Scalar, class Lhs, class Rhs, class Dst>
-GemmOperands<Scalar> gemm_operands(const Lhs& lhs, const Rhs& rhs, Dst& dst, Scalar alpha, Scalar beta) {
-  GemmOperands<Scalar> g;
-  g.m = lhs.rows();
-  g.n = rhs.cols();
-  g.k = lhs.cols();
-  g.a = lhs.data();
-  g.a_rs = lhs.rowStride();
-  g.a_cs = lhs.colStride();
-  g.b = rhs.data();
-  g.b_rs = rhs.rowStride();
-  g.b_cs = rhs.colStride();
-  g.c = dst.data();
-  g.ldc = dst.rowStride();
-  g.alpha = alpha;
-  g.beta = beta;
-  return g;
-}
-
-// dst = alpha * lhs * rhs + beta * dst through Eigen's product (on its own threads unless in a region).
-template <class Scalar, class Lhs, class Rhs, class Dst>
-void eigen_gemm(const Lhs& lhs, const Rhs& rhs, Dst& dst, Scalar alpha, Scalar beta) {
-  if (beta == Scalar(0)) {
-    if (alpha == Scalar(1))
-      dst.noalias() = lhs * rhs;
-    else
-      dst.noalias() = alpha * (lhs * rhs);
-  } else {
-    if (beta != Scalar(1)) dst *= beta;
-    dst.noalias() += alpha * (lhs * rhs);
-  }
-}
-
 // dst = alpha * lhs * rhs + beta * dst for a row-major dst (no aliasing), on the calling thread.
 template <class Scalar, class Lhs, class Rhs, class Dst>
 void gemm(GemmBlocking<Scalar>& blocking, const Lhs& lhs, const Rhs& rhs, Dst& dst,
           typename gemm_scalar<Scalar>::type alpha = Scalar(1), typename gemm_scalar<Scalar>::type beta = Scalar(0)) {
+  using namespace Eigen;
+  static_assert(Dst::Flags & RowMajorBit, "lora::detail::gemm writes row-major destinations");
   LORA_ASSERT(lhs.cols() == rhs.rows() && dst.rows() == lhs.rows() && dst.cols() == rhs.cols());
-  if (gemm_packs(lhs, rhs, dst)) {
-    if constexpr ((Lhs::Flags & Eigen::DirectAccessBit) && (Rhs::Flags & Eigen::DirectAccessBit) &&
-                  (Dst::Flags & Eigen::DirectAccessBit))
-      packed_gemm(blocking, gemm_operands<Scalar>(lhs, rhs, dst, alpha, beta));
+  [[maybe_unused]] constexpr bool direct = (Lhs::Flags & DirectAccessBit) && (Rhs::Flags & DirectAccessBit) &&
+                          (Dst::Flags & DirectAccessBit);
+#ifdef EIGEN_USE_BLAS
+  constexpr bool packed = false;  // the BLAS runs the product (through Eigen's product)
+#else
+  constexpr bool packed = direct;
+#endif
+  const Index m = lhs.rows(), k = lhs.cols(), n = rhs.cols();
+  bool small = m <= 1 || n <= 1 || k == 0 || m + n + k < 20;
+  if constexpr (packed) small = small || dst.colStride() != 1;
+  if (!packed || small) {
+    (void)blocking;
+    if (beta == Scalar(0)) {
+      if (alpha == Scalar(1))
+        dst.noalias() = lhs * rhs;
+      else
+        dst.noalias() = alpha * (lhs * rhs);
+    } else {
+      if (beta != Scalar(1)) dst *= beta;
+      dst.noalias() += alpha * (lhs * rhs);
+    }
     return;
   }
-  eigen_gemm<Scalar>(lhs, rhs, dst, alpha, beta);
+  if constexpr (packed) {
+    GemmOperands<Scalar> g;
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    g.a = lhs.data();
+    g.a_rs = lhs.rowStride();
+    g.a_cs = lhs.colStride();
+    g.b = rhs.data();
+    g.b_rs = rhs.rowStride();
+    g.b_cs = rhs.colStride();
+    g.c = dst.data();
+    g.ldc = dst.rowStride();
+    g.alpha = alpha;
+    g.beta = beta;
+    packed_gemm(blocking, g);
+  }
 }
 
 // One GemmBlocking per thread of gemm_parallel().
 template <class Scalar>
 using GemmBuffers = std::vector<GemmBlocking<Scalar>>;
 
-// Whether a packed product with m rows on `threads` threads runs as a team over the rows (sharing each
-// packed B block), else split by columns (each thread packs its columns of B and all of A: cheap when A
-// has a few rows, as dX = dY W0 while decoding).
+// Whether a product of m x p split over `threads` goes by rows (else by columns). Each thread packs all
+// of the operand it does not split, so the split goes along the longer of m and p; few rows (dX = dY W0
+// while decoding) always split the columns.
 template <class Scalar>
-bool team_over_rows(Index m, int threads) {
-  return m >= 4 * GemmBlocking<Scalar>::MR * threads;
+bool split_rows(Index m, Index p, int threads) {
+  return m > p && m >= 4 * GemmBlocking<Scalar>::MR * threads;
 }
 
-// packed_gemm(blocking, g, pack_b, low) over the threads (pack_b sees the whole product's coordinates),
-// one GemmBlocking of `buffers` each: a team over the rows (packed_gemm_team, the B block in the
-// calling thread's buffer), or split by columns for few rows. Threads run even in the BLAS build: a B
-// that packs itself has no BLAS product. Split by columns, a fused product that makes T first computes
-// T = A U on each thread's rows, and after a barrier the column parts read it.
+// dst = alpha * lhs * rhs + beta * dst split over the threads (split_rows), each running gemm() on its
+// part with its own buffers: no allocation once the buffers have seen the shape.
+template <class Scalar, class Lhs, class Rhs, class Dst>
+void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs, Dst& dst,
+                   typename gemm_scalar<Scalar>::type alpha = Scalar(1),
+                   typename gemm_scalar<Scalar>::type beta = Scalar(0)) {
+  const Index m = lhs.rows(), p = rhs.cols();
+#ifdef EIGEN_USE_BLAS
+  const int threads = 1;  // the BLAS threads its own products
+#else
+  const int threads =
+      threads_for(static_cast<double>(m) * static_cast<double>(lhs.cols()) * static_cast<double>(p));
+#endif
+  if (static_cast<int>(buffers.size()) < std::max(threads, 1)) buffers.resize(static_cast<std::size_t>(std::max(threads, 1)));
+  if (threads <= 1) {
+    gemm(buffers.front(), lhs, rhs, dst, alpha, beta);
+    return;
+  }
+  constexpr Index MR = GemmBlocking<Scalar>::MR, NR = GemmBlocking<Scalar>::NR;
+  const bool by_rows = split_rows<Scalar>(m, p, threads);
+  parallel_region(threads, [&](int t, int nt) {
+    GemmBlocking<Scalar>& own = buffers[static_cast<std::size_t>(t)];
+    if (by_rows) {
+      const auto rows = split(m, MR, t, nt);
+      if (rows.first >= rows.second) return;
+      auto d = dst.middleRows(rows.first, rows.second - rows.first);
+      gemm(own, lhs.middleRows(rows.first, rows.second - rows.first), rhs, d, alpha, beta);
+    } else {
+      const auto cols = split(p, NR, t, nt);
+      if (cols.first >= cols.second) return;
+      auto d = dst.middleCols(cols.first, cols.second - cols.first);
+      gemm(own, lhs, rhs.middleCols(cols.first, cols.second - cols.first), d, alpha, beta);
+    }
+  });
+}
+
+// packed_gemm(blocking, g, pack_b, low) split over the threads as gemm_parallel splits (pack_b sees the
+// whole product's coordinates), one GemmBlocking of `buffers` each. Threads run even in the BLAS build:
+// a B that packs itself has no BLAS product. Split by columns, a fused product that makes T first
+// computes T = A U on each thread's rows (a packed product of its own), and after a barrier the column
+// parts read it.
 template <class Scalar, class PackB>
 void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scalar>& g, PackB&& pack_b,
                           const GemmLowRank<Scalar>* low = nullptr) {
@@ -351,17 +325,21 @@ void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scala
     return;
   }
   constexpr Index MR = GemmBlocking<Scalar>::MR, NR = GemmBlocking<Scalar>::NR;
-  if (team_over_rows<Scalar>(g.m, threads)) {
-    Scalar* shared_b = buffers.front().reserve_b(g.n, g.k);  // the calling thread is thread 0 of the team
-    parallel_region(threads, [&](int t, int nt) {
-      packed_gemm_team(buffers[static_cast<std::size_t>(t)], g, pack_b, low, t, nt, shared_b);
-    });
-    return;
-  }
+  const bool by_rows = split_rows<Scalar>(g.m, g.n, threads);
   parallel_region(threads, [&](int t, int nt) {
     GemmBlocking<Scalar>& own = buffers[static_cast<std::size_t>(t)];
     GemmOperands<Scalar> part = g;
     GemmLowRank<Scalar> part_low = low ? *low : GemmLowRank<Scalar>{};
+    if (by_rows) {
+      const auto rows = split(g.m, MR, t, nt);
+      if (rows.first >= rows.second) return;
+      part.m = rows.second - rows.first;
+      part.a += rows.first * g.a_rs;
+      part.c += rows.first * g.ldc;
+      if (low) part_low.t += rows.first * part_low.ldt;
+      packed_gemm(own, part, pack_b, low ? &part_low : nullptr);
+      return;
+    }
     if (low && low->u) {  // T = A U by rows first: every column part needs all of it
       const auto rows = split(g.m, MR, t, nt);
       if (rows.first < rows.second && low->u_rs == 1 && g.a_cs == 1) {
@@ -407,49 +385,6 @@ template <class Scalar>
 void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scalar>& g,
                           const GemmLowRank<Scalar>* low = nullptr) {
   packed_gemm_parallel(buffers, g, pack_b_from_memory(g), low);
-}
-
-// dst = alpha * lhs * rhs + beta * dst over the threads: the packed product as packed_gemm_parallel runs
-// it, or Eigen's product split by rows or columns (the longer of m and n) with one thread's part each,
-// as for a single row (decoding): no allocation once the buffers have seen the shape.
-template <class Scalar, class Lhs, class Rhs, class Dst>
-void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs, Dst& dst,
-                   typename gemm_scalar<Scalar>::type alpha = Scalar(1),
-                   typename gemm_scalar<Scalar>::type beta = Scalar(0)) {
-  LORA_ASSERT(lhs.cols() == rhs.rows() && dst.rows() == lhs.rows() && dst.cols() == rhs.cols());
-  if (buffers.empty()) buffers.resize(1);
-  if (gemm_packs(lhs, rhs, dst)) {
-    if constexpr ((Lhs::Flags & Eigen::DirectAccessBit) && (Rhs::Flags & Eigen::DirectAccessBit) &&
-                  (Dst::Flags & Eigen::DirectAccessBit))
-      packed_gemm_parallel(buffers, gemm_operands<Scalar>(lhs, rhs, dst, alpha, beta));
-    return;
-  }
-  const Index m = lhs.rows(), p = rhs.cols();
-#ifdef EIGEN_USE_BLAS
-  const int threads = 1;  // the BLAS threads its own products
-#else
-  const int threads =
-      threads_for(static_cast<double>(m) * static_cast<double>(lhs.cols()) * static_cast<double>(p));
-#endif
-  if (threads <= 1) {
-    eigen_gemm<Scalar>(lhs, rhs, dst, alpha, beta);
-    return;
-  }
-  constexpr Index MR = GemmBlocking<Scalar>::MR, NR = GemmBlocking<Scalar>::NR;
-  const bool by_rows = m > p && team_over_rows<Scalar>(m, threads);
-  parallel_region(threads, [&](int t, int nt) {
-    if (by_rows) {
-      const auto rows = split(m, MR, t, nt);
-      if (rows.first >= rows.second) return;
-      auto d = dst.middleRows(rows.first, rows.second - rows.first);
-      eigen_gemm<Scalar>(lhs.middleRows(rows.first, rows.second - rows.first), rhs, d, alpha, beta);
-    } else {
-      const auto cols = split(p, NR, t, nt);
-      if (cols.first >= cols.second) return;
-      auto d = dst.middleCols(cols.first, cols.second - cols.first);
-      eigen_gemm<Scalar>(lhs, rhs.middleCols(cols.first, cols.second - cols.first), d, alpha, beta);
-    }
-  });
 }
 
 }  // namespace lora::detail
