@@ -64,7 +64,7 @@ inline void micro_kernel(Index kc, const typename V::Scalar* __restrict a, const
   // memory, and its rows are ldc apart, too far for the hardware prefetcher to follow.
   for (Index r = 0; r < rows; ++r) {
     __builtin_prefetch(c + r * ldc, 1, 3);
-    __builtin_prefetch(c + r * ldc + NR - 1, 1, 3);
+    __builtin_prefetch(c + r * ldc + cols - 1, 1, 3);
   }
 #endif
   accumulate<V, MR, NV>(acc, kc, a, b);
