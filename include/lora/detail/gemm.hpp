@@ -31,7 +31,8 @@ namespace lora::detail {
 // thread ends (OpenMP keeps its pool's threads, and with them their buffers).
 template <class Scalar>
 struct PackArena {
-  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> a, b, low_rank;  // low_rank: a fused product's extra panels
+  // low_rank: a fused product's extra panels; t: a thread's own copy of T (packed_gemm_parallel)
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> a, b, low_rank, t;
 
   static PackArena& of_this_thread() {
     thread_local PackArena arena;
@@ -74,6 +75,12 @@ class GemmBlocking {
     PackArena<Scalar>& arena = PackArena<Scalar>::of_this_thread();
     grow(arena.low_rank, size);
     return arena.low_rank.data();
+  }
+  // The calling thread's buffer for its own copy of a fused product's T (packed_gemm_parallel), grown.
+  Scalar* reserve_t(Index size) const {
+    PackArena<Scalar>& arena = PackArena<Scalar>::of_this_thread();
+    grow(arena.t, size);
+    return arena.t.data();
   }
 
  private:
@@ -310,9 +317,11 @@ void gemm_parallel(GemmBuffers<Scalar>& buffers, const Lhs& lhs, const Rhs& rhs,
 
 // packed_gemm(blocking, g, pack_b, low) split over the threads as gemm_parallel splits (pack_b sees the
 // whole product's coordinates), one GemmBlocking of `buffers` each. Threads run even in the BLAS build:
-// a B that packs itself has no BLAS product. Split by columns, a fused product that makes T first
-// computes T = A U on each thread's rows (a packed product of its own), and after a barrier the column
-// parts read it.
+// a B that packs itself has no BLAS product. Split by columns, a fused product that makes T needs all of
+// T in every column part: when its r columns are a small part of a thread's (8 r threads <= n), every
+// thread makes T itself from the A panels it packs anyway (the last thread into T, the others into a copy
+// of their own), with no barrier and no pass over A of its own; otherwise T = A U is made first on each
+// thread's rows, and after a barrier the column parts read it.
 template <class Scalar, class PackB>
 void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scalar>& g, PackB&& pack_b,
                           const GemmLowRank<Scalar>* low = nullptr) {
@@ -340,7 +349,12 @@ void packed_gemm_parallel(GemmBuffers<Scalar>& buffers, const GemmOperands<Scala
       packed_gemm(own, part, pack_b, low ? &part_low : nullptr);
       return;
     }
-    if (low && low->u) {  // T = A U by rows first: every column part needs all of it
+    if (low && low->u && 8 * low->r * nt <= g.n) {  // each thread makes all of T
+      if (t < nt - 1) {  // the last thread, which always has columns, writes T
+        part_low.t = own.reserve_t(g.m * low->r);
+        part_low.ldt = low->r;
+      }
+    } else if (low && low->u) {  // T = A U by rows first: every column part needs all of it
       const auto rows = split(g.m, MR, t, nt);
       if (rows.first < rows.second && low->u_rs == 1 && g.a_cs == 1) {
         // U = A_lora^T with A_lora's rows packed, A row-major: the rank-r row kernel, which reads A once
