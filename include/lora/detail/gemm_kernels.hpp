@@ -105,6 +105,12 @@ struct EigenPacket {
   static EIGEN_ALWAYS_INLINE type fma(type a, type b, type c) { return Eigen::internal::pmadd(a, b, c); }
   static EIGEN_ALWAYS_INLINE type mul(type a, type b) { return Eigen::internal::pmul(a, b); }
   static EIGEN_ALWAYS_INLINE void store(S* p, type x) { Eigen::internal::pstoreu(p, x); }
+  // A square block of width packets and its in-register transpose (the transposing pack, gemm_pack.hpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // the packet's vector attributes, as a template argument
+  using Block = Eigen::internal::PacketBlock<type, width>;
+#pragma GCC diagnostic pop
+  static EIGEN_ALWAYS_INLINE void transpose(Block& block) { Eigen::internal::ptranspose(block); }
 };
 
 // A kernel: MR rows x NV packets, with default block sizes.

@@ -8,26 +8,11 @@
 #pragma once
 
 #include <lora/common.hpp>
+#include <lora/detail/gemm_kernels.hpp>
 
 #include <algorithm>
 
 namespace lora::detail::gemm_pack {
-
-// The vector registers of the transposing pack: Eigen's widest packet for the target and its square
-// in-register transpose.
-template <class Scalar>
-struct TransposePacket {
-  using type = typename Eigen::internal::packet_traits<Scalar>::type;
-  static constexpr int width = Eigen::internal::unpacket_traits<type>::size;
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"  // the packet's vector attributes, as a template argument
-  using Block = Eigen::internal::PacketBlock<type, width>;
-#pragma GCC diagnostic pop
-  static EIGEN_ALWAYS_INLINE type load(const Scalar* p) { return Eigen::internal::ploadu<type>(p); }
-  static EIGEN_ALWAYS_INLINE type zero() { return Eigen::internal::pset1<type>(Scalar(0)); }
-  static EIGEN_ALWAYS_INLINE void store(Scalar* p, type x) { Eigen::internal::pstoreu(p, x); }
-  static EIGEN_ALWAYS_INLINE void transpose(Block& block) { Eigen::internal::ptranspose(block); }
-};
 
 // One full panel (MR rows) of a source contiguous along p (cs == 1: A row-major, B = W^T with W
 // row-major), transposed W x W at a time in vector registers, W = the packet width: the rows are taken
@@ -37,7 +22,7 @@ struct TransposePacket {
 // scalar loop. Returns the number of steps packed (a multiple of W).
 template <int MR, class Scalar>
 Index pack_panel_transposed(const Scalar* src, Index rs, Index kc, Scalar* dst) {
-  using V = TransposePacket<Scalar>;
+  using V = gemm_kernel::EigenPacket<Scalar>;
   constexpr int W = V::width, G = (MR + W - 1) / W, spill = G * W - MR;
   if constexpr (W == 1 || spill > MR) {
     return 0;
